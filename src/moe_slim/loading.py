@@ -49,6 +49,9 @@ def load_model(
     except Exception as exc:
         raise MoeSlimError(f"could not load model {path}: {str(exc).splitlines()[0]}") from exc
     model.eval()
+    from .observe import prepare_model
+
+    prepare_model(model)
     return model, load_tokenizer(path)
 
 

@@ -70,3 +70,32 @@ def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> PreTrainedMo
             if "e_score_correction_bias" in name:
                 p.zero_()
     return model.eval()
+
+
+def tiny_tokenizer() -> Any:
+    """A character-level tokenizer (ids < 100) built offline, with pad/eos/unk and the prompt tags."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>"]
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def save_tiny(model_type: str, path: Any, seed: int = 0, **overrides: Any) -> Any:
+    """Write a tiny model of ``model_type`` with its tokenizer to ``path`` (for tests and demos)."""
+    tok = tiny_tokenizer()
+    overrides = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id, **overrides}
+    model = tiny_model(model_type, seed=seed, **overrides)
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path
