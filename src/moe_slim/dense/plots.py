@@ -1,0 +1,89 @@
+"""PNG plots of the probe matrix and of the scaling fit (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .probes import ProbeMatrix
+from .scaling import ScalingFit
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_probe_matrix(pm: ProbeMatrix, path: Path, relevance: dict[str, np.ndarray] | None = None,
+                      keep: dict[str, list[int]] | None = None, title: str = "") -> None:
+    """Heatmap of P[layer, task] (plus the weighted column) for every stack; kept layers marked."""
+    plt = _plt()
+    stacks = list(pm.accuracy)
+    fig, axes = plt.subplots(1, len(stacks), figsize=(2.2 + 1.1 * (len(pm.tasks) + 1) * len(stacks) + 1.5,
+                                                      1.5 + 0.22 * max(v.shape[0] for v in pm.accuracy.values())),
+                             squeeze=False)
+    for ax, s in zip(axes[0], stacks):
+        data = np.column_stack([pm.accuracy[s], pm.weighted(s)])
+        im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=min(0.0, float(data.min())), vmax=1.0)
+        ax.set_xticks(range(data.shape[1]), pm.tasks + ["weighted"], rotation=45, ha="right")
+        labels = ["emb"] + [str(i) for i in range(data.shape[0] - 1)]
+        if keep is not None and s in keep:
+            kept = set(keep[s])
+            labels = ["emb"] + [f"{i}{' *' if i in kept else ''}" for i in range(data.shape[0] - 1)]
+        ax.set_yticks(range(data.shape[0]), labels, fontsize=7)
+        ax.set_ylabel(f"{s} layer (* kept)" if keep else f"{s} layer")
+        if data.shape[0] * data.shape[1] <= 400:
+            for r in range(data.shape[0]):
+                for c in range(data.shape[1]):
+                    ax.text(c, r, f"{data[r, c]:.2f}", ha="center", va="center", fontsize=6,
+                            color="white" if data[r, c] < 0.6 else "black")
+        if relevance is not None and s in relevance:
+            ax2 = ax.twiny()
+            ax2.barh(np.arange(1, data.shape[0]), relevance[s], color="tab:red", alpha=0.35, height=0.8)
+            ax2.set_xlabel("relevance (bars)", color="tab:red", fontsize=8)
+            ax2.set_ylim(ax.get_ylim())
+        fig.colorbar(im, ax=ax, fraction=0.05, label="probe accuracy")
+    fig.suptitle(title or "probe accuracy P[layer, task]")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_scaling(fit: ScalingFit | None, points: list[dict[str, Any]], path: Path, *,
+                 checks: list[dict[str, Any]] | None = None, compare: dict[str, dict[str, Any]] | None = None,
+                 title: str = "") -> None:
+    """Measured retention against retained layer parameters, the fitted curve and the checks."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    xs = [p["fraction"] for p in points]
+    ys = [p["retention"] for p in points]
+    ax.plot(xs, ys, "o", color="tab:blue", label="ProbScale, measured")
+    if fit is not None:
+        grid = np.linspace(max(min(xs) * 0.8, 0.02), 1.0, 200)
+        ax.plot(grid, fit(grid), "-", color="tab:blue", alpha=0.6,
+                label=f"fit {fit.a:.3f} - {fit.b:.3f} x^-{fit.c:.2f}")
+    for chk in checks or []:
+        if chk.get("measured_retention") is None:
+            continue
+        ax.plot([chk["fraction"]], [chk["measured_retention"]], "*", ms=12,
+                label=f"check {chk['target']:.0%}: measured {chk['measured_retention']:.3f}")
+        ax.axhline(chk["target"], color="grey", lw=0.6, ls=":")
+    markers = {"probscale-contiguous": "s", "block-influence": "v", "last-layers": "^", "random": "x"}
+    for name, m in (compare or {}).items():
+        if name == "probscale" or m.get("retention") is None:
+            continue
+        ax.plot([m["fraction"]], [m["retention"]], markers.get(name, "d"), label=name)
+    ax.set_xlabel("retained fraction of transformer-layer parameters")
+    ax.set_ylabel("task-weighted retention")
+    ax.set_title(title or "retention vs retained parameters")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

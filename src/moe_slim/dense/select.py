@@ -1,0 +1,299 @@
+"""Choosing which layers to keep under a parameter budget: ProbScale's exact DP and the baselines.
+
+Relevance of a layer (the value a kept layer adds to the knapsack)
+------------------------------------------------------------------
+With ``P[l, t]`` the probe score of task ``t`` after layer ``l`` (row 0 = embeddings) and task
+weights ``w_t`` normalised to sum to one::
+
+    relevance[l] = sum_t w_t * max(0, P[l, t] - P[l-1, t])  +  eps * BI[l]
+
+* The first term is the layer's *marginal gain*: how much task information the probe can read off
+  the residual stream after this layer that it could not read before. Summed over a prefix of
+  layers it telescopes to the score of the *last kept layer*, which is what a probe on a slimmed
+  model's final representation sees; for other subsets it is the additive (residual-stream)
+  approximation of that score. Gains are clipped at zero: a measured loss is mostly probe noise
+  between neighbouring layers, and we do not want a layer dropped *because* of noise when the
+  budget would keep it.
+* The second term breaks ties among layers with no measurable gain (saturated tasks): ``BI`` is
+  ShortGPT's Block Influence ``1 - cos(h_in, h_out)``; ``eps`` (1e-3) is far below any probe gain.
+* A layer that adds nothing (identity-like: ``h_out == h_in``) has ``P[l] == P[l-1]`` exactly
+  (the same features give the same cross-validated probe) and ``BI == 0``, so relevance 0: it is the
+  first to go and is dropped even when the budget would allow keeping it (relevance below 1e-6,
+  float noise, counts as 0).
+
+Selection
+---------
+Maximise ``sum relevance`` over the kept layers subject to ``sum params <= budget``, with at
+least one layer kept in every stack. This is a 0/1 knapsack, solved *exactly* by dynamic
+programming over Pareto-optimal (params, value) states (exact for any integer layer sizes; small
+because layers come in few sizes). With ``contiguous=True`` the *removed* layers of each stack must
+form one contiguous block (the shape of Gromov et al.'s deep-layer pruning); every block is
+enumerated, so this is exact too. Stacks (T5's encoder and decoder) are combined exactly.
+
+Baselines at the same budget: ShortGPT Block Influence (drop the lowest-BI layers until the budget
+fits), dropping the last layers, and dropping random layers (seeded).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import MoeSlimError
+from .probes import ProbeMatrix
+
+RELEVANCE_EPS = 1e-3
+IDENTITY_TOL = 1e-6
+METHODS: tuple[str, ...] = ("probscale", "probscale-contiguous", "block-influence", "last-layers", "random")
+
+State = tuple[int, float, tuple[int, ...]]  # (params, value, kept indices)
+
+
+# --------------------------------------------------------------------------------------------
+# budgets
+
+
+def parse_budget(spec: str | float | int, layer_params: dict[str, list[int]]) -> int:
+    """A budget on transformer-layer parameters, from a spec, as a parameter count.
+
+    ``0.33`` or ``33%``: that fraction of all layer parameters; ``x3``: three times fewer;
+    ``12M`` / ``1.5e7`` / ``12000000``: an absolute count of layer parameters; ``10L``: the size of
+    that many (average-sized) layers.
+    """
+    total = sum(sum(v) for v in layer_params.values())
+    n_layers = sum(len(v) for v in layer_params.values())
+    s = str(spec).strip().lower().replace("_", "")
+    try:
+        if s.endswith("%"):
+            value = total * float(s[:-1]) / 100.0
+        elif s.startswith("x") or s.endswith("x"):
+            factor = float(s.strip("x"))
+            if factor <= 0:
+                raise ValueError
+            value = total / factor
+        elif s.endswith("l") or s.endswith("layers"):
+            value = float(re.sub(r"(layers|l)$", "", s)) * total / n_layers
+        elif s[-1:] in "kmb" and s[:-1]:
+            value = float(s[:-1]) * {"k": 1e3, "m": 1e6, "b": 1e9}[s[-1]]
+        else:
+            v = float(s)
+            value = total * v if 0 < v <= 1 else v
+    except ValueError:
+        raise MoeSlimError(f"budget {spec!r} is not understood; give a fraction (0.33), a percentage (33%), "
+                           "a reduction (x3), a layer count (10L) or a parameter count (12M)") from None
+    if not math.isfinite(value) or value <= 0:
+        raise MoeSlimError(f"budget {spec!r} must be positive")
+    budget = int(math.floor(value + 1e-6))
+    minimum = sum(min(v) for v in layer_params.values())
+    if budget < minimum:
+        smallest = min(min(v) for v in layer_params.values())
+        raise MoeSlimError(
+            f"budget {spec!r} ({budget:,} parameters) is below one layer per stack ({minimum:,}; the smallest layer "
+            f"has {smallest:,}); give at least {minimum / total:.3f} of the {total:,} layer parameters")
+    return budget
+
+
+def round_up_budget(params: float, layer_params: dict[str, list[int]]) -> int:
+    """The smallest budget >= ``params`` that holds any ``n`` layers, where ``n`` layers of average size
+    make ``params``: so a predicted 1.2 layers becomes 2 whole layers rather than 1."""
+    sizes = sorted((x for v in layer_params.values() for x in v), reverse=True)
+    mean = sum(sizes) / len(sizes)
+    n = min(len(sizes), max(1, math.ceil(params / mean - 1e-9)))
+    return int(max(math.ceil(params), sum(sizes[:n]), sum(min(v) for v in layer_params.values())))
+
+
+# --------------------------------------------------------------------------------------------
+# relevance
+
+
+def layer_relevance(pm: ProbeMatrix, *, metric: str = "accuracy", eps: float = RELEVANCE_EPS) -> dict[str, np.ndarray]:
+    """``relevance[stack][l]`` for every layer (see the module docstring)."""
+    table = {"accuracy": pm.accuracy, "skill": pm.skill}.get(metric)
+    if table is None:
+        raise MoeSlimError(f"unknown relevance metric {metric!r}; choose accuracy or skill")
+    w = pm.norm_weights()
+    out = {}
+    for stack, P in table.items():
+        gain = np.clip(np.diff(P, axis=0), 0.0, None) @ w
+        bi = np.asarray(pm.block_influence.get(stack, np.zeros(len(gain))), float)
+        rel = gain + eps * np.clip(bi, 0.0, None)
+        rel[rel < IDENTITY_TOL] = 0.0  # float noise of an identity layer (cos of equal vectors is 1 +- 1e-7)
+        out[stack] = rel
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# exact selection
+
+
+def _prune(states: list[State]) -> list[State]:
+    """Pareto frontier: lighter is better, higher value is better (ties keep the first seen)."""
+    states = sorted(states, key=lambda s: (s[0], -s[1]))
+    out: list[State] = []
+    best = -math.inf
+    for s in states:
+        if s[1] > best:
+            out.append(s)
+            best = s[1]
+    return out
+
+
+def knapsack_frontier(weights: list[int], values: list[float], capacity: int, min_keep: int = 1) -> list[State]:
+    """All Pareto-optimal non-empty subsets (params <= capacity), exact."""
+    if min_keep != 1:
+        raise ValueError("only min_keep=1 is supported")
+    nonempty: list[State] = []
+    for i, (wi, vi) in enumerate(zip(weights, values)):
+        new = [(w + wi, v + vi, keep + (i,)) for (w, v, keep) in nonempty if w + wi <= capacity]
+        if wi <= capacity:
+            new.append((wi, vi, (i,)))
+        nonempty = _prune(nonempty + new)
+    return nonempty
+
+
+def contiguous_frontier(weights: list[int], values: list[float], capacity: int) -> list[State]:
+    """Pareto-optimal subsets whose removed layers form one contiguous block (or none), exact."""
+    n = len(weights)
+    pw = np.concatenate([[0], np.cumsum(weights)])
+    pv = np.concatenate([[0.0], np.cumsum(values)])
+    states: list[State] = []
+    for i in range(n + 1):
+        for j in range(i, n + 1):
+            if j - i >= n:
+                continue  # at least one layer stays
+            w = int(pw[n] - (pw[j] - pw[i]))
+            if w > capacity:
+                continue
+            v = float(pv[n] - (pv[j] - pv[i]))
+            states.append((w, v, tuple(range(i)) + tuple(range(j, n))))
+    return _prune(states)
+
+
+def _combine(frontiers: list[list[State]], capacity: int) -> list[tuple[int, float, list[tuple[int, ...]]]]:
+    combos: list[tuple[int, float, list[tuple[int, ...]]]] = [(0, 0.0, [])]
+    for fr in frontiers:
+        merged = [(w + fw, v + fv, keeps + [fk]) for (w, v, keeps) in combos for (fw, fv, fk) in fr if w + fw <= capacity]
+        merged.sort(key=lambda s: (s[0], -s[1]))
+        combos, best = [], -math.inf
+        for s in merged:
+            if s[1] > best:
+                combos.append(s)
+                best = s[1]
+    return combos
+
+
+@dataclass
+class Selection:
+    """Which layers of each stack to keep, and what that costs."""
+
+    method: str
+    keep: dict[str, list[int]]
+    params: int
+    budget: int
+    total: int
+    value: float | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fraction(self) -> float:
+        return self.params / self.total
+
+    def drop(self, sizes: dict[str, int]) -> dict[str, list[int]]:
+        return {k: [i for i in range(sizes[k]) if i not in set(v)] for k, v in self.keep.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.method, "keep": self.keep, "retained_layer_params": self.params,
+                "budget_params": self.budget, "total_layer_params": self.total,
+                "retained_fraction": round(self.fraction, 6), "reduction": round(self.total / self.params, 4),
+                "objective": self.value, **self.meta}
+
+
+def select_layers(relevance: dict[str, np.ndarray], layer_params: dict[str, list[int]], budget: int, *,
+                  contiguous: bool = False) -> Selection:
+    """The exact maximum-relevance layer subset within ``budget`` parameters."""
+    stacks = list(layer_params)
+    total = sum(sum(v) for v in layer_params.values())
+    frontiers = []
+    for s in stacks:
+        w = [int(x) for x in layer_params[s]]
+        v = [float(x) for x in relevance[s]]
+        if len(w) != len(v):
+            raise MoeSlimError(f"stack {s}: {len(v)} relevances for {len(w)} layers (probe matrix of another model?)")
+        fr = contiguous_frontier(w, v, budget) if contiguous else knapsack_frontier(w, v, budget)
+        if not fr:
+            raise MoeSlimError(f"budget of {budget:,} parameters cannot keep one layer of stack {s}")
+        frontiers.append(fr)
+    combos = _combine(frontiers, budget)
+    if not combos:
+        raise MoeSlimError(f"budget of {budget:,} parameters cannot keep one layer of every stack")
+    w, v, keeps = max(combos, key=lambda s: (s[1], -s[0]))
+    return Selection("probscale-contiguous" if contiguous else "probscale",
+                     {s: list(k) for s, k in zip(stacks, keeps)}, int(w), budget, total, float(v))
+
+
+# --------------------------------------------------------------------------------------------
+# baselines
+
+
+def _drop_in_order(order: list[tuple[str, int]], layer_params: dict[str, list[int]], budget: int, method: str,
+                   **meta: Any) -> Selection:
+    keep = {s: set(range(len(v))) for s, v in layer_params.items()}
+    params = sum(sum(v) for v in layer_params.values())
+    total = params
+    for s, i in order:
+        if params <= budget:
+            break
+        if len(keep[s]) <= 1 or i not in keep[s]:
+            continue
+        keep[s].discard(i)
+        params -= layer_params[s][i]
+    if params > budget:
+        raise MoeSlimError(f"budget of {budget:,} parameters cannot keep one layer of every stack")
+    return Selection(method, {s: sorted(k) for s, k in keep.items()}, params, budget, total, None, dict(meta))
+
+
+def block_influence_selection(block_influence: dict[str, np.ndarray], layer_params: dict[str, list[int]],
+                              budget: int) -> Selection:
+    """ShortGPT: drop layers in increasing Block Influence until the budget fits."""
+    order = sorted(((s, i) for s, bi in block_influence.items() for i in range(len(bi))),
+                   key=lambda si: (float(block_influence[si[0]][si[1]]), si[0], si[1]))
+    return _drop_in_order(order, layer_params, budget, "block-influence")
+
+
+def last_layers_selection(layer_params: dict[str, list[int]], budget: int) -> Selection:
+    """Drop the last layers (of the stack with most layers left, for encoder-decoders)."""
+    left = {s: len(v) for s, v in layer_params.items()}
+    order = []
+    for _ in range(sum(left.values())):
+        s = max(reversed(list(left)), key=lambda k: left[k])
+        order.append((s, left[s] - 1))
+        left[s] -= 1
+    return _drop_in_order(order, layer_params, budget, "last-layers")
+
+
+def random_selection(layer_params: dict[str, list[int]], budget: int, seed: int = 0) -> Selection:
+    """Drop random layers (seeded) until the budget fits."""
+    order = [(s, i) for s, v in layer_params.items() for i in range(len(v))]
+    random.Random(seed).shuffle(order)
+    return _drop_in_order(order, layer_params, budget, "random", seed=seed)
+
+
+def all_selections(pm: ProbeMatrix, layer_params: dict[str, list[int]], budget: int, *, seed: int = 0,
+                   metric: str = "accuracy") -> dict[str, Selection]:
+    """ProbScale (free and contiguous) and the three baselines at the same budget."""
+    rel = layer_relevance(pm, metric=metric)
+    out = {
+        "probscale": select_layers(rel, layer_params, budget),
+        "probscale-contiguous": select_layers(rel, layer_params, budget, contiguous=True),
+        "block-influence": block_influence_selection(pm.block_influence, layer_params, budget),
+        "last-layers": last_layers_selection(layer_params, budget),
+        "random": random_selection(layer_params, budget, seed),
+    }
+    for sel in out.values():
+        sel.meta.setdefault("relevance_sum", float(sum(rel[s][i] for s, k in sel.keep.items() for i in k)))
+    return out

@@ -1,0 +1,291 @@
+"""Probe tasks: labelled texts, from JSONL files or built from the project's data directory.
+
+A task file is JSONL with one object per line: ``{"text": ..., "label": ...}`` (``target`` is
+accepted in place of ``label``). Labels are class names (strings, integers or booleans).
+
+Built-in tasks, built offline from ``data/<domain>/<split>.jsonl`` with a seed:
+
+* ``langid``: language identification (en/de/fr/es) from the translation pairs: the English
+  ``src`` is labelled ``en``, the ``ref`` is labelled with its ``tgt_lang``;
+* ``domainid``: domain identification (general/math/code) from the ``text`` of those domains;
+* ``pairmatch``: does a translation pair match? ``src`` and ``ref`` formatted with the shared
+  translation prompt (:func:`moe_slim.prompts.translation_text`), either the true pair or the
+  ``ref`` of another pair *of the same target language* (so the language gives nothing away).
+  This needs the model to relate the two halves, which is what makes it harder.
+
+Every task is balanced per class and subsampled to ``per_class`` examples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import MoeSlimError
+from ..prompts import translation_text
+
+BUILTIN_TASKS: tuple[str, ...] = ("langid", "domainid", "pairmatch")
+SPLIT_PREFERENCE: tuple[str, ...] = ("train", "calibration", "calib", "dev", "validation", "valid", "test")
+
+
+@dataclass
+class Task:
+    """Labelled texts for one probe task."""
+
+    name: str
+    texts: list[str]
+    labels: list[str]
+    source: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted(set(self.labels))
+
+    def counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(self.labels).items()))
+
+    def validate(self, min_per_class: int = 2) -> None:
+        """One-line errors for tasks a cross-validated probe cannot be trained on."""
+        if len(self.texts) != len(self.labels):
+            raise MoeSlimError(f"task {self.name}: {len(self.texts)} texts but {len(self.labels)} labels")
+        classes = self.classes
+        if len(classes) < 2:
+            only = f" ({classes[0]!r})" if classes else ""
+            raise MoeSlimError(f"task {self.name} has {len(classes)} label{only}; a probe needs at least two "
+                               "classes (give examples of another label)")
+        small = {c: n for c, n in self.counts().items() if n < min_per_class}
+        if small:
+            c, n = next(iter(small.items()))
+            raise MoeSlimError(f"task {self.name}: label {c!r} has {n} example(s); cross-validation needs at least "
+                               f"{min_per_class} per label")
+
+
+def _label(value: Any, where: str) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value.is_integer():
+            return str(int(value))
+        raise MoeSlimError(f"{where}: target {value} is not a class; probes are classifiers (bin numeric targets)")
+    if isinstance(value, str) and value.strip():
+        return value
+    raise MoeSlimError(f"{where}: label must be a non-empty string, integer or boolean, got {value!r}")
+
+
+def read_task_file(path: str | os.PathLike, name: str | None = None) -> Task:
+    """A task from JSONL with ``text`` and ``label`` (or ``target``) on every line."""
+    p = Path(path)
+    if not p.is_file():
+        raise MoeSlimError(f"task file {p} does not exist")
+    texts: list[str] = []
+    labels: list[str] = []
+    with p.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{p}:{n}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise MoeSlimError(f"{where} is not valid JSON ({exc.msg})") from exc
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise MoeSlimError(f"{where} has no string 'text' field")
+            key = "label" if "label" in rec else "target" if "target" in rec else None
+            if key is None:
+                raise MoeSlimError(f"{where} has no 'label' (or 'target') field")
+            texts.append(rec["text"])
+            labels.append(_label(rec[key], where))
+    if not texts:
+        raise MoeSlimError(f"task file {p} holds no examples")
+    return Task(name or p.stem, texts, labels, source=str(p))
+
+
+def balance(task: Task, per_class: int | None, seed: int) -> Task:
+    """At most ``per_class`` examples of every label (a seeded subsample, original order kept)."""
+    if per_class is None:
+        return task
+    rng = random.Random(seed)
+    by: dict[str, list[int]] = defaultdict(list)
+    for i, lab in enumerate(task.labels):
+        by[lab].append(i)
+    keep: list[int] = []
+    for lab in sorted(by):
+        idx = by[lab]
+        keep += sorted(rng.sample(idx, per_class)) if len(idx) > per_class else idx
+    keep.sort()
+    return Task(task.name, [task.texts[i] for i in keep], [task.labels[i] for i in keep], task.source, dict(task.meta))
+
+
+# --------------------------------------------------------------------------------------------
+# built-in tasks from data/
+
+
+def _domain_file(data_dir: Path, domain: str, split: str | None) -> Path:
+    folder = data_dir / domain
+    if not folder.is_dir():
+        raise MoeSlimError(f"data directory {data_dir} has no {domain}/ folder (build it: moe-slim data build --out {data_dir})")
+    if split is not None:
+        f = folder / f"{split}.jsonl"
+        if not f.is_file():
+            have = ", ".join(sorted(p.stem for p in folder.glob("*.jsonl"))) or "none"
+            raise MoeSlimError(f"{folder} has no split {split!r} (have: {have})")
+        return f
+    for s in SPLIT_PREFERENCE:
+        if (folder / f"{s}.jsonl").is_file():
+            return folder / f"{s}.jsonl"
+    files = sorted(folder.glob("*.jsonl"))
+    if not files:
+        raise MoeSlimError(f"{folder} holds no .jsonl split (build it: moe-slim data build --out {data_dir})")
+    return files[0]
+
+
+def _records(path: Path, limit: int = 200_000) -> list[dict[str, Any]]:
+    out = []
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise MoeSlimError(f"{path}:{n} is not valid JSON ({exc.msg})") from exc
+            if isinstance(rec, dict):
+                out.append(rec)
+            if len(out) >= limit:
+                break
+    return out
+
+
+def _pairs(data_dir: Path, split: str | None) -> tuple[list[dict[str, Any]], Path]:
+    f = _domain_file(data_dir, "translation", split)
+    pairs = [r for r in _records(f) if isinstance(r.get("src"), str) and isinstance(r.get("ref"), str)
+             and isinstance(r.get("tgt_lang"), str) and r["src"].strip() and r["ref"].strip()]
+    if not pairs:
+        raise MoeSlimError(f"{f} has no translation records with 'src', 'ref' and 'tgt_lang'")
+    return pairs, f
+
+
+def build_langid(data_dir: Path, split: str | None, per_class: int, seed: int) -> Task:
+    pairs, f = _pairs(data_dir, split)
+    rng = random.Random(seed)
+    rng.shuffle(pairs)
+    texts, labels = [], []
+    for i, r in enumerate(pairs):
+        # alternate sides so an English text and its own translation rarely both appear
+        if i % 2 == 0:
+            texts.append(r["src"])
+            labels.append("en")
+        else:
+            texts.append(r["ref"])
+            labels.append(r["tgt_lang"])
+    return balance(Task("langid", texts, labels, source=str(f)), per_class, seed)
+
+
+def build_domainid(data_dir: Path, split: str | None, per_class: int, seed: int) -> Task:
+    texts, labels, sources = [], [], []
+    for dom in ("general", "math", "code"):
+        f = _domain_file(data_dir, dom, split)
+        sources.append(str(f))
+        for r in _records(f):
+            if isinstance(r.get("text"), str) and r["text"].strip():
+                texts.append(r["text"])
+                labels.append(dom)
+    return balance(Task("domainid", texts, labels, source=",".join(sources)), per_class, seed)
+
+
+def build_pairmatch(data_dir: Path, split: str | None, per_class: int, seed: int) -> Task:
+    pairs, f = _pairs(data_dir, split)
+    rng = random.Random(seed)
+    rng.shuffle(pairs)
+    by_lang: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(pairs):
+        by_lang[r["tgt_lang"]].append(i)
+    texts, labels = [], []
+    for lang, idx in sorted(by_lang.items()):
+        if len(idx) < 4:
+            continue
+        half = len(idx) // 2
+        for i in idx[:half]:  # matched pairs
+            r = pairs[i]
+            texts.append(translation_text(r["src"], r["ref"], lang))
+            labels.append("match")
+        other = idx[half:]
+        for k, i in enumerate(other):  # each src with the ref of the next pair (a derangement)
+            r, r2 = pairs[i], pairs[other[(k + 1) % len(other)]]
+            if r2["ref"].strip() == r["ref"].strip():
+                continue
+            texts.append(translation_text(r["src"], r2["ref"], lang))
+            labels.append("mismatch")
+    return balance(Task("pairmatch", texts, labels, source=str(f)), per_class, seed)
+
+
+_BUILDERS = {"langid": build_langid, "domainid": build_domainid, "pairmatch": build_pairmatch}
+
+
+def builtin_task(name: str, data_dir: str | os.PathLike = "data", *, split: str | None = None,
+                 per_class: int = 100, seed: int = 0) -> Task:
+    if name not in _BUILDERS:
+        raise MoeSlimError(f"unknown built-in task {name!r}; built-ins: {', '.join(BUILTIN_TASKS)} (or give a .jsonl path)")
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise MoeSlimError(f"data directory {d} does not exist (build it: moe-slim data build --out {d}, "
+                           "or give task .jsonl files)")
+    task = _BUILDERS[name](d, split, per_class, seed)
+    task.meta.update({"builtin": name, "data_dir": str(d), "seed": seed, "per_class": per_class})
+    return task
+
+
+def load_tasks(spec: str | list[str], data_dir: str | os.PathLike = "data", *, split: str | None = None,
+               per_class: int | None = 100, seed: int = 0) -> list[Task]:
+    """Tasks from a comma list of built-in names and/or JSONL paths; each validated."""
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    if not names:
+        raise MoeSlimError(f"no tasks given; name built-ins ({', '.join(BUILTIN_TASKS)}) or .jsonl files")
+    tasks: list[Task] = []
+    for s in names:
+        if s in _BUILDERS:
+            task = builtin_task(s, data_dir, split=split, per_class=per_class or 100, seed=seed)
+        elif s.endswith(".jsonl") or os.path.sep in s or Path(s).exists():
+            task = balance(read_task_file(s), per_class, seed)
+        else:
+            raise MoeSlimError(f"unknown task {s!r}; built-ins: {', '.join(BUILTIN_TASKS)}, or give a .jsonl path")
+        if any(t.name == task.name for t in tasks):
+            raise MoeSlimError(f"two tasks are named {task.name!r}; rename one of the files")
+        task.validate()
+        tasks.append(task)
+    return tasks
+
+
+def parse_weights(spec: str | None, tasks: list[Task]) -> dict[str, float]:
+    """``t1=2,t2=1`` to a weight per task (unnamed tasks get 1); one-line errors for bad input."""
+    names = [t.name for t in tasks]
+    weights = {n: 1.0 for n in names}
+    if not spec:
+        return weights
+    for part in spec.split(","):
+        if not part.strip():
+            continue
+        key, sep, val = part.partition("=")
+        key = key.strip()
+        if not sep:
+            raise MoeSlimError(f"task weight {part!r} must look like name=number, e.g. langid=2")
+        if key not in weights:
+            raise MoeSlimError(f"task weight for {key!r}, which is not among the tasks ({', '.join(names)})")
+        try:
+            w = float(val)
+        except ValueError:
+            raise MoeSlimError(f"task weight {part!r}: {val!r} is not a number") from None
+        if not w >= 0 or w == float("inf"):
+            raise MoeSlimError(f"task weight {part!r} must be a finite number >= 0")
+        weights[key] = w
+    if sum(weights.values()) <= 0:
+        raise MoeSlimError("task weights are all zero; give at least one task a positive weight")
+    return weights

@@ -1,0 +1,124 @@
+"""ProbScale selection: the exact DP against brute force, budgets, relevance, baselines."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+
+from moe_slim.dense.probes import ProbeMatrix
+from moe_slim.dense.select import (
+    block_influence_selection,
+    last_layers_selection,
+    layer_relevance,
+    parse_budget,
+    random_selection,
+    round_up_budget,
+    select_layers,
+)
+from moe_slim.errors import MoeSlimError
+
+
+def _brute(weights, values, cap, contiguous):
+    n = len(weights)
+    best = -np.inf
+    for r in range(1, n + 1):
+        for keep in itertools.combinations(range(n), r):
+            dropped = [i for i in range(n) if i not in keep]
+            if contiguous and dropped and dropped[-1] - dropped[0] + 1 != len(dropped):
+                continue
+            w = sum(weights[i] for i in keep)
+            if w <= cap:
+                best = max(best, sum(values[i] for i in keep))
+    return best
+
+
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_dp_matches_brute_force_on_hand_made_matrices(contiguous):
+    rng = random.Random(0)
+    for trial in range(60):
+        n = rng.randint(1, 9)
+        weights = [rng.choice([3, 5, 8, 13]) if trial % 2 else 10 for _ in range(n)]
+        values = [round(rng.uniform(-0.2, 1.0), 3) for _ in range(n)]
+        cap = rng.randint(min(weights), sum(weights))
+        best = _brute(weights, values, cap, contiguous)
+        if best == -np.inf:  # contiguous: no prefix+suffix fits
+            with pytest.raises(MoeSlimError):
+                select_layers({"decoder": np.array(values)}, {"decoder": weights}, cap, contiguous=contiguous)
+            continue
+        sel = select_layers({"decoder": np.array(values)}, {"decoder": weights}, cap, contiguous=contiguous)
+        keep = sel.keep["decoder"]
+        assert sum(weights[i] for i in keep) == sel.params <= cap
+        assert sel.value == pytest.approx(sum(values[i] for i in keep))
+        assert sel.value == pytest.approx(best), (weights, values, cap)
+        if contiguous:
+            dropped = [i for i in range(n) if i not in keep]
+            assert not dropped or dropped[-1] - dropped[0] + 1 == len(dropped)
+
+
+def test_hand_made_probe_matrix_known_answer():
+    # gains per layer (task-weighted): layer0 .30, layer1 .00, layer2 .20, layer3 .05, layer4 .25
+    acc = np.array([[0.40, 0.50], [0.70, 0.80], [0.70, 0.80], [0.90, 1.00], [0.95, 1.05], [1.20, 1.30]])
+    pm = ProbeMatrix(["a", "b"], {"a": 1.0, "b": 1.0}, {"decoder": acc}, {"decoder": acc * 0}, {},
+                     {"decoder": np.full(5, 0.1)})
+    rel = layer_relevance(pm)["decoder"]
+    assert rel == pytest.approx([0.3001, 0.0001, 0.2001, 0.0501, 0.2501])
+    sizes = {"decoder": [10] * 5}
+    assert select_layers({"decoder": rel}, sizes, 30).keep == {"decoder": [0, 2, 4]}
+    # contiguous: the dropped layers must be one run, so layer 2's gain cannot be had without 1 and 3
+    assert select_layers({"decoder": rel}, sizes, 30, contiguous=True).keep == {"decoder": [0, 3, 4]}
+    assert select_layers({"decoder": rel}, sizes, 20, contiguous=True).keep == {"decoder": [0, 4]}
+
+
+def test_knapsack_uses_layer_sizes_not_counts():
+    # a big layer worth a lot less per parameter than two small ones (MoE vs dense layers)
+    rel = {"decoder": np.array([0.5, 0.9, 0.5])}
+    assert select_layers(rel, {"decoder": [4, 10, 4]}, 10).keep == {"decoder": [0, 2]}
+    assert select_layers(rel, {"decoder": [4, 10, 4]}, 14).keep == {"decoder": [0, 1]}
+
+
+def test_two_stacks_keep_one_layer_each_and_are_optimal():
+    rel = {"encoder": np.array([0.1, 0.9, 0.2]), "decoder": np.array([0.05, 0.01])}
+    sel = select_layers(rel, {"encoder": [5, 5, 5], "decoder": [5, 5]}, 15)
+    assert sel.keep == {"encoder": [1, 2], "decoder": [0]}
+    with pytest.raises(MoeSlimError):
+        select_layers(rel, {"encoder": [5, 5, 5], "decoder": [5, 5]}, 9)
+
+
+def test_identity_layers_have_zero_relevance():
+    acc = np.array([[0.5], [0.8], [0.8], [0.9], [0.9]])
+    pm = ProbeMatrix(["t"], {"t": 1.0}, {"decoder": acc}, {"decoder": acc}, {}, {"decoder": np.array([.3, 0, .2, 0])})
+    rel = layer_relevance(pm)["decoder"]
+    assert rel[1] == 0 and rel[3] == 0 and rel[0] > 0 and rel[2] > 0
+    # even with room for everything, the layers that add nothing are dropped
+    assert select_layers({"decoder": rel}, {"decoder": [1] * 4}, 4).keep == {"decoder": [0, 2]}
+
+
+def test_baselines():
+    sizes = {"decoder": [10] * 6}
+    bi = {"decoder": np.array([0.5, 0.1, 0.3, 0.05, 0.2, 0.4])}
+    assert block_influence_selection(bi, sizes, 30).keep == {"decoder": [0, 2, 5]}
+    assert last_layers_selection(sizes, 40).keep == {"decoder": [0, 1, 2, 3]}
+    r1, r2 = random_selection(sizes, 30, seed=3), random_selection(sizes, 30, seed=3)
+    assert r1.keep == r2.keep and len(r1.keep["decoder"]) == 3
+    enc_dec = last_layers_selection({"encoder": [10] * 3, "decoder": [10] * 2}, 30)
+    assert enc_dec.keep == {"encoder": [0, 1], "decoder": [0]}
+
+
+def test_budget_specs():
+    lp = {"decoder": [100] * 10}
+    assert parse_budget("0.3", lp) == 300
+    assert parse_budget("30%", lp) == 300
+    assert parse_budget("x4", lp) == 250
+    assert parse_budget("3L", lp) == 300
+    assert parse_budget("450", lp) == 450
+    assert parse_budget("0.45k", lp) == 450
+    assert round_up_budget(120, lp) == 200
+    for bad in ("0.05", "50", "0", "-1", "lots", "x0"):
+        with pytest.raises(MoeSlimError) as exc:
+            parse_budget(bad, lp)
+        assert "\n" not in str(exc.value)
+    with pytest.raises(MoeSlimError, match="below one layer"):
+        parse_budget("0.05", lp)
