@@ -1,0 +1,81 @@
+"""Reading the evaluation data: ``<data_dir>/<domain>/<split>.jsonl`` records, and their hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import MoeSlimError
+
+DOMAINS: tuple[str, ...] = ("general", "math", "code", "translation")
+
+
+def data_file(data_dir: str | os.PathLike, domain: str, split: str = "test") -> Path:
+    """The JSONL file of one domain and split, or a one-line error when it is missing."""
+    path = Path(data_dir) / domain / f"{split}.jsonl"
+    if not path.is_file():
+        raise MoeSlimError(
+            f"no {domain} {split} data at {path} (build it with `moe-slim data build --out {data_dir}` "
+            "or point --data at a data directory)"
+        )
+    return path
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every record of a JSONL file (blank lines skipped)."""
+    out: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise MoeSlimError(f"{path}:{lineno} is not valid JSON ({exc.msg}); rebuild the data") from exc
+            if not isinstance(rec, dict):
+                raise MoeSlimError(f"{path}:{lineno} is not a JSON object; rebuild the data")
+            out.append(rec)
+    return out
+
+
+def require_fields(records: list[dict[str, Any]], fields: tuple[str, ...], path: str | os.PathLike) -> None:
+    """A one-line error naming the first record that lacks one of ``fields``."""
+    for i, rec in enumerate(records):
+        missing = [f for f in fields if f not in rec]
+        if missing:
+            ident = rec.get("id", f"record {i + 1}")
+            raise MoeSlimError(f"{path}: {ident} lacks field(s) {', '.join(missing)}; rebuild the data")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class DataLedger:
+    """Which data files a run read, with their sha256, keyed by path relative to the data dir."""
+
+    def __init__(self, data_dir: str | os.PathLike) -> None:
+        self.data_dir = Path(data_dir)
+        self.files: dict[str, str] = {}
+
+    def record(self, path: str | os.PathLike) -> Path:
+        p = Path(path)
+        try:
+            key = p.resolve().relative_to(self.data_dir.resolve()).as_posix()
+        except ValueError:
+            key = str(p)
+        if key not in self.files:
+            self.files[key] = file_sha256(p)
+        return p
+
+    def load(self, domain: str, split: str = "test") -> list[dict[str, Any]]:
+        """Read one domain's split and record its hash."""
+        return read_jsonl(self.record(data_file(self.data_dir, domain, split)))
