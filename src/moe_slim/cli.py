@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "moe_slim.cli_data",
     "moe_slim.cli_eval",
     "moe_slim.cli_dense",
+    "moe_slim.cli_merge",
 )
 
 
