@@ -96,3 +96,19 @@ def test_unknown_task_names():
         TaskResolver("/no/such/dir")
     with pytest.raises(MoeSlimError, match="unknown multiple-choice task"):
         prepare_mc_data("nonsense", "data")
+
+
+def test_user_lm_eval_task_from_include_path(tmp_path):
+    data = write_fixture_data(tmp_path / "data", 12)
+    built = prepare_mc_data("math_choice", data)
+    cfg = task_config("math_choice", built["path"])
+    cfg.update(task="my_local_task", tag=None)
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    (tasks_dir / "my_local_task.yaml").write_text(yaml.safe_dump({k: v for k, v in cfg.items() if v is not None}))
+    tok = tiny_tokenizer()
+    with torch_threads(1):
+        out = run_mc(tiny_moe(tok), tok, ["my_local_task", "general_cloze"], data_dir=data, limit=4,
+                     include_path=tasks_dir)
+    assert out["tasks"]["my_local_task"]["n"] == 4 and "acc_norm" in out["tasks"]["my_local_task"]
+    assert out["tasks"]["general_cloze"]["n"] == 4

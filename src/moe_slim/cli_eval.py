@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,14 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"moe-slim eval: {msg}", file=sys.stderr, flush=True)
 
+    if args.quiet:  # lm-eval's and datasets' progress bars too
+        os.environ["TQDM_DISABLE"] = "1"
+        try:
+            import datasets
+
+            datasets.disable_progress_bars()
+        except ImportError:
+            pass
     log(f"loading {args.checkpoint}")
     model, tokenizer = load_model(args.checkpoint, dtype=args.dtype, device_map=args.device_map)
     if tokenizer is None:

@@ -115,6 +115,9 @@ def greedy_generate(
         raise MoeSlimError(f"got {len(budgets)} token budgets for {n} prompts; give one per prompt or one int")
     if batch_size < 1:
         raise MoeSlimError(f"batch size must be at least 1, not {batch_size}")
+    if min(budgets) < 1:
+        raise MoeSlimError(f"max_new_tokens must be at least 1, not {min(budgets)}")
+    stops = Stops(tuple(stop_strings), stop_regex)
     ids = encode_prompts(tokenizer, prompts, add_special_tokens)
     order = sorted(range(n), key=lambda i: (-len(ids[i]), -budgets[i], i))
     outputs: list[str] = [""] * n
@@ -122,7 +125,7 @@ def greedy_generate(
     run = _generate_encoder_decoder if encoder_decoder else _generate_decoder_only
     for start in range(0, n, batch_size):
         chunk = order[start:start + batch_size]
-        texts = run(model, tokenizer, [ids[i] for i in chunk], [budgets[i] for i in chunk], Stops(tuple(stop_strings), stop_regex))
+        texts = run(model, tokenizer, [ids[i] for i in chunk], [budgets[i] for i in chunk], stops)
         for i, text in zip(chunk, texts):
             outputs[i] = text
         if progress is not None:

@@ -430,9 +430,11 @@ def run_mc(
     with _quiet_lm_eval():
         lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, max_length=max_length)
         try:
+            # MC scoring draws no random numbers; leaving the seeds alone keeps the caller's RNG state.
             out = simple_evaluate(model=lm, tasks=specs, task_manager=manager, limit=limit, num_fewshot=None,
                                   bootstrap_iters=1000, log_samples=False, cache_requests=False,
-                                  confirm_run_unsafe_code=False)
+                                  confirm_run_unsafe_code=False, random_seed=None, numpy_random_seed=None,
+                                  torch_random_seed=None, fewshot_random_seed=MC_SEED)
         except Exception as exc:  # dataset problems surface here with lm-eval's many exception types
             if isinstance(exc, MoeSlimError):
                 raise

@@ -76,6 +76,8 @@ def expand_tasks(names: Sequence[str]) -> list[str]:
         name = name.strip()
         if not name:
             continue
+        if name.startswith("moe_slim_") and name[len("moe_slim_"):] in MC_TASKS:  # our lm-eval name
+            name = name[len("moe_slim_"):]
         for t in TASK_ALIASES.get(name, (name,)):
             if t not in out:
                 out.append(t)
