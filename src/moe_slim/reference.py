@@ -1,0 +1,218 @@
+"""The reference MoE: a small Qwen3-MoE trained here on the four calibration domains.
+
+No pretrained MoE can be downloaded on our machines, so moe_slim ships its own: a byte-level BPE
+tokenizer with the translation-prompt tags as special tokens, and a Qwen3-MoE (the code path of
+Qwen3-30B-A3B) trained from scratch with the load-balancing loss on a domain-balanced stream of
+the ``train`` split. ``moe-slim train-reference`` rebuilds it deterministically (a GPU is used
+when present). Its experts specialise by domain, which is what pruning for a task exploits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from .errors import MoeSlimError
+from .prompts import SPECIAL_TOKENS
+from .stats import RouterStats
+
+DOMAINS: tuple[str, ...] = ("general", "math", "code", "translation")
+REFERENCE_DIR = Path(__file__).resolve().parents[2] / "models" / "reference"
+
+
+@dataclass
+class Recipe:
+    """Everything that defines the reference model; recorded in its card."""
+
+    seed: int = 1234
+    vocab_size: int = 4096
+    hidden_size: int = 192
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 48
+    moe_intermediate_size: int = 128
+    num_experts: int = 16
+    num_experts_per_tok: int = 2
+    router_aux_loss_coef: float = 0.02
+    seq_len: int = 256
+    batch_size: int = 16
+    steps: int = 1400
+    lr: float = 3e-3
+    warmup: int = 60
+    weight_decay: float = 0.05
+    domain_weights: tuple[float, ...] = (0.2, 0.2, 0.2, 0.4)  # general, math, code, translation
+    max_docs_per_domain: int = 60000
+
+
+def _read_texts(data_dir: Path, domain: str, split: str, limit: int) -> list[str]:
+    path = data_dir / domain / f"{split}.jsonl"
+    if not path.exists():
+        raise MoeSlimError(f"no {split} data for domain {domain} at {path} (run `moe-slim data build`)")
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if len(out) >= limit:
+                break
+            out.append(json.loads(line)["text"])
+    if not out:
+        raise MoeSlimError(f"domain {domain} has no {split} text at {path}")
+    return out
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE over the corpus, with pad/eos/unk and the translation tags as special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = ["<pad>", "<|endoftext|>", "<unk>", *SPECIAL_TOKENS]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|endoftext|>",
+                                   unk_token="<unk>", additional_special_tokens=list(SPECIAL_TOKENS))
+    fast.model_max_length = 4096
+    return fast
+
+
+def _stream(tok: Any, texts: list[str], seed: int) -> torch.Tensor:
+    """All texts of one domain, shuffled (seeded), tokenised and joined with EOS."""
+    rng = random.Random(seed)
+    order = list(range(len(texts)))
+    rng.shuffle(order)
+    ids: list[int] = []
+    enc = tok([texts[i] for i in order], add_special_tokens=False)["input_ids"]
+    for e in enc:
+        ids.extend(e)
+        ids.append(tok.eos_token_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def build_model(recipe: Recipe, tok: Any) -> Qwen3MoeForCausalLM:
+    cfg = Qwen3MoeConfig(
+        vocab_size=len(tok), hidden_size=recipe.hidden_size, num_hidden_layers=recipe.num_hidden_layers,
+        num_attention_heads=recipe.num_attention_heads, num_key_value_heads=recipe.num_key_value_heads,
+        head_dim=recipe.head_dim, moe_intermediate_size=recipe.moe_intermediate_size,
+        intermediate_size=recipe.moe_intermediate_size * 2, num_experts=recipe.num_experts,
+        num_experts_per_tok=recipe.num_experts_per_tok, norm_topk_prob=True,
+        router_aux_loss_coef=recipe.router_aux_loss_coef, max_position_embeddings=1024, tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(recipe.seed)
+    return Qwen3MoeForCausalLM(cfg)
+
+
+def train_reference(
+    out: str | os.PathLike,
+    *,
+    data_dir: str | os.PathLike = "data",
+    recipe: Recipe | None = None,
+    overwrite: bool = False,
+    device: str | None = None,
+    log_every: int = 50,
+) -> dict[str, Any]:
+    """Train the reference MoE and write checkpoint + tokenizer to ``out`` (atomically)."""
+    from .outputs import atomic_dir, check_output
+
+    recipe = recipe or Recipe()
+    check_output(out, overwrite)
+    data = Path(data_dir)
+    texts = {d: _read_texts(data, d, "train", recipe.max_docs_per_domain) for d in DOMAINS}
+    random.seed(recipe.seed)
+    torch.manual_seed(recipe.seed)
+    t0 = time.perf_counter()
+    tok_corpus = [t for d in DOMAINS for t in texts[d][:20000]]
+    tok = train_tokenizer(tok_corpus, recipe.vocab_size)
+    streams = {d: _stream(tok, texts[d], recipe.seed + i) for i, d in enumerate(DOMAINS)}
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = build_model(recipe, tok).to(dev)
+    model.config.output_router_logits = True
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95))
+
+    def lr_at(step: int) -> float:
+        if step < recipe.warmup:
+            return recipe.lr * (step + 1) / recipe.warmup
+        frac = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
+        return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    g = torch.Generator().manual_seed(recipe.seed)
+    weights = torch.tensor(recipe.domain_weights, dtype=torch.float)
+    offsets = {d: 0 for d in DOMAINS}
+    log: list[dict[str, float]] = []
+    L = recipe.seq_len
+    for step in range(recipe.steps):
+        doms = torch.multinomial(weights, recipe.batch_size, replacement=True, generator=g).tolist()
+        rows = []
+        for di in doms:
+            d = DOMAINS[di]
+            s = streams[d]
+            if offsets[d] + L + 1 > len(s):
+                offsets[d] = 0
+            rows.append(s[offsets[d] : offsets[d] + L])
+            offsets[d] += L
+        batch = torch.stack(rows).to(dev)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        out_ = model(input_ids=batch, labels=batch)
+        loss = out_.loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % log_every == 0 or step == recipe.steps - 1:
+            entry = {"step": step, "loss": round(float(loss), 4), "aux": round(float(out_.aux_loss or 0), 4),
+                     "lr": lr_at(step), "seconds": round(time.perf_counter() - t0, 1)}
+            log.append(entry)
+            print(json.dumps(entry), flush=True)
+    model.eval()
+    model.config.output_router_logits = False
+    model = model.to("cpu").to(torch.bfloat16)
+    seconds = time.perf_counter() - t0
+    info = {"recipe": asdict(recipe), "train_seconds": round(seconds, 1), "device": str(dev),
+            "threads": torch.get_num_threads(), "log": log,
+            "tokens_seen": recipe.steps * recipe.batch_size * recipe.seq_len,
+            "train_docs": {d: len(texts[d]) for d in DOMAINS}}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / "training.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def specialisation(stats: RouterStats, domains: tuple[str, ...] = DOMAINS) -> dict[str, Any]:
+    """Per layer and expert: the share of the expert's routed tokens that come from its top domain.
+
+    Each domain's counts are first normalised to per-token rates, so a domain with more
+    calibration text does not look preferred.
+    """
+    present = [d for d in domains if d in stats.domains]
+    rates = torch.stack([stats.domains[d]["count"] / stats.tokens(d).clamp_min(1).unsqueeze(1) for d in present])
+    share = rates / rates.sum(0, keepdim=True).clamp_min(1e-30)  # [D, L, E]
+    top_share, top_dom = share.max(0)
+    per_layer = []
+    for l in range(stats.n_layers):
+        conc = top_share[l]
+        per_layer.append({
+            "layer": stats.meta["layers"][l],
+            "experts_over_50pct": int((conc >= 0.5).sum()),
+            "share_over_50pct": round(float((conc >= 0.5).float().mean()), 3),
+            "top_share": [round(float(x), 3) for x in conc],
+            "top_domain": [present[i] for i in top_dom[l].tolist()],
+        })
+    return {"domains": present, "layers": per_layer,
+            "layers_with_quarter_specialised": sum(p["share_over_50pct"] >= 0.25 for p in per_layer)}
