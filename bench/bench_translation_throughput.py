@@ -5,7 +5,7 @@ EOS) and token budgets. The outputs must be identical; the speed ratio is printe
 least 5x). The model is ``models/reference/`` when it exists, else a ~10M-parameter random
 Qwen3-MoE with the offline fixture tokenizer from ``tests/eval_fixtures.py``.
 
-    python bench/bench_translation_throughput.py [--sentences 64] [--threads N] [--batch-size 32]
+    python bench/bench_translation_throughput.py [--sentences 64] [--threads 1] [--batch-size 32]
 """
 
 from __future__ import annotations
@@ -89,7 +89,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sentences", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: on a shared CPU more threads make both timings erratic; "
+                         "0 keeps torch's default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
