@@ -74,6 +74,7 @@ def test_global_budget_with_floor_and_explicit_budget(workdir: Path, tmp_path: P
 
 
 def _bad(capsys: pytest.CaptureFixture, argv: list[str], out: Path, match: str) -> None:
+    capsys.readouterr()
     code = main(argv)
     err = capsys.readouterr().err.strip()
     assert code != 0

@@ -61,6 +61,7 @@ def prune_card(
 ) -> str:
     """A model card saying what was removed, from which statistics and mix, and the sizes."""
     info = plan.info
+    fmt = lambda m: ",".join(f"{k}={v:g}" for k, v in m.items()) if isinstance(m, dict) else m  # noqa: E731
     removed = [sorted(set(range(plan.num_experts)) - set(l.keep)) for l in plan.layers]
     lines = [
         "---",
@@ -74,8 +75,8 @@ def prune_card(
         "## What was removed",
         f"- Criterion: `{info.get('criterion', 'explicit plan')}`; budget: `{info.get('budget')}`; "
         f"ratio: {info.get('ratio')}",
-        f"- Calibration mix: `{info.get('mix') or 'all observed domains'}`"
-        + (f"; reference mix: `{info['reference']}`" if info.get("reference") else ""),
+        f"- Calibration mix: `{fmt(info.get('mix')) or 'all observed domains'}`"
+        + (f"; reference mix: `{fmt(info['reference'])}`" if info.get("reference") else ""),
         f"- Experts kept per layer: {plan.kept_counts}",
         f"- Parameters: {params_before:,} before, {params_after:,} after "
         f"({100.0 * (1 - params_after / max(params_before, 1)):.1f}% fewer)",
