@@ -36,8 +36,12 @@ def observe_checkpoint(
     data_dir: str = "data",
     overwrite: bool = False,
     progress: bool = True,
+    samples: int = 0,
 ) -> RouterStats:
-    """Observe a checkpoint on calibration text (a spec string or texts per domain) and save the stats."""
+    """Observe a checkpoint on calibration text (a spec string or texts per domain) and save the stats.
+
+    ``samples=N`` also keeps up to N tokens per domain and MoE layer for expert merging.
+    """
     check_output(out, overwrite)
     family_of(load_config(model_path))  # unsupported family: fail before loading weights
     texts, budget = _calibration(calib, data_dir)
@@ -47,11 +51,16 @@ def observe_checkpoint(
     if tok is None:
         raise MoeSlimError(f"{model_path} has no tokenizer; observation needs one to read calibration text")
     stats = observe(model, tok, texts, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, pack=pack,
-                    progress=progress)
+                    progress=progress, samples=samples)
     stats.meta["model_path"] = str(model_path)
     stats.meta["calibration"] = calib if isinstance(calib, str) else "in-memory"
     stats.save(out, overwrite=overwrite)
     return stats
+
+
+def calibration_texts(calib: str | dict[str, list[str]], data_dir: str = "data") -> tuple[dict[str, list[str]], Any]:
+    """Texts per domain from a calibration spec (or a dict of texts), and the spec's token budget per domain."""
+    return _calibration(calib, data_dir)
 
 
 def _calibration(calib: str | dict[str, list[str]], data_dir: str) -> tuple[dict[str, list[str]], Any]:

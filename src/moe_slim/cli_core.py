@@ -22,6 +22,7 @@ def cmd_observe(args: argparse.Namespace) -> int:
         args.model, args.calib, args.out, seq_len=args.seq_len, batch_size=args.batch_size,
         max_tokens=_tokens(args.max_tokens) if args.max_tokens else None, pack=not args.no_pack,
         device_map=args.device_map, data_dir=args.data, overwrite=args.overwrite, progress=not args.quiet,
+        samples=_tokens(args.samples) if args.samples else 0,
     )
     print(f"wrote {args.out}: {stats.n_layers} MoE layers x {stats.n_experts} experts; tokens per domain "
           f"{ {d: int(v) for d, v in stats.meta['tokens_per_domain'].items()} }")
@@ -75,6 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", help="token budget per domain, e.g. 50k")
     p.add_argument("--no-pack", action="store_true", help="one text per row with padding instead of packing")
+    p.add_argument("--samples", nargs="?", const="32k", metavar="N",
+                   help="also keep a token sample of N tokens per domain and MoE layer (layer inputs, router logits, "
+                        "routing) for expert merging; --samples alone means 32k")
     p.add_argument("--device-map", help="accelerate device map, e.g. auto (CPU/disk offload)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")

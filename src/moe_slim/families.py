@@ -29,6 +29,27 @@ from .errors import MoeSlimError
 CombineFn = Callable[[nn.Module, tuple, dict], tuple[torch.Tensor, torch.Tensor]]
 
 
+@dataclass(frozen=True)
+class NeuronAxis:
+    """Where an expert parameter keeps its intermediate neurons (for merging and alignment).
+
+    ``axis`` indexes the parameter of ONE expert (fused layouts: without the leading expert
+    dimension). ``packing`` says how neuron ``n`` maps to positions on that axis when the axis is
+    longer than the neuron count: ``""`` -> ``n``; ``"halves"`` -> ``n`` and ``n + I`` (gate and up
+    concatenated, ``chunk(2)``); ``"pairs"`` -> ``2n`` and ``2n + 1`` (gate/up interleaved, GPT-OSS).
+    """
+
+    axis: int
+    packing: str = ""  # "" | "halves" | "pairs"
+
+
+#: Fused SwiGLU experts: ``gate_up_proj[E, 2I, H]`` (gate rows then up rows), ``down_proj[E, H, I]``.
+SWIGLU_NEURONS: tuple[tuple[str, NeuronAxis], ...] = (
+    ("gate_up_proj", NeuronAxis(0, "halves")),
+    ("down_proj", NeuronAxis(1)),
+)
+
+
 def _combine_switch(experts: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Switch: ``experts(hidden, one_hot_dispatch[T,1,E], weights[T,1])`` (capacity already applied)."""
     hidden, dispatch, weights = args[:3]
@@ -70,7 +91,14 @@ class Family:
     group_min_experts: int = 1  # experts a group must keep for the router to stay valid
     group_applies: Callable[[Any], bool] | None = None  # whether the config uses group-limited top-k
     combine: CombineFn | None = None  # "modules" layout: call args -> (hidden, combine[T, E])
+    # Per-expert parameter name -> where its intermediate neurons lie. Parameters not listed have no
+    # neuron axis (output-side biases) and are averaged as they are when experts merge.
+    expert_neurons: tuple[tuple[str, NeuronAxis], ...] = SWIGLU_NEURONS
+    expert_down: str = "down_proj"  # the parameter that reads the neurons (its input is the activation)
     notes: str = ""
+
+    def neuron_axes(self) -> dict[str, NeuronAxis]:
+        return dict(self.expert_neurons)
 
     def top_k(self, config: Any) -> int:
         if self.fixed_top_k is not None:
@@ -124,6 +152,8 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         name="gpt_oss", model_types=("gpt_oss",), block_classes=("GptOssMLP",),
         router_attr="router", n_experts_key="num_local_experts", router_bias="bias",
+        expert_neurons=(("gate_up_proj", NeuronAxis(1, "pairs")), ("gate_up_proj_bias", NeuronAxis(0, "pairs")),
+                        ("down_proj", NeuronAxis(0))),
         notes="router bias; expert biases; interleaved gate_up layout [E, H, 2I]",
     ),
     Family(
@@ -140,6 +170,7 @@ FAMILIES: tuple[Family, ...] = (
         block_classes=("SwitchTransformersSparseMLP",), router_attr="router", n_experts_key="num_experts",
         top_k_key=None, fixed_top_k=1, layout="modules", router_weight="classifier.weight",
         router_bias="classifier.bias", logits_output=2, combine=_combine_switch,
+        expert_neurons=(("wi.weight", NeuronAxis(0)), ("wo.weight", NeuronAxis(1))), expert_down="wo.weight",
         notes="top-1 with expert capacity; experts are modules expert_{i}",
     ),
     Family(
@@ -147,6 +178,8 @@ FAMILIES: tuple[Family, ...] = (
         router_attr="router", n_experts_key="num_experts", top_k_key=None, fixed_top_k=2,
         layout="modules", router_weight="classifier.weight", router_bias="classifier.bias",
         logits_output=2, combine=_combine_nllb,
+        expert_neurons=(("fc1.weight", NeuronAxis(0)), ("fc1.bias", NeuronAxis(0)), ("fc2.weight", NeuronAxis(1))),
+        expert_down="fc2.weight",
         notes="top-2 with capacity; experts are modules expert_{i}; moe_slim runs the experts with "
         "fairseq's dispatch (transformers 5.x's NllbMoeExperts.forward only ever runs experts 0 and 1)",
     ),

@@ -10,6 +10,11 @@ the module is called once on the ``tokens x top_k`` rows with unit weights (the 
 grouped kernel does anyway), the norms are read off, and the routing weights are applied after.
 Module-style experts (Switch, NLLB) run through :func:`module_experts_forward`, which records as
 it dispatches.
+
+With ``samples=N`` each domain also keeps a deterministic reservoir of at most N tokens per MoE
+layer: the layer's input hidden state, the router's logits and the routing weights the experts were
+called with (see :class:`moe_slim.stats.Samples`). Merging recomputes expert outputs and
+intermediate activations from those inputs.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import time
 import types
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -28,23 +34,102 @@ from tqdm.auto import tqdm
 from .errors import MoeSlimError
 from .families import MoeLayer, check_uniform, family_of, moe_layers
 from .fingerprint import library_versions, model_fingerprint
-from .stats import RouterStats, empty_domain
+from .stats import SAMPLE_FIELDS, RouterStats, Samples, empty_domain
+
+
+class Reservoir:
+    """A deterministic uniform sample of at most ``cap`` rows of a stream (Algorithm R, seeded).
+
+    Row ``g`` of the stream (0-based) fills slot ``g`` while ``g < cap``; later it replaces a
+    uniformly drawn slot ``j <= g`` when ``j < cap``. The same stream and seed give the same sample.
+    """
+
+    def __init__(self, cap: int, seed: int) -> None:
+        self.cap = int(cap)
+        self.seen = 0
+        self.gen = torch.Generator().manual_seed(seed)
+        self.data: dict[str, torch.Tensor] = {}
+
+    def plan(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which of ``n`` new rows enter the sample (their positions) and the slots they take."""
+        g = torch.arange(self.seen, self.seen + n, dtype=torch.float64)
+        j = torch.floor(torch.rand(n, generator=self.gen, dtype=torch.float64) * (g + 1)).long()
+        slots = torch.where(g < self.cap, g.long(), j)
+        pos = (slots < self.cap).nonzero().squeeze(1)
+        slots = slots[pos]
+        if pos.numel():  # a slot drawn twice in one call goes to the later row, as if one by one
+            uniq, inv = torch.unique(slots, return_inverse=True)
+            last = torch.full((uniq.numel(),), -1, dtype=torch.long).scatter_reduce(
+                0, inv, torch.arange(pos.numel()), "amax")
+            last = last.sort().values
+            pos, slots = pos[last], slots[last]
+        self.seen += n
+        return pos, slots
+
+    def put(self, name: str, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        if slots.numel() == 0:
+            return
+        rows = rows.detach().cpu()
+        buf = self.data.get(name)
+        need = int(slots.max()) + 1
+        if buf is None or buf.shape[0] < need:
+            size = min(self.cap, max(need, 2 * (0 if buf is None else buf.shape[0])))
+            grown = torch.zeros(size, *rows.shape[1:], dtype=rows.dtype)
+            if buf is not None:
+                grown[: buf.shape[0]] = buf
+            buf = self.data[name] = grown
+        buf[slots] = rows
+
+    def result(self) -> dict[str, torch.Tensor]:
+        n = min(self.cap, self.seen)
+        return {k: v[:n].clone() for k, v in self.data.items()}
 
 
 class Recorder:
-    """Accumulates sufficient statistics while hooks fire; one domain at a time."""
+    """Accumulates sufficient statistics while hooks fire; one domain at a time.
 
-    def __init__(self, layers: list[MoeLayer], n_experts: int) -> None:
+    ``samples > 0`` also keeps a :class:`Reservoir` of that many tokens per (domain, layer).
+    """
+
+    def __init__(self, layers: list[MoeLayer], n_experts: int, samples: int = 0) -> None:
         self.layers = layers
         self.n_experts = n_experts
+        self.n_layers = max((l.index for l in layers), default=-1) + 1
         self.domains: dict[str, dict[str, torch.Tensor]] = {}
         self.domain: str | None = None
         self.masks: dict[str, torch.Tensor | None] = {"decoder": None, "encoder": None}
+        self.samples = int(samples)
+        self.reservoirs: dict[tuple[str, int], Reservoir] = {}
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor, Reservoir]] = {}
 
     def begin(self, domain: str) -> None:
         self.domain = domain
         if domain not in self.domains:
-            self.domains[domain] = empty_domain(len(self.layers), self.n_experts)
+            self.domains[domain] = empty_domain(self.n_layers, self.n_experts)
+
+    def sample_set(self) -> Samples:
+        """The token samples gathered so far, as :class:`~moe_slim.stats.Samples`."""
+        tensors = {}
+        for (domain, li), res in self.reservoirs.items():
+            for f, t in res.result().items():
+                tensors[Samples.key(domain, li, f)] = t
+        return Samples(tensors)
+
+    def _sample_inputs(self, layer: MoeLayer, inputs: torch.Tensor, logits: torch.Tensor) -> None:
+        """Offer this call's (non-padding) tokens to the layer's reservoir; routing follows in record_pairs."""
+        x = inputs.detach().reshape(-1, inputs.shape[-1])
+        lg = logits.detach().float().reshape(-1, logits.shape[-1])
+        valid = self._valid(layer, x.shape[0], x.device)
+        pos = valid.nonzero().squeeze(1) if valid is not None else torch.arange(x.shape[0], device=x.device)
+        key = (self.domain, layer.index)
+        res = self.reservoirs.get(key)
+        if res is None:  # one seed per domain: every layer samples the same token positions
+            res = self.reservoirs[key] = Reservoir(self.samples, zlib.crc32(str(self.domain).encode()))
+        take, slots = res.plan(pos.numel())
+        rows = pos[take.to(pos.device)]
+        res.put("x", slots, x[rows])
+        res.put("logits", slots, lg[rows])
+        self._pending[layer.index] = (rows, slots, res)
 
     def _valid(self, layer: MoeLayer, n_tokens: int, device: torch.device) -> torch.Tensor | None:
         mask = self.masks.get(layer.stack)
@@ -54,10 +139,12 @@ class Recorder:
             raise RuntimeError(f"attention mask has {mask.numel()} tokens, layer {layer.name} saw {n_tokens}")
         return mask.to(device)
 
-    def record_router(self, layer: MoeLayer, logits: torch.Tensor) -> None:
-        """Soft gate mass and token count from the router's logits."""
+    def record_router(self, layer: MoeLayer, logits: torch.Tensor, inputs: torch.Tensor | None = None) -> None:
+        """Soft gate mass and token count from the router's logits (and a token sample of its inputs)."""
         if self.domain is None:
             return
+        if self.samples and inputs is not None:
+            self._sample_inputs(layer, inputs, logits)
         scores = layer.router_scores(logits.detach())
         valid = self._valid(layer, scores.shape[0], scores.device)
         if valid is not None:
@@ -73,6 +160,13 @@ class Recorder:
         """Selections as (token, expert, routing weight, ||expert output||) quadruples."""
         if self.domain is None:
             return
+        pending = self._pending.pop(layer.index, None)
+        if pending is not None:  # dense routing weights of the sampled tokens
+            rows, slots, res = pending
+            sel = exp < self.n_experts
+            dense = torch.zeros(n_tokens, self.n_experts, dtype=torch.float32, device=exp.device)
+            dense[tok[sel], exp[sel]] = weight[sel].float()
+            res.put("route", slots, dense[rows.to(dense.device)])
         valid = self._valid(layer, n_tokens, tok.device)
         if valid is not None:
             keep = valid[tok]
@@ -165,10 +259,12 @@ def observing(model: nn.Module, recorder: Recorder) -> Iterator[Recorder]:
         for layer in recorder.layers:
             idx = layer.family.logits_output
 
-            def router_hook(module: nn.Module, args: Any, output: Any, layer: MoeLayer = layer, idx: int = idx) -> None:
-                recorder.record_router(layer, output[idx])
+            def router_hook(module: nn.Module, args: Any, kwargs: Any, output: Any, layer: MoeLayer = layer,
+                            idx: int = idx) -> None:
+                inputs = args[0] if args else next(iter(kwargs.values()), None)
+                recorder.record_router(layer, output[idx], inputs)
 
-            handles.append(layer.router.register_forward_hook(router_hook))
+            handles.append(layer.router.register_forward_hook(router_hook, with_kwargs=True))
             experts = layer.experts
             if layer.family.layout == "modules":
                 experts._moe_slim_recorder = recorder
@@ -270,17 +366,22 @@ def observe(
     max_tokens: int | dict[str, int] | None = None,
     pack: bool = True,
     progress: bool = False,
+    samples: int = 0,
 ) -> RouterStats:
     """Run calibration text through ``model`` and return per-domain router statistics.
 
     ``calibration`` maps a domain name (general, math, code, translation or any other) to texts.
-    ``max_tokens`` caps real tokens per domain (an int for all, or per domain).
+    ``max_tokens`` caps real tokens per domain (an int for all, or per domain). ``samples=N`` also
+    keeps a token sample of at most N tokens per domain and MoE layer (inputs, router logits,
+    routing weights) for expert merging; it costs ``N x hidden`` values per domain and layer.
     """
+    if samples < 0:
+        raise MoeSlimError(f"samples must be a non-negative number of tokens, not {samples}")
     if not calibration:
         raise MoeSlimError("no calibration text was given")
     layers = moe_layers(model)
     n_experts = check_uniform(layers)
-    recorder = Recorder(layers, n_experts)
+    recorder = Recorder(layers, n_experts, samples=samples)
     batches = {}
     for domain, texts in calibration.items():
         cap = max_tokens.get(domain) if isinstance(max_tokens, dict) else max_tokens
@@ -309,4 +410,9 @@ def observe(
         "seconds": round(time.perf_counter() - start, 3),
         "versions": library_versions(),
     }
-    return RouterStats(recorder.domains, meta)
+    sample_set = None
+    if samples:
+        sample_set = recorder.sample_set()
+        meta["samples"] = {"per_domain": int(samples), "fields": list(SAMPLE_FIELDS),
+                           "tokens": {d: int(min(samples, meta["tokens_per_domain"][d])) for d in recorder.domains}}
+    return RouterStats(recorder.domains, meta, sample_set)
