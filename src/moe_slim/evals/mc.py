@@ -34,7 +34,7 @@ from ..errors import MoeSlimError
 from ..prompts import translation_prompt, translation_target
 from .data import file_sha256, read_jsonl
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 MC_SEED = 1234
 N_CHOICES = 4
 TASK_PREFIX = "moe_slim_"
@@ -135,6 +135,8 @@ def build_math_choice(records: Sequence[Mapping[str, Any]]) -> list[Item]:
     """The math prompt; the right final answer among 4 (numeric answers perturbed, others drawn from other problems)."""
     task = "math_choice"
     pool = sorted({str(r["answer"]).strip() for r in records if str(r.get("answer", "")).strip()})
+    # a non-numeric answer gets non-numeric distractors, so the form of an answer does not give it away
+    worded = [a for a in pool if not _NUMBER.match(a)]
     items = []
     for rec in records:
         rid, answer = str(rec["id"]), str(rec.get("answer", "")).strip()
@@ -144,7 +146,8 @@ def build_math_choice(records: Sequence[Mapping[str, Any]]) -> list[Item]:
         cands = _perturb_number(answer, rng) if _NUMBER.match(answer) else []
         distractors = _pick_distinct(rng, cands, answer, N_CHOICES - 1)
         if len(distractors) < N_CHOICES - 1:
-            distractors += _pick_distinct(rng, pool, answer, N_CHOICES - 1 - len(distractors))
+            others = worded if not _NUMBER.match(answer) and len(worded) > N_CHOICES else pool
+            distractors += _pick_distinct(rng, others, answer, N_CHOICES - 1 - len(distractors))
             distractors = list(dict.fromkeys(distractors))
         if len(distractors) < N_CHOICES - 1:
             continue
@@ -172,15 +175,17 @@ def build_code_next_line(records: Sequence[Mapping[str, Any]], context_lines: in
         rng = _rng(task, rid)
         i = candidates[rng.randrange(len(candidates))]
         gold = lines[i]
-        local = sorted({ln for j, ln in enumerate(lines) if j != i and usable(ln)})
+        start = max(0, i - context_lines)
+        shown = {ln.strip() for ln in lines[start:i]}  # lines already in the context make poor distractors
+        local = sorted({ln for j, ln in enumerate(lines) if j != i and usable(ln) and ln.strip() not in shown})
         distractors = _pick_distinct(rng, local, gold, N_CHOICES - 1, key=str.strip)
         if len(distractors) < N_CHOICES - 1:
             extra = _pick_distinct(rng, global_pool, gold, N_CHOICES - 1, key=str.strip)
-            have = {d.strip() for d in distractors}
+            have = {d.strip() for d in distractors} | shown
             distractors += [d for d in extra if d.strip() not in have][: N_CHOICES - 1 - len(distractors)]
         if len(distractors) < N_CHOICES - 1:
             continue
-        query = "\n".join(lines[max(0, i - context_lines):i]) + "\n"
+        query = "\n".join(lines[start:i]) + "\n"
         items.append(_item(task, rid, query, gold, distractors))
     return _shuffled(task, items)
 
