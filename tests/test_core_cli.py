@@ -148,3 +148,10 @@ def test_empty_calibration_and_existing_output(workdir: Path, tmp_path: Path, ca
     assert main(["prune", str(workdir / "model"), "--stats", str(workdir / "stats"), "--ratio", "0.5",
                  "--out", str(exists), "--overwrite"]) == 0
     assert (exists / "config.json").exists() and not (exists / "keep.txt").exists()
+
+
+def test_criteria_help_lists_every_criterion() -> None:
+    from moe_slim.cli_core import CRITERIA_HELP
+    from moe_slim.criteria import ALL_CRITERIA
+
+    assert CRITERIA_HELP.split(", ") == list(ALL_CRITERIA)

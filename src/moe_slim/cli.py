@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "moe_slim.cli_eval",
     "moe_slim.cli_dense",
     "moe_slim.cli_merge",
+    "moe_slim.cli_reference",
 )
 
 

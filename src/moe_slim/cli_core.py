@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import api
-from .criteria import ALL_CRITERIA
-from .families import FAMILIES
-from .stats import RouterStats
+# Heavy modules (transformers) are imported inside the commands, so `moe-slim --help` and
+# one-line errors come fast.
+CRITERIA_HELP = "frequency, gate, weighted_frequency, ean, reap, reap_mass, task_contrast, random"
 
 
 def _tokens(text: str) -> int:
@@ -18,6 +17,8 @@ def _tokens(text: str) -> int:
 
 
 def cmd_observe(args: argparse.Namespace) -> int:
+    from . import api
+
     stats = api.observe_checkpoint(
         args.model, args.calib, args.out, seq_len=args.seq_len, batch_size=args.batch_size,
         max_tokens=_tokens(args.max_tokens) if args.max_tokens else None, pack=not args.no_pack,
@@ -30,6 +31,8 @@ def cmd_observe(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from . import api
+
     plan = api.prune_checkpoint(
         args.model, args.stats, args.out, criterion=args.criterion, ratio=args.ratio, mix=api.parse_weights(args.mix),
         reference=api.parse_weights(args.reference), budget=args.budget, floor=args.floor, seed=args.seed,
@@ -40,6 +43,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    from . import api
+
     plan = api.apply_checkpoint(args.model, args.plan, args.out, overwrite=args.overwrite)
     _print_plan(plan, args.out)
     return 0
@@ -52,6 +57,8 @@ def _print_plan(plan, out) -> None:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    from .stats import RouterStats
+
     stats = RouterStats.load(args.stats)
     m = stats.meta
     print(json.dumps({k: m[k] for k in ("family", "num_experts", "top_k", "tokens_per_domain", "model_path", "seq_len")
@@ -60,6 +67,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_families(args: argparse.Namespace) -> int:
+    from .families import FAMILIES
+
     for f in FAMILIES:
         print(f"{f.name:20s} {f.layout:8s} router={f.scoring:8s} {f.notes}")
     return 0
@@ -87,7 +96,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="remove the lowest-scoring experts and write a checkpoint")
     p.add_argument("model")
     p.add_argument("--stats", required=True)
-    p.add_argument("--criterion", default="reap", help=f"one of: {', '.join(ALL_CRITERIA)}")
+    p.add_argument("--criterion", default="reap", help=f"one of: {CRITERIA_HELP}")
     p.add_argument("--ratio", type=float, required=True, help="share of experts to remove, in (0, 1)")
     p.add_argument("--mix", help="calibration mix to score on, e.g. translation=3,general=1 (default: all domains)")
     p.add_argument("--reference", help="reference mix for task_contrast (default: the domains the mix leaves out)")

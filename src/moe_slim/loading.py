@@ -39,6 +39,8 @@ def load_model(
     """
     config = load_config(path)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    if dtype is None and not torch.cuda.is_available():
+        dtype = torch.float32  # bf16/fp16 checkpoints run slowly and less exactly on CPUs
     kwargs: dict[str, Any] = {"dtype": dtype or "auto"}
     if device_map is not None:
         kwargs["device_map"] = device_map

@@ -1,0 +1,49 @@
+"""CLI: ``train-reference`` and ``reference-card`` (the shipped reference MoE)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from pathlib import Path
+
+REFERENCE_DIR = Path(__file__).resolve().parents[2] / "models" / "reference"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .reference import Recipe, train_reference
+
+    recipe = Recipe()
+    if args.steps:
+        recipe = dataclasses.replace(recipe, steps=args.steps)
+    if args.seed is not None:
+        recipe = dataclasses.replace(recipe, seed=args.seed)
+    info = train_reference(args.out, data_dir=args.data, recipe=recipe, overwrite=args.overwrite, device=args.device)
+    print(f"wrote {args.out}: {info['tokens_seen']:,} tokens in {info['train_seconds'] / 60:.1f} min on {info['device']}")
+    return 0
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from .reference import write_card
+
+    m = write_card(args.model, data_dir=args.data, suite=args.suite)
+    print(f"wrote {args.model}/README.md and metrics.json; chrF per pair "
+          f"{ {k.split('/')[1]: round(v, 1) for k, v in m['metrics'].items() if k.endswith('/chrf') and k.count('/') == 2} }")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-reference", help="train the reference MoE from the built data (GPU if present)")
+    p.add_argument("--out", default=str(REFERENCE_DIR))
+    p.add_argument("--data", default="data")
+    p.add_argument("--steps", type=int, help="override the recipe's step count")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("reference-card", help="measure the reference model and write its model card")
+    p.add_argument("model", nargs="?", default=str(REFERENCE_DIR))
+    p.add_argument("--data", default="data")
+    p.add_argument("--suite", default="quick")
+    p.set_defaults(func=cmd_card)
