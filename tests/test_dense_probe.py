@@ -11,50 +11,57 @@ import pytest
 from moe_slim.cli import main
 from moe_slim.dense.tiny import make_identity_layers, save_tiny, synthetic_tasks, tiny_model
 
-IDENTITY = [2, 4]
+IDENTITY = [2, 3]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("probe")
-    model = make_identity_layers(tiny_model("llama"), IDENTITY)
+    # seed 4: a random tiny model whose real layers each add probe-readable information on these tasks
+    # (checked below), so that the layers made identity are exactly the ones with nothing to offer
+    model = make_identity_layers(tiny_model("llama", seed=4), IDENTITY)
     save_tiny(model, root / "model")
     tasks = synthetic_tasks(root / "tasks", n_per_class=30)
-    return root, tasks
+    held_out = synthetic_tasks(root / "held_out", n_per_class=20, seed=1)
+    return root, tasks, held_out
 
 
 def test_probe_drops_exactly_the_identity_layers(setup):
-    root, tasks = setup
+    root, tasks, held_out = setup
     out = root / "run"
     rc = main(["probe", str(root / "model"), "--tasks", f"{tasks['topic']},{tasks['order']}", "--weights",
-               "order=2", "--budget", "4L", "--scaling", "0.2,0.5", "--folds", "3", "--out", str(out)])
+               "order=2", "--budget", "4L", "--scaling", "0.2,0.5", "--folds", "3", "--out", str(out),
+               "--eval-tasks", f"{held_out['topic']},{held_out['order']}"])
     assert rc == 0
     for name in ("probe_matrix.json", "probe_matrix.csv", "plan.json", "scaling.json", "compare.json",
                  "summary.json", "probe_matrix.png", "scaling.png", "plans/block-influence.json"):
         assert (out / name).is_file(), name
     plan = json.loads((out / "plan.json").read_text())
+    assert plan["method"] == "probscale-contiguous"
     assert plan["drop"] == {"decoder": IDENTITY}
-    assert plan["keep"] == {"decoder": [0, 1, 3, 5]}
+    assert plan["keep"] == {"decoder": [0, 1, 4, 5]}
+    free = json.loads((out / "plans" / "probscale-free.json").read_text())
+    assert free["drop"] == {"decoder": IDENTITY}
     pm = json.loads((out / "probe_matrix.json").read_text())
     rel = np.array(pm["relevance"]["decoder"])
     acc = np.array(pm["accuracy"]["decoder"])
     assert acc.shape == (7, 2)  # embeddings + 6 layers, 2 tasks
-    assert np.all(rel[IDENTITY] == 0) and np.all(np.delete(rel, IDENTITY) > 0)
+    assert np.all(rel[IDENTITY] == 0)
+    assert np.all(np.delete(rel, IDENTITY) > 0), f"precondition: every real layer adds something ({rel})"
     # identity layer outputs equal their inputs -> identical probe rows
     for i in IDENTITY:
         assert np.array_equal(acc[i + 1], acc[i])
     assert pm["weights"] == {"topic": 1.0, "order": 2.0}
-    # the contiguous variant and the baselines are written at the same budget
-    cont = json.loads((out / "plans" / "probscale-contiguous.json").read_text())
-    dropped = cont["drop"]["decoder"]
-    assert len(dropped) == 2 and dropped[1] == dropped[0] + 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["measured_on"] == "held-out texts" and summary["held_out_tasks"]["order"]["examples"] == 40
     scaling = json.loads((out / "scaling.json").read_text())
     assert len(scaling["points"]) == 2 and {c["target"] for c in scaling["checks"]} == {0.95, 0.98}
     # even with room for all six layers, the identity ones are not kept
     out2 = root / "run_full"
-    assert main(["probe", str(root / "model"), "--tasks", str(tasks["topic"]), "--budget", "1.0", "--scaling", "off",
-                 "--no-compare", "--folds", "3", "--out", str(out2)]) == 0
-    assert json.loads((out2 / "plan.json").read_text())["drop"] == {"decoder": IDENTITY}
+    assert main(["probe", str(root / "model"), "--tasks", str(tasks["order"]), "--budget", "1.0", "--scaling", "off",
+                 "--no-compare", "--folds", "3", "--selection", "free", "--out", str(out2)]) == 0
+    plan2 = json.loads((out2 / "plan.json").read_text())
+    assert plan2["method"] == "probscale-free" and set(IDENTITY) <= set(plan2["drop"]["decoder"])
     # and slim-dense applies the plan
     assert main(["slim-dense", str(root / "model"), "--plan", str(out / "plan.json"), "--out", str(root / "slim")]) == 0
     assert json.loads((root / "slim" / "config.json").read_text())["num_hidden_layers"] == 4
@@ -67,7 +74,7 @@ def _one_error(capsys) -> str:
 
 
 def test_bad_input_is_one_line(setup, tmp_path, capsys):
-    root, tasks = setup
+    root, tasks, _ = setup
     one = tmp_path / "one.jsonl"
     one.write_text("".join(json.dumps({"text": f"w{i} w{i + 1}", "label": "x"}) + "\n" for i in range(10)))
     args = ["probe", str(root / "model"), "--scaling", "off", "--out", str(tmp_path / "o")]

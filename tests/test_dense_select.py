@@ -59,7 +59,7 @@ def test_dp_matches_brute_force_on_hand_made_matrices(contiguous):
 
 
 def test_hand_made_probe_matrix_known_answer():
-    # gains per layer (task-weighted): layer0 .30, layer1 .00, layer2 .20, layer3 .05, layer4 .25
+    # task-weighted gains per layer: .30, .00, .20, .05, .25 (BI .1 everywhere -> +.0001)
     acc = np.array([[0.40, 0.50], [0.70, 0.80], [0.70, 0.80], [0.90, 1.00], [0.95, 1.05], [1.20, 1.30]])
     pm = ProbeMatrix(["a", "b"], {"a": 1.0, "b": 1.0}, {"decoder": acc}, {"decoder": acc * 0}, {},
                      {"decoder": np.full(5, 0.1)})
@@ -70,6 +70,19 @@ def test_hand_made_probe_matrix_known_answer():
     # contiguous: the dropped layers must be one run, so layer 2's gain cannot be had without 1 and 3
     assert select_layers({"decoder": rel}, sizes, 30, contiguous=True).keep == {"decoder": [0, 3, 4]}
     assert select_layers({"decoder": rel}, sizes, 20, contiguous=True).keep == {"decoder": [0, 4]}
+
+
+def test_signed_gains_telescope_to_the_last_kept_layer():
+    # a probe curve that peaks at row 3 and then declines (late layers trade task information away)
+    acc = np.array([[0.5], [0.6], [0.8], [0.9], [0.85], [0.7], [0.68]])
+    pm = ProbeMatrix(["t"], {"t": 1.0}, {"decoder": acc}, {"decoder": acc}, {}, {"decoder": np.zeros(6)})
+    rel = layer_relevance(pm)["decoder"]
+    for k in range(1, 7):  # a kept prefix is worth exactly the score of its last layer
+        assert rel[:k].sum() == pytest.approx(acc[k, 0] - acc[0, 0])
+    sizes = {"decoder": [1] * 6}
+    # with room for everything, the contiguous plan truncates at the peak: P[3] beats P[6] and any suffix
+    assert select_layers({"decoder": rel}, sizes, 6, contiguous=True).keep == {"decoder": [0, 1, 2]}
+    assert select_layers({"decoder": rel}, sizes, 2, contiguous=True).keep == {"decoder": [0, 1]}
 
 
 def test_knapsack_uses_layer_sizes_not_counts():
@@ -89,11 +102,15 @@ def test_two_stacks_keep_one_layer_each_and_are_optimal():
 
 def test_identity_layers_have_zero_relevance():
     acc = np.array([[0.5], [0.8], [0.8], [0.9], [0.9]])
-    pm = ProbeMatrix(["t"], {"t": 1.0}, {"decoder": acc}, {"decoder": acc}, {}, {"decoder": np.array([.3, 0, .2, 0])})
+    bi = np.array([.3, 1e-8, .2, 0])  # float noise of an identity layer counts as nothing
+    pm = ProbeMatrix(["t"], {"t": 1.0}, {"decoder": acc}, {"decoder": acc}, {}, {"decoder": bi})
     rel = layer_relevance(pm)["decoder"]
     assert rel[1] == 0 and rel[3] == 0 and rel[0] > 0 and rel[2] > 0
     # even with room for everything, the layers that add nothing are dropped
     assert select_layers({"decoder": rel}, {"decoder": [1] * 4}, 4).keep == {"decoder": [0, 2]}
+    # contiguous: only one of the two (non-adjacent) identity layers can go
+    assert select_layers({"decoder": rel}, {"decoder": [1] * 4}, 4, contiguous=True).keep["decoder"] in ([0, 1, 2],
+                                                                                                      [0, 2, 3])
 
 
 def test_baselines():

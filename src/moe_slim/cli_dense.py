@@ -23,10 +23,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from .dense.pipeline import run_probe
 
     res = run_probe(
-        args.model, args.tasks, args.out, weights=args.weights, budget=args.budget, contiguous=args.contiguous,
+        args.model, args.tasks, args.out, weights=args.weights, budget=args.budget, selection=args.selection,
         data_dir=args.data, split=args.split, per_class=args.per_class, seed=args.seed, pooling=args.pooling,
         max_length=args.max_length, batch_size=args.batch_size, n_folds=args.folds,
-        scaling_fractions=_fractions(args.scaling), compare=not args.no_compare, overwrite=args.overwrite,
+        scaling_fractions=_fractions(args.scaling), compare=not args.no_compare, eval_tasks=args.eval_tasks,
+        eval_split=args.eval_split, overwrite=args.overwrite,
     )
     sel = res["plan"]
     kept = "; ".join(f"{s}: {len(k)} of {len(k) + len(sel.drop(_sizes(res))[s])}" for s, k in sel.keep.items())
@@ -60,11 +61,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", help="task weights, e.g. langid=2,pairmatch=1 (default: 1 each)")
     p.add_argument("--budget", help="layer-parameter budget: 0.33 | 33%% | x3 | 10L | 12M | retain:0.95 "
                                     "(default retain:0.95: the budget the scaling fit predicts)")
-    p.add_argument("--contiguous", action="store_true",
-                   help="plan.json removes one contiguous block of layers (both variants are in plans/)")
+    p.add_argument("--selection", choices=("contiguous", "free"), default="contiguous",
+                   help="plan.json removes one contiguous block of layers per stack (default) or any subset; "
+                        "both variants and the baselines are written to plans/")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--data", default="data", help="data directory for built-in tasks (default: data)")
     p.add_argument("--split", help="data split for built-in tasks (default: train, else the first found)")
+    p.add_argument("--eval-split", help="measure retention on this split of the built-in tasks (held out), "
+                                        "e.g. validation (default: on the probing texts)")
+    p.add_argument("--eval-tasks", help="measure retention on these tasks (same names as --tasks), held out")
     p.add_argument("--per-class", type=int, default=100, help="examples per label (default 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pooling", choices=("mean", "last"), default="mean")

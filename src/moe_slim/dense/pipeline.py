@@ -33,7 +33,7 @@ from .features import Features, extract_features
 from .plots import plot_probe_matrix, plot_scaling
 from .probes import DEFAULT_CS, ProbeMatrix, final_scores, probe_matrix, split_features
 from .scaling import ScalingFit, fit_scaling
-from .select import Selection, all_selections, layer_relevance, parse_budget, round_up_budget, select_layers
+from .select import SELECTIONS, Selection, all_selections, layer_relevance, parse_budget, round_up_budget, select_layers
 from .slim import make_plan, slim_model
 from .tasks import Task, load_tasks, parse_weights
 
@@ -59,24 +59,52 @@ class Measurer:
         self.texts = [x for t in tasks for x in t.texts]
         self.sizes = [len(t.texts) for t in tasks]
         self.reference: dict[str, float] | None = None
+        self.full: list[Features] | None = None
         self.cache: dict[str, dict[str, Any]] = {}
 
     def features(self, model: Any, final_only: bool) -> list[Features]:
         return split_features(extract_features(model, self.tokenizer, self.texts, final_only=final_only, **self.kw),
                               self.sizes)
 
-    def set_reference(self, pm: ProbeMatrix) -> None:
+    def slim_copy(self, keep: dict[str, list[int]]) -> Any:
+        """A slimmed copy of the model that shares the weight tensors (no weight is copied)."""
+        memo = {id(t): t for t in [*self.model.parameters(), *self.model.buffers()]}
+        return slim_model(copy.deepcopy(self.model, memo), keep)
+
+    def _prefix_rows(self, keep: dict[str, list[int]]) -> dict[str, int] | None:
+        if self.full is None or len(self.full[0].pooled) != 1:
+            return None  # (an encoder-decoder's decoder sees a different encoder output)
+        (stack, rows), = self.full[0].pooled.items()
+        idx = keep.get(stack, list(range(rows.shape[0] - 1)))
+        return {stack: len(idx)} if list(idx) == list(range(len(idx))) else None
+
+    def set_reference(self, pm: ProbeMatrix, full: list[Features] | None = None) -> None:
+        """Use the probe matrix of these same texts: the full model's final row is the reference."""
+        self.full = full
         last = list(pm.accuracy)[-1]
         self.reference = {t: float(pm.accuracy[last][-1, i]) for i, t in enumerate(pm.tasks)}
+
+    def compute_reference(self) -> dict[str, float]:
+        """One pass of the full model over these texts (held-out measuring): the reference scores."""
+        self.full = self.features(self.model, final_only=False)
+        scores = final_scores(self.full, self.tasks, **self.pkw)
+        self.reference = {t: s["accuracy"] for t, s in scores.items()}
+        return self.reference
 
     def measure(self, keep: dict[str, list[int]]) -> dict[str, Any]:
         key = json.dumps(keep, sort_keys=True)
         if key in self.cache:
             return self.cache[key]
         assert self.reference is not None
-        slim = slim_model(copy.deepcopy(self.model), keep)
-        scores = final_scores(self.features(slim, final_only=True), self.tasks, **self.pkw)
-        del slim
+        prefix = self._prefix_rows(keep)
+        if prefix is not None:
+            # keeping layers 0..k-1 only: the slimmed model's output is exactly row k of the full model's
+            # (final-normed) features, so no forward pass is needed
+            feats = [Features({s: f.pooled[s][r:r + 1] for s, r in prefix.items()}, {}, 0, f.pooling)
+                     for f in self.full]
+        else:
+            feats = self.features(self.slim_copy(keep), final_only=True)
+        scores = final_scores(feats, self.tasks, **self.pkw)
         per_task = {}
         for t in self.tasks:
             ref = self.reference[t.name]
@@ -95,7 +123,7 @@ class Measurer:
 
 
 def scaling_sweep(measurer: Measurer, relevance: dict[str, np.ndarray], layer_params: dict[str, list[int]], *,
-                  fractions: tuple[float, ...] = DEFAULT_SCALING_FRACTIONS, contiguous: bool = False,
+                  fractions: tuple[float, ...] = DEFAULT_SCALING_FRACTIONS, contiguous: bool = True,
                   targets: tuple[float, ...] = RETAIN_TARGETS, log: Callable[[str], None] = _stderr
                   ) -> dict[str, Any]:
     """Measure ProbScale at several budgets, fit the power law, then check its predicted budgets."""
@@ -131,7 +159,9 @@ def scaling_sweep(measurer: Measurer, relevance: dict[str, np.ndarray], layer_pa
         budget = round_up_budget(x * total, layer_params)
         sel = select_layers(relevance, layer_params, budget, contiguous=contiguous)
         m = measurer.measure(sel.keep)
-        chk.update({"predicted_fraction": x, "predicted_reduction": 1 / x, "budget_params": budget,
+        if x < min(p["fraction"] for p in points):
+            chk["note"] = "extrapolated below the smallest measured budget"
+        chk.update({"predicted_fraction": x, "predicted_reduction": 1 / x if x > 0 else None, "budget_params": budget,
                     "fraction": sel.fraction, "params": sel.params, "keep": sel.keep,
                     "predicted_retention_at_selected": float(fit(sel.fraction)),
                     "measured_retention": m["retention"], "error": m["retention"] - target, "tasks": m["tasks"]})
@@ -149,7 +179,7 @@ def run_probe(
     *,
     weights: str | dict[str, float] | None = None,
     budget: str | None = None,
-    contiguous: bool = False,
+    selection: str = "contiguous",
     data_dir: str | os.PathLike = "data",
     split: str | None = None,
     per_class: int | None = 100,
@@ -160,6 +190,8 @@ def run_probe(
     n_folds: int = 5,
     scaling_fractions: tuple[float, ...] | None = DEFAULT_SCALING_FRACTIONS,
     compare: bool = True,
+    eval_tasks: str | list[str] | list[Task] | None = None,
+    eval_split: str | None = None,
     overwrite: bool = False,
     model: Any = None,
     tokenizer: Any = None,
@@ -168,12 +200,18 @@ def run_probe(
     """Probe MODEL on TASKS, choose layers for BUDGET, fit the scaling law, write everything to OUT.
 
     ``budget``: a spec for :func:`parse_budget`, or ``retain:0.95`` (the default) for the budget
-    the scaling fit predicts for that retention. ``model``/``tokenizer`` may be passed already loaded.
+    the scaling fit predicts for that retention. ``eval_tasks`` (or ``eval_split`` for the built-in
+    tasks): held-out texts on which every retention is measured (default: the probing texts).
+    ``selection``: ``contiguous`` (plan.json removes one
+    block of layers per stack) or ``free`` (any subset); both are written to ``plans/``. ``model``/``tokenizer`` may be passed already loaded.
     """
     from .slim import load_dense
 
     t_start = time.time()
     check_output(out, overwrite)
+    if selection not in SELECTIONS:
+        raise MoeSlimError(f"unknown selection {selection!r}; choose one of {', '.join(SELECTIONS)}")
+    contiguous = selection == "contiguous"
     budget = budget or "retain:0.95"
     retain_target: float | None = None
     if budget.startswith("retain:"):
@@ -190,6 +228,25 @@ def run_probe(
     for t in task_list:
         t.validate()
     w = weights if isinstance(weights, dict) else parse_weights(weights, task_list)
+    held_out: list[Task] | None = None
+    if eval_tasks is not None or eval_split is not None:
+        spec = eval_tasks if eval_tasks is not None else tasks
+        if isinstance(spec, list) and spec and isinstance(spec[0], Task):
+            held_out = spec
+        else:
+            if not isinstance(spec, str) and not (isinstance(spec, list) and all(isinstance(x, str) for x in spec)):
+                raise MoeSlimError("with eval_split, give the tasks by name (built-ins) or pass eval_tasks")
+            held_out = load_tasks(spec, data_dir, split=eval_split or split, per_class=per_class, seed=seed)
+        if sorted(t.name for t in held_out) != sorted(t.name for t in task_list):
+            raise MoeSlimError(f"held-out tasks ({', '.join(t.name for t in held_out)}) must be the probing tasks "
+                               f"({', '.join(t.name for t in task_list)})")
+        for t in held_out:
+            t.validate()
+        sel_texts = {x for t in task_list for x in t.texts}
+        overlap = sum(x in sel_texts for t in held_out for x in t.texts)
+        if overlap == sum(len(t.texts) for t in held_out):
+            raise MoeSlimError("the held-out texts are the probing texts; give another split or other files")
+        held_out.sort(key=lambda t: [x.name for x in task_list].index(t.name))
     if model is None:
         model, tokenizer = load_dense(model_path)
     family = family_for(model)
@@ -208,9 +265,18 @@ def run_probe(
     t0 = time.time()
     pm = probe_matrix(feats, task_list, w, n_folds=n_folds, seed=seed)
     pm.meta.update({"model": str(model_path), "family": family.name, "max_length": max_length})
-    measurer.set_reference(pm)
+    if held_out is None:
+        measurer.set_reference(pm, feats)
+    else:
+        t0 = time.time()
+        measurer = Measurer(model, tokenizer, held_out, w, pooling=pooling, max_length=max_length,
+                            batch_size=batch_size, n_folds=n_folds, seed=seed)
+        measurer.compute_reference()
+        log(f"held-out reference: {sum(len(t.texts) for t in held_out)} texts, {time.time() - t0:.0f}s; accuracy "
+            + ", ".join(f"{t}={a:.3f}" for t, a in measurer.reference.items()))
+    last = list(pm.accuracy)[-1]
     log(f"probes: {sum(v.size for v in pm.accuracy.values())} fits in {time.time() - t0:.0f}s; final-layer "
-        f"accuracy {', '.join(f'{t}={measurer.reference[t]:.3f}' for t in pm.tasks)}")
+        f"accuracy {', '.join(f'{t}={pm.accuracy[last][-1, i]:.3f}' for i, t in enumerate(pm.tasks))}")
     relevance = layer_relevance(pm)
 
     scaling: dict[str, Any] | None = None
@@ -229,7 +295,7 @@ def run_probe(
     assert budget_params is not None
 
     selections = all_selections(pm, layer_params, budget_params, seed=seed)
-    primary = selections["probscale-contiguous" if contiguous else "probscale"]
+    primary = selections[f"probscale-{selection}"]
     comparison: dict[str, Any] = {}
     if compare:
         for name, sel in selections.items():
@@ -252,9 +318,12 @@ def run_probe(
     summary = {
         "model": source, "fingerprint": fp, "family": family.name, "tasks": {t.name: {
             "examples": len(t.texts), "classes": t.counts(), "source": t.source} for t in task_list},
-        "weights": w, "pooling": pooling, "max_length": max_length, "n_folds": n_folds, "seed": seed,
+        "weights": w, "measured_on": "held-out texts" if held_out is not None else "the probing texts",
+        "held_out_tasks": {t.name: {"examples": len(t.texts), "source": t.source} for t in held_out or []},
+        "pooling": pooling, "max_length": max_length, "n_folds": n_folds, "seed": seed,
         "layer_params": layer_params, "total_layer_params": total, "budget": budget_info,
-        "plan": primary.to_json(), "relevance": "sum_t w_t max(0, P[l,t]-P[l-1,t]) + 1e-3 * BI[l]",
+        "plan": primary.to_json(), "selection": selection,
+        "relevance": "sum_t w_t (P[l,t]-P[l-1,t]) + 1e-3 * BI[l]  (signed marginal probe gain)",
         "libraries": library_versions(), "seconds": round(time.time() - t_start, 1),
     }
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -278,4 +347,5 @@ def run_probe(
         summary["seconds"] = round(time.time() - t_start, 1)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return {"out": str(out), "plan": primary, "selections": selections, "matrix": pm, "relevance": relevance,
-            "scaling": scaling, "compare": comparison, "summary": summary}
+            "scaling": scaling, "compare": comparison, "summary": summary, "measurer": measurer,
+            "layer_params": layer_params, "model": model, "tokenizer": tokenizer}

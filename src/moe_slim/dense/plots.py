@@ -74,9 +74,10 @@ def plot_scaling(fit: ScalingFit | None, points: list[dict[str, Any]], path: Pat
         ax.plot([chk["fraction"]], [chk["measured_retention"]], "*", ms=12,
                 label=f"check {chk['target']:.0%}: measured {chk['measured_retention']:.3f}")
         ax.axhline(chk["target"], color="grey", lw=0.6, ls=":")
-    markers = {"probscale-contiguous": "s", "block-influence": "v", "last-layers": "^", "random": "x"}
+    markers = {"probscale-contiguous": "D", "probscale-free": "s", "block-influence": "v", "last-layers": "^",
+               "random": "x"}
     for name, m in (compare or {}).items():
-        if name == "probscale" or m.get("retention") is None:
+        if m.get("retention") is None:
             continue
         ax.plot([m["fraction"]], [m["retention"]], markers.get(name, "d"), label=name)
     ax.set_xlabel("retained fraction of transformer-layer parameters")

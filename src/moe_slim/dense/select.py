@@ -2,36 +2,43 @@
 
 Relevance of a layer (the value a kept layer adds to the knapsack)
 ------------------------------------------------------------------
-With ``P[l, t]`` the probe score of task ``t`` after layer ``l`` (row 0 = embeddings) and task
-weights ``w_t`` normalised to sum to one::
+With ``P[l, t]`` the probe accuracy of task ``t`` after layer ``l`` (row 0 = embeddings, every row
+read through the stack's final norm) and task weights ``w_t`` normalised to sum to one::
 
-    relevance[l] = sum_t w_t * max(0, P[l, t] - P[l-1, t])  +  eps * BI[l]
+    relevance[l] = sum_t w_t * (P[l, t] - P[l-1, t])  +  eps * BI[l]
 
-* The first term is the layer's *marginal gain*: how much task information the probe can read off
-  the residual stream after this layer that it could not read before. Summed over a prefix of
-  layers it telescopes to the score of the *last kept layer*, which is what a probe on a slimmed
-  model's final representation sees; for other subsets it is the additive (residual-stream)
-  approximation of that score. Gains are clipped at zero: a measured loss is mostly probe noise
-  between neighbouring layers, and we do not want a layer dropped *because* of noise when the
-  budget would keep it.
-* The second term breaks ties among layers with no measurable gain (saturated tasks): ``BI`` is
-  ShortGPT's Block Influence ``1 - cos(h_in, h_out)``; ``eps`` (1e-3) is far below any probe gain.
-* A layer that adds nothing (identity-like: ``h_out == h_in``) has ``P[l] == P[l-1]`` exactly
-  (the same features give the same cross-validated probe) and ``BI == 0``, so relevance 0: it is the
-  first to go and is dropped even when the budget would allow keeping it (relevance below 1e-6,
-  float noise, counts as 0).
+* The first term is the layer's signed *marginal gain*: how much task information a probe can read
+  off the residual stream after this layer that it could not read before. It is signed so that it
+  telescopes: over a kept prefix ``0..k-1`` it sums to ``P[k] - P[0]``, the score of the *last kept
+  layer*, which is exactly what a probe on that slimmed model's final representation measures.
+  Layers after the probe peak (late LM layers that trade task information for next-token
+  prediction) get negative relevance and go first. For a prefix plus a suffix (the contiguous
+  variant) the suffix is scored by the gains it made in the full model (a residual-stream
+  approximation); for arbitrary subsets the same additive approximation is used.
+* The second term breaks ties among layers with no measurable gain: ``BI`` is ShortGPT's Block
+  Influence ``1 - cos(h_in, h_out)``; ``eps`` (1e-3) is below any probe gain on a few hundred texts.
+* A layer that adds nothing (identity-like: ``h_out == h_in``) has ``P[l] == P[l-1]`` exactly (the
+  same features give the same cross-validated probe on the same folds) and ``BI == 0``, so relevance
+  0 (below 1e-6 counts as 0): it never adds value, so it is dropped even when the budget would
+  allow keeping it.
 
 Selection
 ---------
 Maximise ``sum relevance`` over the kept layers subject to ``sum params <= budget``, with at
-least one layer kept in every stack. This is a 0/1 knapsack, solved *exactly* by dynamic
-programming over Pareto-optimal (params, value) states (exact for any integer layer sizes; small
-because layers come in few sizes). With ``contiguous=True`` the *removed* layers of each stack must
-form one contiguous block (the shape of Gromov et al.'s deep-layer pruning); every block is
-enumerated, so this is exact too. Stacks (T5's encoder and decoder) are combined exactly.
+least one layer kept in every stack; ties go to the lighter subset.
 
-Baselines at the same budget: ShortGPT Block Influence (drop the lowest-BI layers until the budget
-fits), dropping the last layers, and dropping random layers (seeded).
+* ``contiguous`` (the default plan): the *removed* layers of each stack form one contiguous block,
+  so the kept layers are a prefix and a suffix. This keeps every kept layer's input close to what
+  it was trained on; every block is enumerated, so it is exact. With a pure prefix the objective is
+  exact, not an approximation.
+* ``free``: any subset; a 0/1 knapsack solved exactly by dynamic programming over Pareto-optimal
+  (params, value) states (exact for any integer layer sizes, small because layers come in few
+  sizes). It trusts the additive approximation fully; on pretrained LMs, where later layers depend
+  on early ones, that is optimistic (see the benchmark).
+
+Stacks (T5's encoder and decoder) are combined exactly. Baselines at the same budget: ShortGPT
+Block Influence (drop the lowest-BI layers until the budget fits), dropping the last layers, and
+dropping random layers (seeded).
 """
 
 from __future__ import annotations
@@ -49,7 +56,8 @@ from .probes import ProbeMatrix
 
 RELEVANCE_EPS = 1e-3
 IDENTITY_TOL = 1e-6
-METHODS: tuple[str, ...] = ("probscale", "probscale-contiguous", "block-influence", "last-layers", "random")
+SELECTIONS: tuple[str, ...] = ("contiguous", "free")
+METHODS: tuple[str, ...] = ("probscale-contiguous", "probscale-free", "block-influence", "last-layers", "random")
 
 State = tuple[int, float, tuple[int, ...]]  # (params, value, kept indices)
 
@@ -119,10 +127,10 @@ def layer_relevance(pm: ProbeMatrix, *, metric: str = "accuracy", eps: float = R
     w = pm.norm_weights()
     out = {}
     for stack, P in table.items():
-        gain = np.clip(np.diff(P, axis=0), 0.0, None) @ w
+        gain = np.diff(P, axis=0) @ w
         bi = np.asarray(pm.block_influence.get(stack, np.zeros(len(gain))), float)
         rel = gain + eps * np.clip(bi, 0.0, None)
-        rel[rel < IDENTITY_TOL] = 0.0  # float noise of an identity layer (cos of equal vectors is 1 +- 1e-7)
+        rel[np.abs(rel) < IDENTITY_TOL] = 0.0  # float noise of an identity layer (cos of equal vectors: 1 +- 1e-7)
         out[stack] = rel
     return out
 
@@ -232,7 +240,7 @@ def select_layers(relevance: dict[str, np.ndarray], layer_params: dict[str, list
     if not combos:
         raise MoeSlimError(f"budget of {budget:,} parameters cannot keep one layer of every stack")
     w, v, keeps = max(combos, key=lambda s: (s[1], -s[0]))
-    return Selection("probscale-contiguous" if contiguous else "probscale",
+    return Selection("probscale-contiguous" if contiguous else "probscale-free",
                      {s: list(k) for s, k in zip(stacks, keeps)}, int(w), budget, total, float(v))
 
 
@@ -285,11 +293,11 @@ def random_selection(layer_params: dict[str, list[int]], budget: int, seed: int 
 
 def all_selections(pm: ProbeMatrix, layer_params: dict[str, list[int]], budget: int, *, seed: int = 0,
                    metric: str = "accuracy") -> dict[str, Selection]:
-    """ProbScale (free and contiguous) and the three baselines at the same budget."""
+    """ProbScale (contiguous and free) and the three baselines at the same budget."""
     rel = layer_relevance(pm, metric=metric)
     out = {
-        "probscale": select_layers(rel, layer_params, budget),
         "probscale-contiguous": select_layers(rel, layer_params, budget, contiguous=True),
+        "probscale-free": select_layers(rel, layer_params, budget),
         "block-influence": block_influence_selection(pm.block_influence, layer_params, budget),
         "last-layers": last_layers_selection(layer_params, budget),
         "random": random_selection(layer_params, budget, seed),
