@@ -46,7 +46,7 @@ class Recipe:
     router_aux_loss_coef: float = 0.02
     seq_len: int = 256
     batch_size: int = 16
-    steps: int = 1400
+    steps: int = 1000
     lr: float = 3e-3
     warmup: int = 60
     weight_decay: float = 0.05
