@@ -202,7 +202,8 @@ def family_of(model_or_config: Any) -> Family:
     )
 
 
-def _get_path(module: nn.Module, path: str) -> Any:
+def get_path(module: nn.Module, path: str) -> Any:
+    """``module.a.b`` for path ``a.b``, or None when any part is missing."""
     obj: Any = module
     for part in path.split("."):
         obj = getattr(obj, part, None)
@@ -231,15 +232,15 @@ class MoeLayer:
 
     @property
     def router_weight(self) -> torch.Tensor:
-        return _get_path(self.router, self.family.router_weight)
+        return get_path(self.router, self.family.router_weight)
 
     @property
     def router_bias(self) -> torch.Tensor | None:
-        return _get_path(self.router, self.family.router_bias) if self.family.router_bias else None
+        return get_path(self.router, self.family.router_bias) if self.family.router_bias else None
 
     @property
     def correction_bias(self) -> torch.Tensor | None:
-        return _get_path(self.router, self.family.correction_bias) if self.family.correction_bias else None
+        return get_path(self.router, self.family.correction_bias) if self.family.correction_bias else None
 
     @property
     def num_experts(self) -> int:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .errors import MoeSlimError
-from .families import MoeLayer, family_of, moe_layers, set_config_counts, set_expert_count
+from .families import MoeLayer, family_of, get_path, moe_layers, set_config_counts, set_expert_count
 from .observe import prepare_model
 from .plan import ExpertPlan
 
@@ -49,19 +49,10 @@ def slice_layer(layer: MoeLayer, keep: list[int]) -> None:
     for path in (fam.router_weight, fam.router_bias, fam.correction_bias):
         if not path:
             continue
-        t = _get(layer.router, path)
+        t = get_path(layer.router, path)
         if t is not None:
             _set_path(layer.router, path, t.data[idx.to(t.device)].clone())
     set_expert_count(layer, len(keep))
-
-
-def _get(module: nn.Module, path: str) -> torch.Tensor | None:
-    obj: Any = module
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
 
 
 def apply_plan(model: nn.Module, plan: ExpertPlan) -> nn.Module:
