@@ -21,6 +21,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "moe_slim.cli_dense",
     "moe_slim.cli_merge",
     "moe_slim.cli_reference",
+    "moe_slim.cli_sweep",
+    "moe_slim.cli_sft",
 )
 
 
