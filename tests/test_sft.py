@@ -184,3 +184,16 @@ def test_cli_rejects_non_model_and_writes_checkpoint(tok, data_dir, tmp_path, ca
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert Path(cfg["base_model_name_or_path"]) == ckpt.resolve()
     assert "PeftModel.from_pretrained" in (adapter / "README.md").read_text()
+
+
+def test_early_stopping_restores_best_and_time_limit(tok, data_dir):
+    model = tiny_moe(tok)
+    recs = _records(data_dir, 8)
+    # an absurd learning rate makes validation worse: patience stops the run, the best (initial) weights return
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    res = sft(model, tok, recs, val_data=recs[:2], steps=50, mode="full", lr=5.0, warmup=0, eval_every=1,
+              patience=2, max_grad_norm=None, progress=False)
+    assert res.stopped_early and res.steps < 50 and res.best_step == 0
+    assert all(torch.equal(p, before[n]) for n, p in res.model.named_parameters())
+    res = sft(tiny_moe(tok), tok, recs, steps=1000, mode="experts", max_minutes=1e-4, progress=False)
+    assert res.steps < 1000 and res.history[-1].get("time_limit")

@@ -26,7 +26,8 @@ def cmd_sft(args: argparse.Namespace) -> int:
         scheduler=args.scheduler, weight_decay=args.weight_decay, eval_every=args.eval_every,
         val_examples=args.val_examples, patience=None if args.patience == 0 else args.patience, seed=args.seed,
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        chrf_limit=None if args.chrf_limit == 0 else args.chrf_limit, progress=not args.quiet,
+        chrf_limit=None if args.chrf_limit == 0 else args.chrf_limit, max_minutes=args.max_minutes,
+        progress=not args.quiet,
         log=None if args.quiet else print,
     )
     b, a = result.metrics_before, result.metrics_after
@@ -62,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patience", type=int, default=3, help="evaluations without improvement before stopping (0: never)")
     p.add_argument("--chrf-limit", type=int, default=25,
                    help="sentences per pair for chrF before/after when translation is in the mix (0: skip)")
+    p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (wall clock)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--lora-dropout", type=float, default=0.0)

@@ -439,6 +439,7 @@ def sft(
     lora_targets: Sequence[str] | None = None,
     merge_lora: bool = False,
     chrf_limit: int | None = None,
+    max_minutes: float | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> SftResult:
@@ -450,6 +451,7 @@ def sft(
     stopping (None: never stop early). ``chrf_limit``: also measure chrF (sentences per pair) before
     and after when translation test data is in ``data_dir`` and the data has a translation domain.
     ``merge_lora``: fold LoRA weights into the model (``result.model`` is then a plain model).
+    ``max_minutes``: also stop (after a final validation) once training has run this long.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -470,6 +472,8 @@ def sft(
         raise MoeSlimError(f"unknown scheduler {scheduler!r} (choose from: {', '.join(SCHEDULERS)})")
     if eval_every is not None and eval_every <= 0:
         raise MoeSlimError(f"eval interval must be positive (got {eval_every})")
+    if max_minutes is not None and not max_minutes > 0:
+        raise MoeSlimError(f"max_minutes must be positive (got {max_minutes})")
     if patience is not None and patience <= 0:
         raise MoeSlimError(f"patience must be positive (got {patience}; leave it unset to never stop early)")
     if tok is None:
@@ -565,7 +569,11 @@ def sft(
             elapsed = time.perf_counter() - t0
             bar.set_postfix(loss=f"{run_loss:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
             bar.update(1)
-            if val_batches and (step % eval_every == 0 or step == steps):
+            out_of_time = max_minutes is not None and elapsed >= 60 * max_minutes
+            if out_of_time and step < steps:
+                entry["time_limit"] = True
+                say(f"time limit of {max_minutes:g} min reached at step {step}")
+            if val_batches and (step % eval_every == 0 or step == steps or out_of_time):
                 vl = validation_loss(model, val_batches, device)
                 entry["val_loss"] = vl
                 if vl < best_loss:
@@ -580,6 +588,8 @@ def sft(
                     say(f"early stop at step {step}: no validation improvement in {patience} evaluations")
                     break
             history.append(entry)
+            if out_of_time:
+                break
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
@@ -610,7 +620,7 @@ def sft(
     settings = {"lr": lr, "batch_size": batch_size, "grad_accum": grad_accum, "seq_len": seq_len, "warmup": warm,
                 "scheduler": scheduler, "weight_decay": weight_decay, "max_grad_norm": max_grad_norm,
                 "eval_every": eval_every, "val_examples": val_examples, "patience": patience, "seed": seed,
-                "chrf_limit": chrf_limit, "weights": sft_data.weights, "device": str(device)}
+                "chrf_limit": chrf_limit, "max_minutes": max_minutes, "weights": sft_data.weights, "device": str(device)}
     say(f"SFT done: {step} steps in {seconds / 60:.1f} min, best validation loss {best_loss:.4f} at step {best_step}")
     return SftResult(model=model, mode=mode, data=sft_data.spec, steps=step, max_steps=steps, best_step=best_step,
                      stopped_early=stopped, tokens=tokens, seconds=round(seconds, 2), trainable_params=trainable,
@@ -623,7 +633,7 @@ def sft(
 
 RECOVER_KEYS = {"steps", "data", "mode", "lr", "batch_size", "grad_accum", "seq_len", "warmup", "scheduler",
                 "weight_decay", "eval_every", "val_examples", "patience", "seed", "lora_r", "lora_alpha",
-                "lora_dropout", "chrf_limit"}
+                "lora_dropout", "chrf_limit", "max_minutes"}
 DEFAULT_RECOVER_DATA = "translation=0.8,general=0.2"
 
 
