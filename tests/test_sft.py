@@ -4,6 +4,7 @@ bad input gets one line."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,21 @@ def test_early_stopping_restores_best_and_time_limit(tok, data_dir):
     assert all(torch.equal(p, before[n]) for n, p in res.model.named_parameters())
     res = sft(tiny_moe(tok), tok, recs, steps=1000, mode="experts", max_minutes=1e-4, progress=False)
     assert res.steps < 1000 and res.history[-1].get("time_limit")
+
+
+@pytest.mark.parametrize("model_type", __import__("moe_slim.tiny", fromlist=["TINY_FAMILIES"]).TINY_FAMILIES)
+def test_experts_mode_every_family(model_type):
+    from moe_slim.families import moe_layers
+    from moe_slim.tiny import tiny_model, tiny_tokenizer as char_tokenizer
+
+    tok = char_tokenizer()
+    model = tiny_model(model_type, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    recs = [{"prompt": f"<|en|>cat {i}<|de|>", "target": f"Katze {i}<|end|>"} for i in range(12)]
+    blocks = tuple(l.name + "." for l in moe_layers(model))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    res = sft(model, tok, recs, steps=2, mode="experts", lr=1e-2, batch_size=4, seq_len=64, warmup=0,
+              patience=None, progress=False)
+    assert all(math.isfinite(h.get("train_loss", 0.0)) for h in res.history)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith(blocks) for n in changed), sorted(changed - {n for n in changed
+                                                                                      if n.startswith(blocks)})

@@ -673,7 +673,7 @@ def sft_card(*, source: str, result: SftResult, adapter: bool) -> str:
         "---",
         "library_name: " + ("peft" if adapter else "transformers"),
         "tags: [moe_slim, sft, recovery, mixture-of-experts]",
-        f"base_model: {source}" if adapter else "",
+        f"base_model: {source}" if adapter else None,
         "---",
         f"# {Path(str(source)).name} — SFT recovery with moe_slim",
         "",
@@ -688,7 +688,8 @@ def sft_card(*, source: str, result: SftResult, adapter: bool) -> str:
         f"seq_len {s['seq_len']}); best validation loss at step {result.best_step}"
         + (" (stopped early)" if result.stopped_early else ""),
         f"- Optimiser: AdamW lr {s['lr']:g}, {s['scheduler']} schedule, {s['warmup']} warm-up steps, seed {s['seed']}",
-        f"- Tokens seen: {result.tokens:,}; time: {result.seconds / 60:.1f} min on {s['device']}",
+        f"- Tokens seen: {result.tokens:,}; training time: "
+        + (f"{result.seconds:.0f} s" if result.seconds < 120 else f"{result.seconds / 60:.1f} min") + f" on {s['device']}",
         "",
         "## Metrics",
         "| metric | before SFT | after SFT |",
