@@ -48,13 +48,16 @@ def test_few_steps_reduce_loss_on_fixed_batch(tok, data_dir):
     batch = collate([encode_record(tok, r, 128) for r in recs], tok.pad_token_id)
     with torch.no_grad():
         before = float(batch_loss(model, batch))
-    res = sft(model, tok, recs, val_data=recs, steps=8, mode="full", lr=3e-3, batch_size=4, warmup=0,
+    res = sft(model, tok, recs, val_data=recs, steps=8, mode="full", lr=3e-3, batch_size=2, grad_accum=2, warmup=2,
               progress=False)
     with torch.no_grad():
         after = float(batch_loss(res.model, batch))
     assert after < before - 0.1, (before, after)
     assert res.metrics_after["val_loss"] < res.metrics_before["val_loss"]
     assert res.steps == 8 and res.tokens > 0
+    lrs = [h["lr"] for h in res.history[1:]]  # the schedule advances once per optimizer step, not per micro-batch
+    assert lrs[0] == pytest.approx(3e-3 / 2) and lrs[1] == pytest.approx(3e-3) and lrs[-1] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
 
 
 def test_labels_mask_prompt_and_padding(tok, data_dir):
