@@ -219,3 +219,21 @@ def test_experts_mode_every_family(model_type):
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith(blocks) for n in changed), sorted(changed - {n for n in changed
                                                                                       if n.startswith(blocks)})
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+def test_lora_on_fused_experts_merges_exactly(model_type):
+    from moe_slim.tiny import tiny_model, tiny_tokenizer as char_tokenizer
+
+    tok = char_tokenizer()
+    model = tiny_model(model_type, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    recs = [{"prompt": f"<|en|>cat {i}<|de|>", "target": f"Katze {i}<|end|>"} for i in range(12)]
+    res = sft(model, tok, recs, steps=3, mode="lora", lora_experts=True, lr=1e-2, batch_size=4, seq_len=64,
+              warmup=0, patience=None, progress=False)
+    assert res.lora["expert_parameters"]
+    assert any(float(p.abs().sum()) > 0 for n, p in res.model.named_parameters() if "lora_B" in n and "experts" in n)
+    ids = torch.tensor([tok("<|en|>cat 3<|de|>Ka")["input_ids"]])
+    with torch.no_grad():
+        a = res.model(input_ids=ids).logits
+        m = res.model.merge_and_unload()(input_ids=ids).logits
+    torch.testing.assert_close(m, a, atol=1e-5, rtol=1e-5)

@@ -26,6 +26,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
         scheduler=args.scheduler, weight_decay=args.weight_decay, eval_every=args.eval_every,
         val_examples=args.val_examples, patience=None if args.patience == 0 else args.patience, seed=args.seed,
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        lora_experts=args.lora_experts,
         chrf_limit=None if args.chrf_limit == 0 else args.chrf_limit, max_minutes=args.max_minutes,
         progress=not args.quiet,
         log=None if args.quiet else print,
@@ -67,6 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-experts", action="store_true",
+                   help="lora: also adapt fused 3-D expert weights (one low-rank update per expert)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device-map", help="passed to accelerate when loading (e.g. auto)")
     p.add_argument("--overwrite", action="store_true")

@@ -17,7 +17,9 @@ Modes (what is trained):
 * ``lora``: LoRA adapters (``peft``) on every ``nn.Linear`` except the output head and the
   routers: the attention projections, dense MLPs, shared experts and module-layout experts
   (Switch / NLLB-MoE). Fused 3-D experts (Qwen3-MoE, Mixtral, ...) are not ``nn.Linear`` and get
-  no adapter; train them with ``experts`` mode. ``lora_targets`` overrides the choice.
+  no adapter unless ``lora_experts=True`` (``--lora-experts``), which adds a per-expert low-rank
+  update to their 3-D weights through peft's ``target_parameters``. ``lora_targets`` overrides the
+  linears chosen.
 
 The loop uses :class:`accelerate.Accelerator` for device placement and gradient accumulation and
 ``transformers.get_scheduler`` for warm-up and decay. ``steps`` counts optimizer steps (each
@@ -311,6 +313,22 @@ def lora_target_modules(model: nn.Module) -> list[str]:
     return names
 
 
+def lora_expert_parameters(model: nn.Module) -> list[str]:
+    """Full names of the fused 3-D expert weights (``gate_up_proj``, ``down_proj``, ...), for peft's
+    ``target_parameters`` (one low-rank update per expert). Empty for module-layout experts, which
+    :func:`lora_target_modules` already covers as linears."""
+    from .families import moe_layers
+
+    names = []
+    for layer in moe_layers(model):
+        if layer.family.layout != "fused":
+            continue
+        for pname, p in layer.expert_params().items():
+            if p.dim() == 3:
+                names.append(f"{layer.name}.{layer.family.experts_attr}.{pname}")
+    return names
+
+
 def set_trainable(model: nn.Module, mode: str) -> int:
     """Freeze/unfreeze parameters for ``full`` or ``experts`` mode; returns the trainable count."""
     from .families import moe_layers
@@ -437,6 +455,7 @@ def sft(
     lora_alpha: int = 32,
     lora_dropout: float = 0.0,
     lora_targets: Sequence[str] | None = None,
+    lora_experts: bool = False,
     merge_lora: bool = False,
     chrf_limit: int | None = None,
     max_minutes: float | None = None,
@@ -503,10 +522,14 @@ def sft(
         from peft import LoraConfig, get_peft_model
 
         targets = list(lora_targets) if lora_targets else lora_target_modules(model)
+        expert_params = lora_expert_parameters(model) if lora_experts else []
+        if expert_params and lora_dropout:
+            raise MoeSlimError("LoRA on fused experts (--lora-experts) does not support dropout (set --lora-dropout 0)")
         cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
-                         bias="none")
+                         target_parameters=expert_params or None, bias="none")
         model = get_peft_model(model, cfg)
-        lora_info = {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout, "targets": targets}
+        lora_info = {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout, "targets": targets,
+                     "expert_parameters": expert_params}
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     else:
         trainable = set_trainable(model, mode)
@@ -633,7 +656,7 @@ def sft(
 
 RECOVER_KEYS = {"steps", "data", "mode", "lr", "batch_size", "grad_accum", "seq_len", "warmup", "scheduler",
                 "weight_decay", "eval_every", "val_examples", "patience", "seed", "lora_r", "lora_alpha",
-                "lora_dropout", "chrf_limit", "max_minutes"}
+                "lora_dropout", "lora_experts", "chrf_limit", "max_minutes"}
 DEFAULT_RECOVER_DATA = "translation=0.8,general=0.2"
 
 
@@ -682,6 +705,8 @@ def sft_card(*, source: str, result: SftResult, adapter: bool) -> str:
         "## Training",
         f"- Mode: `{result.mode}` ({result.trainable_params:,} trainable parameters)"
         + (f"; LoRA r={result.lora['r']}, alpha={result.lora['alpha']} on {len(result.lora['targets'])} linears"
+           + (f" and {len(result.lora['expert_parameters'])} fused expert weights"
+              if result.lora.get("expert_parameters") else "")
            if result.lora else ""),
         f"- Data: `{result.data}` (train split; validation on the validation split)",
         f"- Steps: {result.steps} of {result.max_steps} (batch {s['batch_size']} x accumulation {s['grad_accum']}, "
