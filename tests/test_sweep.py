@@ -109,13 +109,15 @@ def test_interrupted_sweep_resumes_with_identical_results(world, tmp_path):
     assert r["data_hashes"] and r["stats_fingerprint"] and r["model_hash"]
 
     rep = write_report(tmp_path / "full" / "results.db", target="ppl<=100*baseline")
-    assert Path(rep["report"]).read_text().count("| reap |") == 4
+    md = Path(rep["report"]).read_text()
+    assert md.split("## All points")[1].count("| reap |") == 4 and "## chrF by method, mix and ratio" in md
     assert all(Path(p).stat().st_size > 1000 for p in rep["plots"])
     assert rep["best"]["kind"] != "baseline" and "moe-slim" in rep["command"]
 
 
 def test_jobs_in_parallel_processes_match_serial(world, tmp_path):
-    raw = _raw(world, methods=["reap", "ream"], ratios=[0.5], mixes=[{"translation": 1}, {"general": 1}])
+    raw = _raw(world, methods=["reap", "ream"], ratios=[0.5],
+               mixes=[{"translation": 1}, {"name": "gen", "weights": {"general": 1}}])
     spec = parse_spec(raw)
     serial = run_sweep(spec, tmp_path / "serial", evaluator=fake_eval, progress=False, log=None)
     assert serial["ran"] == 5
@@ -123,6 +125,7 @@ def test_jobs_in_parallel_processes_match_serial(world, tmp_path):
     par = run_sweep(spec, tmp_path / "par", evaluator=fake_eval, jobs=2, progress=False, log=None)
     assert par["already_done"] == 1 and par["ran"] == 4
     assert _metrics(tmp_path / "par" / "results.db") == _metrics(tmp_path / "serial" / "results.db")
+    assert {r["mix"] for r in read_rows(tmp_path / "par" / "results.db")[0]} == {"-", "translation=1", "gen"}
 
 
 def test_pareto_front_on_hand_made_points():
@@ -196,8 +199,10 @@ def test_cli_sweep_and_report(world, tmp_path, capsys):
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(_raw(world, methods=["reap"], ratios=[0.5], mixes=[{"translation": 1}])))
     out = tmp_path / "out"
-    assert main(["sweep", str(spec_path), "--out", str(out), "--quiet"]) == 0
-    assert "2 points run" in capsys.readouterr().out
+    assert main(["sweep", str(spec_path), "--out", str(out), "--quiet", "--write-best", "ppl<=2*baseline"]) == 0
+    text = capsys.readouterr().out
+    assert "2 points run" in text and "write_best: reap ratio 0.5" in text
+    assert (out / "best" / "config.json").exists() and (out / "best" / "plan.json").exists()
     assert main(["report", str(out / "results.db"), "--target", "ppl<=2*baseline", "--no-plots"]) == 0
     text = capsys.readouterr().out
     assert "best for ppl<=2*baseline" in text and "moe-slim prune" in text

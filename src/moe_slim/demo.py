@@ -1,9 +1,10 @@
-"""``make demo``: observe -> prune -> evaluate on the reference MoE, end to end through the API.
+"""``make demo``: the built-in sweep on the reference MoE, end to end through the API.
 
-On the shipped reference model (models/reference/): observe the four domains once, prune 25/50/75%
-with REAP calibrated on translation and on general text (in memory, from the one set of
-statistics), evaluate each with the quick suite, and print chrF, MC accuracy, perplexity and
-parameter count per configuration. Without the reference model the demo falls back to a small
+On the shipped reference model (models/reference/): run ``sweeps/demo.yaml`` (observe the four
+domains once; prune with REAP, frequency and task contrast and merge with REAM and HC-SMoE at
+25/50/75%, calibrated on general text, translation and a balanced mix; evaluate each in memory with
+a small quick suite), print chrF and MC accuracy per configuration and write the report with the
+Pareto fronts under runs/demo-sweep/report/. Without the reference model the demo falls back to a small
 RANDOMLY INITIALISED Qwen3-MoE and says so: observe -> prune -> reload -> generate.
 """
 
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .api import observe_checkpoint, prune_checkpoint
@@ -44,60 +46,56 @@ def _calibration_files(data_dir: Path, out: Path, per_domain: int) -> str:
     return ",".join(parts)
 
 
-def reference_demo(model_dir: Path, data_dir: str, limit: int | None = None) -> int:
-    """The demo on the reference MoE: one observation, six pruned variants, one table."""
-    import copy
+DEMO_SPEC = Path(__file__).resolve().parents[2] / "sweeps" / "demo.yaml"
+DEMO_SWEEP_DIR = Path("runs/demo-sweep")
 
-    from .api import plan_for
-    from .evaluate import evaluate
-    from .loading import load_model
-    from .observe import observe
-    from .prune import apply_plan
-    from .reference import calibration_texts
 
-    print(f"moe_slim demo on the reference MoE ({model_dir})\n")
-    model, tok = load_model(model_dir)
+def sweep_demo(spec_path: Path = DEMO_SPEC, out: Path = DEMO_SWEEP_DIR, data_dir: str = "data", jobs: int = 1) -> int:
+    """The demo on the reference MoE: the built-in sweep (one observation, 45 pruned/merged variants + baseline).
+
+    Resumable: re-running `make demo` evaluates only the points not yet in ``out/results.db``.
+    """
+    from .report import pivot, write_report
+    from .sweep import load_spec, run_sweep
+
+    from transformers.utils import logging as hf_logging
+
+    from .reference import REFERENCE_DIR
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    raw_model = yaml.safe_load(spec_path.read_text())["model"]
+    model = None
+    if raw_model == "models/reference" and not Path(raw_model).exists():  # run from outside the repository root
+        model = str(REFERENCE_DIR)
+    spec = load_spec(spec_path, data_dir=data_dir, model=model)
+    print(f"moe_slim demo: sweep {spec_path} on the reference MoE ({spec.model}): {len(spec.mixes)} calibration "
+          f"mixes x {len(spec.methods)} methods x {len(spec.ratios)} ratios + baseline\n")
     t = time.perf_counter()
-    stats = observe(model, tok, calibration_texts(data_dir, 256), seq_len=256, batch_size=8)
-    print(f"observe: {stats.n_layers} MoE layers x {stats.n_experts} experts, tokens per domain "
-          f"{ {d: int(v) for d, v in stats.meta['tokens_per_domain'].items()} } in {time.perf_counter() - t:.0f}s")
-    configs: list[tuple[str, str, float | None]] = [("original", "-", None)]
-    configs += [("reap", calib, r) for calib in ("translation", "general") for r in (0.25, 0.5, 0.75)]
-    rows = []
-    for method, calib, ratio in configs:
-        t = time.perf_counter()
-        m = model
-        if ratio is not None:
-            m = copy.deepcopy(model)
-            apply_plan(m, plan_for(m, stats, criterion=method, ratio=ratio, mix={calib: 1.0}))
-        res = evaluate(m, tok, "quick", data_dir=data_dir, limit=limit)
-        met = res["metrics"]
-        mc = [v for k, v in met.items() if k.endswith("/acc") and not k.startswith("translation")]
-        rows.append({
-            "config": "original" if ratio is None else f"{method} {int(ratio * 100)}%", "calibration": calib,
-            "experts": stats.n_experts if ratio is None else round(stats.n_experts * (1 - ratio)),
-            "chrf": met.get("translation/chrf"), "mc_acc": sum(mc) / len(mc) if mc else None,
-            "ppl": met.get("perplexity/ppl"), "params": count_parameters(m), "seconds": time.perf_counter() - t,
-        })
-        r = rows[-1]
-        print(f"  {r['config']:10s} {calib:12s} chrF {r['chrf']:.2f}  MC acc {r['mc_acc']:.3f}  ppl {r['ppl']:.2f}"
-              f"  ({r['seconds']:.0f}s)", flush=True)
-    print("\n| configuration | calibrated on | experts/layer | chrF | MC acc (mean of 4) | perplexity | parameters |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['config']} | {r['calibration']} | {r['experts']} | {r['chrf']:.2f} | {r['mc_acc']:.3f} | "
-              f"{r['ppl']:.2f} | {r['params']:,} |")
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
-    (RUN_DIR / "demo_table.json").write_text(json.dumps(rows, indent=1))
-    print(f"\ntable saved to {RUN_DIR / 'demo_table.json'}")
+    summary = run_sweep(spec, out, jobs=jobs)
+    rep = write_report(summary["db"], target="chrf>=0.98*baseline")
+    from .sweep import read_rows
+
+    rows, _ = read_rows(summary["db"])
+    print("\nchrF (translation, quick suite with a small limit) per method and calibration mix:\n")
+    print(pivot(rows, "chrf"))
+    print("\nmean multiple-choice accuracy:\n")
+    print(pivot(rows, "mc_acc", 3))
+    best = rep["best"]
+    if best is not None:
+        print(f"\nfewest experts keeping >= 98% of baseline chrF: {best['method']} at {best['ratio']:g} removed, "
+              f"mix {best['mix']} ({best['experts_kept']}/{best['experts_total']} experts, chrF {best['chrf']:.2f})")
+        print(f"  write it: {rep['command']}")
+    print(f"\n{summary['ran']} points run, {summary['already_done']} reused, in {time.perf_counter() - t:.0f}s")
+    print(f"report: {rep['report']} (Pareto fronts: {', '.join(rep['plots'])})")
     return 0
 
 
 def main(data_dir: str = "data") -> int:
     from .reference import REFERENCE_DIR
 
-    if (REFERENCE_DIR / "config.json").exists():
-        return reference_demo(REFERENCE_DIR, data_dir)
+    if (REFERENCE_DIR / "config.json").exists() and DEMO_SPEC.exists():
+        return sweep_demo(data_dir=data_dir)
     print("moe_slim demo — NOTE: the model here is a small Qwen3-MoE with RANDOMLY INITIALISED weights.")
     print("It shows the pipeline (observe -> prune -> reload -> generate), not translation quality.\n")
     if RUN_DIR.exists():

@@ -159,6 +159,24 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def pivot(rows: list[dict[str, Any]], metric: str = "chrf", nd: int = 2) -> str:
+    """``metric`` per method and mix (rows) and ratio (columns), Markdown; the baseline on top."""
+    base = baseline_row(rows)
+    ratios = sorted({r["ratio"] for r in rows if r["kind"] != "baseline"})
+    lines = [f"| method | mix | " + " | ".join(f"{metric} @{int(round(x * 100))}% removed" for x in ratios) + " |",
+             "|---|---|" + "---|" * len(ratios)]
+    if base:
+        lines.append(f"| baseline | - | " + " | ".join(_fmt(metric_value(base, metric), nd) for _ in ratios) + " |")
+    cells: dict[tuple[str, str], dict[float, Any]] = {}
+    for r in rows:
+        if r["kind"] != "baseline":
+            cells.setdefault((r["method"], r["mix"] + ("" if r["budget"] == "uniform" else f" ({r['budget']})")),
+                             {})[r["ratio"]] = metric_value(r, metric)
+    for (method, mix), vals in sorted(cells.items()):
+        lines.append(f"| {method} | {mix} | " + " | ".join(_fmt(vals.get(x), nd) for x in ratios) + " |")
+    return "\n".join(lines)
+
+
 def fronts(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """Pareto fronts: params share vs chrF per method; MC accuracy vs generative score per mix."""
     base = baseline_row(rows)
@@ -245,6 +263,8 @@ def write_report(db: str | os.PathLike, out: str | os.PathLike | None = None, *,
     best = best_for_target(rows, target) if target else None
     md = [f"# Sweep report: {meta.get('name', '')}", "",
           f"Model `{meta.get('model')}`; statistics `{meta.get('stats_dir')}`; {len(rows)} points.", "",
+          "## chrF by method, mix and ratio", "", pivot(rows, "chrf"), "",
+          "## Mean multiple-choice accuracy by method, mix and ratio", "", pivot(rows, "mc_acc", 3), "",
           "## All points", "", table(rows), ""]
     md += ["## Pareto front per method: retained parameters vs chrF", "", "![params vs chrF](params_vs_chrf.png)", ""]
     for method, front in sorted(fr["params_vs_chrf"].items()):

@@ -33,7 +33,7 @@ Spec schema (YAML; relative paths resolve against the current directory)::
       samples: 4096                        # merge sample tokens per domain and layer (merge methods only)
     mixes:                                 # list of weight dicts and/or simplex grids
       - {translation: 1}
-      - {general: 1, translation: 1}
+      - {name: balanced, weights: {general: 1, translation: 1}}   # a named mix (its label in tables)
       - grid: {domains: [general, math, code], step: 0.5}
     methods: [reap, frequency, task_contrast, ream, hc-smoe]   # criteria and/or merge methods
     ratios: [0.25, 0.5, 0.75]              # share of experts removed per layer, in (0, 1)
@@ -90,10 +90,11 @@ class Point:
     ratio: float
     budget: str
     mix: dict[str, float] | None
+    name: str | None = None  # the mix's name in the spec, if it has one
 
     @property
     def mix_label(self) -> str:
-        return mix_label(self.mix)
+        return self.name or mix_label(self.mix)
 
     def config(self) -> dict[str, Any]:
         return {"method": self.method, "kind": self.kind, "ratio": self.ratio, "budget": self.budget, "mix": self.mix}
@@ -115,6 +116,7 @@ class SweepSpec:
     name: str = "sweep"
     write_best: str | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    mix_names: dict[str, str] = field(default_factory=dict)  # weights label -> name
 
     @property
     def has_merge(self) -> bool:
@@ -131,7 +133,7 @@ class SweepSpec:
                 kind = "merge" if method in METHODS else "prune"
                 for ratio in self.ratios:
                     for budget in (["uniform"] if kind == "merge" else self.budgets):
-                        pts.append(Point(method, kind, ratio, budget, mix))
+                        pts.append(Point(method, kind, ratio, budget, mix, self.mix_names.get(mix_label(mix))))
         return pts
 
     def shared_config(self, model_hash: str) -> dict[str, Any]:
@@ -242,6 +244,7 @@ def parse_spec(raw: Any, *, check_files: bool = True) -> SweepSpec:
     mixes_raw = raw.get("mixes")
     _need(isinstance(mixes_raw, list) and mixes_raw, "mixes must be a non-empty list of weight dicts or grids")
     mixes: list[dict[str, float]] = []
+    mix_names: dict[str, str] = {}
     for i, m in enumerate(mixes_raw):
         _need(isinstance(m, dict) and m, f"mixes[{i}] must be a mapping like {{translation: 1}} or {{grid: ...}}")
         if "grid" in m:
@@ -258,6 +261,12 @@ def parse_spec(raw: Any, *, check_files: bool = True) -> SweepSpec:
                   f"mixes[{i}].grid.step must be a number in (0, 1] (got {step!r})")
             mixes.extend(simplex_grid(list(gd), float(step)))
             continue
+        name = None
+        if "weights" in m:
+            _unknown(m, {"name", "weights"}, f"mixes[{i}]")
+            name, m = m.get("name"), m["weights"]
+            _need(name is None or (isinstance(name, str) and name.strip()), f"mixes[{i}].name must be a string")
+            _need(isinstance(m, dict) and m, f"mixes[{i}].weights must be a mapping like {{translation: 1}}")
         for d, w in m.items():
             _need(d in domains, f"mixes[{i}] names domain '{d}', which is not calibrated "
                   f"(calibration.domains: {', '.join(domains)})")
@@ -265,6 +274,8 @@ def parse_spec(raw: Any, *, check_files: bool = True) -> SweepSpec:
                   f"mixes[{i}].{d} must be a non-negative number (got {w!r})")
         _need(sum(m.values()) > 0, f"mixes[{i}] has no positive weight")
         mixes.append(_normalise_mix({d: float(w) for d, w in m.items()}))
+        if name:
+            mix_names[mix_label(mixes[-1])] = name
     unique: list[dict[str, float]] = []
     for m in mixes:
         if m not in unique:
@@ -328,7 +339,8 @@ def parse_spec(raw: Any, *, check_files: bool = True) -> SweepSpec:
 
     spec = SweepSpec(model=raw["model"], data_dir=data_dir, calibration=cal, mixes=unique, methods=list(methods),
                      ratios=[float(r) for r in ratios], budgets=list(budgets), floor=floor, merge=merge, eval=ev,
-                     seed=seed, name=str(raw.get("name", "sweep")), write_best=write_best, raw=raw)
+                     seed=seed, name=str(raw.get("name", "sweep")), write_best=write_best, raw=raw,
+                     mix_names=mix_names)
     if check_files:
         check_inputs(spec)
     return spec
@@ -508,6 +520,7 @@ class PointRunner:
         self.evaluator = evaluator or default_evaluator
         self.params_baseline = count_parameters(self.model)
         self.versions = library_versions()
+        self.quiet_eval = False
 
     def run(self, point: Point, key: str) -> dict[str, Any]:
         from .api import plan_for
@@ -538,7 +551,13 @@ class PointRunner:
         timings["apply_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         ev = dict(spec.eval, data_dir=spec.data_dir)
-        result = self.evaluator(m, self.tok, ev)
+        if self.quiet_eval:  # library progress bars (lm-eval, generation) would bury the sweep's own bar
+            import contextlib
+
+            with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+                result = self.evaluator(m, self.tok, ev)
+        else:
+            result = self.evaluator(m, self.tok, ev)
         metrics = dict(result["metrics"]) if "metrics" in result else dict(result)
         timings["eval_s"] = time.perf_counter() - t1
         timings["total_s"] = time.perf_counter() - t0
@@ -573,6 +592,7 @@ def _worker_init(spec_raw: dict[str, Any], stats_dir: str, shared: dict[str, Any
     hf_logging.set_verbosity_error()
     spec = parse_spec(spec_raw, check_files=False)
     _WORKER = PointRunner(spec, stats_dir, shared, calib_hashes, evaluator)
+    _WORKER.quiet_eval = True
 
 
 def _worker_run(point: Point, key: str) -> dict[str, Any]:
@@ -671,6 +691,7 @@ def run_sweep(
         if jobs == 1 or len(todo) <= 1:
             runner = PointRunner(spec, stats_dir, shared_row, calib_hashes, evaluator, model=model, tok=tok,
                                  stats=stats)
+            runner.quiet_eval = progress
             for p, k in todo:
                 commit(runner.run(p, k))
         else:
