@@ -197,11 +197,12 @@ def test_bad_spec_fails_before_any_work(world, tmp_path, capsys, over, needle):
 
 def test_cli_sweep_and_report(world, tmp_path, capsys):
     spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(_raw(world, methods=["reap"], ratios=[0.5], mixes=[{"translation": 1}])))
+    spec_path.write_text(yaml.safe_dump(_raw(world, methods=["reap"], ratios=[0.5], mixes=[{"translation": 1}],
+                                             budgets=["uniform", "global"], floor=2)))
     out = tmp_path / "out"
     assert main(["sweep", str(spec_path), "--out", str(out), "--quiet", "--write-best", "ppl<=2*baseline"]) == 0
     text = capsys.readouterr().out
-    assert "2 points run" in text and "write_best: reap ratio 0.5" in text
+    assert "3 points run" in text and "write_best: reap ratio 0.5" in text
     assert (out / "best" / "config.json").exists() and (out / "best" / "plan.json").exists()
     assert main(["report", str(out / "results.db"), "--target", "ppl<=2*baseline", "--no-plots"]) == 0
     text = capsys.readouterr().out

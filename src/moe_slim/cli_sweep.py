@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -12,7 +13,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, write_best=args.write_best)
     out = args.out or str(Path("runs") / f"sweep-{Path(args.spec).stem}")
-    summary = run_sweep(spec, out, jobs=args.jobs, max_points=args.max_points, progress=not args.quiet)
+    try:
+        summary = run_sweep(spec, out, jobs=args.jobs, max_points=args.max_points, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"moe-slim: sweep interrupted; every finished point is in {Path(out) / 'results.db'} "
+              "(run the same command again to resume)", file=sys.stderr)
+        return 130
     print(f"{summary['ran']} points run, {summary['already_done']} already done, {summary['remaining']} remaining "
           f"({summary['seconds']:.0f}s); results in {summary['db']}")
     if not args.no_report:

@@ -88,8 +88,17 @@ def baseline_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return None
 
 
-def best_for_target(rows: list[dict[str, Any]], target: str) -> dict[str, Any] | None:
-    """The point meeting ``target`` with the fewest experts kept (ties: fewer parameters, better metric)."""
+def writable(row: dict[str, Any]) -> bool:
+    """Whether the point can be written as a standard checkpoint (same expert count in every layer)."""
+    return len(set(row.get("kept_per_layer") or [0])) == 1
+
+
+def best_for_target(rows: list[dict[str, Any]], target: str, *, writable_only: bool = False) -> dict[str, Any] | None:
+    """The point meeting ``target`` with the fewest experts kept (ties: fewer parameters, better metric).
+
+    ``writable_only`` skips points with different expert counts per layer (global budgets), which
+    live in memory only.
+    """
     metric, op, value, relative = parse_target(target)
     if relative:
         base = baseline_row(rows)
@@ -100,6 +109,8 @@ def best_for_target(rows: list[dict[str, Any]], target: str) -> dict[str, Any] |
         value = value * bv
     ok = []
     for r in rows:
+        if writable_only and not writable(r):
+            continue
         v = metric_value(r, metric)
         if v is not None and (v >= value if op == ">=" else v <= value):
             ok.append((r, v))
@@ -260,7 +271,8 @@ def write_report(db: str | os.PathLike, out: str | os.PathLike | None = None, *,
     dbp = Path(db)
     out = Path(out) if out is not None else (dbp if dbp.is_dir() else dbp.parent) / "report"
     fr = fronts(rows)
-    best = best_for_target(rows, target) if target else None
+    best = best_for_target(rows, target, writable_only=True) if target else None
+    best_any = best_for_target(rows, target) if target else None
     md = [f"# Sweep report: {meta.get('name', '')}", "",
           f"Model `{meta.get('model')}`; statistics `{meta.get('stats_dir')}`; {len(rows)} points.", "",
           "## chrF by method, mix and ratio", "", pivot(rows, "chrf"), "",
@@ -286,6 +298,10 @@ def write_report(db: str | os.PathLike, out: str | os.PathLike | None = None, *,
                    f"{best['mix']}: {best['experts_kept']}/{best['experts_total']} experts, {best['params']:,} "
                    f"parameters, chrF {_fmt(best['chrf'], 2)} (threshold {best['target_threshold']:.3f}).", "",
                    "Write its checkpoint with:", "", "```bash", command, "```"]
+        if best_any is not None and (best is None or best_any["key"] != best["key"]):
+            md += ["", f"In memory only (different expert counts per layer, not writable as a checkpoint): "
+                   f"{best_any['method']} ratio {best_any['ratio']:g}, budget {best_any['budget']}, mix "
+                   f"{best_any['mix']}: {best_any['experts_kept']}/{best_any['experts_total']} experts."]
     with atomic_dir(out, overwrite=True) as tmp:
         pngs = _plot(rows, fr, tmp) if plots else []
         (tmp / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")

@@ -42,7 +42,8 @@ Spec schema (YAML; relative paths resolve against the current directory)::
     merge: {max_tokens: 4096, group_size: 16}
     eval: {suite: quick, tasks: [translation, translation_choice, perplexity], limit: 20}
     recover: null                          # {sft: {steps: N}}: accepted, but not available yet (error)
-    write_best: null                       # a target, e.g. "chrf>=0.98*baseline": write its checkpoint
+    write_best: null                       # true (= "chrf>=0.98*baseline") or a target: write the best point's
+                                           # checkpoint to OUT/best when the sweep is complete
     seed: 0
 """
 
@@ -331,8 +332,12 @@ def parse_spec(raw: Any, *, check_files: bool = True) -> SweepSpec:
     seed = raw.get("seed", 0)
     _int(seed, "seed", minimum=0)
     write_best = raw.get("write_best")
+    if write_best is True:
+        write_best = "chrf>=0.98*baseline"
+    if write_best is False:
+        write_best = None
     if write_best is not None:
-        _need(isinstance(write_best, str), "write_best must be a target string like 'chrf>=0.98*baseline'")
+        _need(isinstance(write_best, str), "write_best must be true or a target like 'chrf>=0.98*baseline'")
         from .report import parse_target
 
         parse_target(write_best)
@@ -730,7 +735,7 @@ def write_best(out: str | os.PathLike, target: str, log: Callable[[str], None] |
     from .report import best_for_target
 
     rows, meta = read_rows(Path(out) / DB_NAME)
-    best = best_for_target(rows, target)
+    best = best_for_target(rows, target, writable_only=True)
     if best is None or best["kind"] == "baseline":
         (log or print)(f"write_best: no pruned or merged point meets {target}; nothing written")
         return None
