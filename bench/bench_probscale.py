@@ -140,7 +140,7 @@ def bench_model(name: str, path: str, args, sizes: dict[str, int]) -> dict:
     n_layers = sum(len(v) for v in stack_layers(model).values())
     fractions = (0.1, 0.2, 0.3, 0.45, 0.6, 0.8) if n_layers >= 12 else (0.2, 0.35, 0.5, 0.7)
     res = run_probe(path, probe_tasks, out / "probe", budget="x3", eval_tasks=eval_tasks, scaling_fractions=fractions,
-                    max_length=args.max_length, batch_size=16, seed=args.seed, model=model, tokenizer=tok,
+                    max_length=args.max_length, batch_size=16, pooling=args.pooling, seed=args.seed, model=model, tokenizer=tok,
                     overwrite=True, log=lambda m: log(f"{name}: {m}"))
     measurer: Measurer = res["measurer"]
     lp = res["layer_params"]
@@ -273,11 +273,17 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_probscale"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--pooling", choices=("mean", "last"), default="mean")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (default: torch's choice; 1 is faster on a machine shared with other jobs)")
     ap.add_argument("--quick", action="store_true", help="a few examples per task (smoke test of the bench)")
     ap.add_argument("--models", default="SmolLM2-135M-Instruct,all-MiniLM-L6-v2")
     args = ap.parse_args()
     t0, c0 = time.time(), time.process_time()
     torch.manual_seed(args.seed)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    log(f"torch threads: {torch.get_num_threads()}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ensure_data(Path(args.data))

@@ -90,19 +90,39 @@ def test_t5_first_layer_bias_moves_to_the_new_first_layer():
 
 
 def test_more_families_round_trip(tmp_path):
-    from moe_slim.dense.tiny import _DEC
     from transformers import AutoConfig
 
-    for mt, extra in (("gemma2", {"head_dim": 8}), ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
-                      ("mistral", {})):
-        cfg = AutoConfig.for_model(mt, **{**_DEC, "num_hidden_layers": 3, **extra})
-        model = AutoModelForCausalLM.from_config(cfg).eval()
-        slim_model(model, {"decoder": [0, 2]})
+    from moe_slim.dense.tiny import _DEC
+    from moe_slim.tiny import tiny_config
+
+    cases = [
+        (AutoConfig.for_model("gemma2", **{**_DEC, "num_hidden_layers": 3, "head_dim": 8}), [0, 2]),
+        (AutoConfig.for_model("mixtral", **{**_DEC, "num_hidden_layers": 3, "num_local_experts": 4,
+                                            "num_experts_per_tok": 2}), [0, 2]),
+        (AutoConfig.for_model("qwen3", **{**_DEC, "num_hidden_layers": 3, "head_dim": 8}), [1, 2]),
+        (tiny_config("deepseek_v3"), [1, 2]),  # first_k_dense_replace=1: the dense layer 0 goes
+        (AutoConfig.for_model("roberta", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                              num_attention_heads=4, max_position_embeddings=40, pad_token_id=1), [0, 2]),
+    ]
+    for cfg, keep in cases:
+        mt = cfg.model_type
+        auto = AutoModelForMaskedLM if mt == "roberta" else AutoModelForCausalLM
+        torch.manual_seed(0)
+        model = auto.from_config(cfg).eval()
+        stack = "encoder" if mt == "roberta" else "decoder"
+        before = _layer_states(model)[stack]
+        slim_model(model, {stack: keep})
         save_slimmed(model, None, tmp_path / mt)
-        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / mt)).eval()
+        reloaded = auto.from_pretrained(str(tmp_path / mt)).eval()
+        for j, i in enumerate(keep):
+            state = stack_layers(reloaded)[stack][j].state_dict()
+            assert all(torch.equal(state[k], v) for k, v in before[i].items()), (mt, j)
         ids = torch.tensor([[4, 5, 6]])
-        assert torch.allclose(model(ids).logits, reloaded(ids).logits, atol=1e-5)
-        assert reloaded.generate(ids, max_new_tokens=2, do_sample=False).shape == (1, 5)
+        assert torch.allclose(model(ids).logits, reloaded(ids).logits, atol=1e-5), mt
+        if mt == "deepseek_v3":
+            assert reloaded.config.first_k_dense_replace == 0
+        if mt != "roberta":
+            assert reloaded.generate(ids, max_new_tokens=2, do_sample=False).shape == (1, 5)
 
 
 def test_unknown_family_is_a_one_line_error(tmp_path, capsys):

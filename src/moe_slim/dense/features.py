@@ -22,6 +22,12 @@ from ..errors import MoeSlimError
 from .family import Stack, family_for, final_norm, layer_list, present_stacks
 
 POOLINGS = ("mean", "last")
+SMALL_HIDDEN = 128
+
+
+def _hidden_size(model: torch.nn.Module) -> int:
+    cfg = model.config
+    return int(getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", None) or 1 << 30)
 
 
 @dataclass
@@ -114,6 +120,9 @@ def extract_features(
     n_tokens = 0
     old_side = getattr(tokenizer, "padding_side", "right")
     tokenizer.padding_side = "right"
+    old_threads = torch.get_num_threads()
+    if _hidden_size(model) <= SMALL_HIDDEN:
+        torch.set_num_threads(1)  # threads only add overhead (often 10x) on tiny matrices
     was_training = model.training
     model.eval()
     try:
@@ -159,6 +168,7 @@ def extract_features(
         for h in handles:
             h.remove()
         tokenizer.padding_side = old_side
+        torch.set_num_threads(old_threads)
         model.train(was_training)
     inv = np.empty_like(order)
     inv[order] = np.arange(len(order))

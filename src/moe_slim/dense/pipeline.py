@@ -39,6 +39,7 @@ from .tasks import Task, load_tasks, parse_weights
 
 DEFAULT_SCALING_FRACTIONS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.65, 0.8)
 RETAIN_TARGETS: tuple[float, ...] = (0.95, 0.98)
+ABOVE_CHANCE_MIN = 0.05  # a task whose full model is closer to chance than this has no above-chance retention
 
 
 def _stderr(msg: str) -> None:
@@ -113,10 +114,15 @@ class Measurer:
             per_task[t.name] = {
                 "accuracy": acc, "full_accuracy": ref, "retention": acc / ref if ref > 0 else float("nan"),
                 "chance": chance,
-                "retention_above_chance": (acc - chance) / (ref - chance) if ref - chance > 1e-9 else float("nan"),
+                "retention_above_chance": (acc - chance) / (ref - chance) if ref - chance >= ABOVE_CHANCE_MIN
+                else float("nan"),
             }
         ret = float(sum(wi * per_task[t.name]["retention"] for wi, t in zip(self.w, self.tasks)))
-        ret_c = float(sum(wi * per_task[t.name]["retention_above_chance"] for wi, t in zip(self.w, self.tasks)))
+        # above-chance retention only where the full model is clearly above chance (else it is 0/0 noise)
+        usable = [(wi, t) for wi, t in zip(self.w, self.tasks)
+                  if self.reference[t.name] - per_task[t.name]["chance"] >= ABOVE_CHANCE_MIN]
+        ret_c = float(sum(wi * per_task[t.name]["retention_above_chance"] for wi, t in usable)
+                      / sum(wi for wi, _ in usable)) if usable else float("nan")
         out = {"retention": ret, "retention_above_chance": ret_c, "tasks": per_task}
         self.cache[key] = out
         return out

@@ -22,33 +22,41 @@ def _plt():
 
 def plot_probe_matrix(pm: ProbeMatrix, path: Path, relevance: dict[str, np.ndarray] | None = None,
                       keep: dict[str, list[int]] | None = None, title: str = "") -> None:
-    """Heatmap of P[layer, task] (plus the weighted column) for every stack; kept layers marked."""
+    """Heatmap of P[layer, task] (plus the weighted column) per stack, with the relevance per layer
+    as bars beside it; kept layers are starred."""
     plt = _plt()
     stacks = list(pm.accuracy)
-    fig, axes = plt.subplots(1, len(stacks), figsize=(2.2 + 1.1 * (len(pm.tasks) + 1) * len(stacks) + 1.5,
-                                                      1.5 + 0.22 * max(v.shape[0] for v in pm.accuracy.values())),
-                             squeeze=False)
-    for ax, s in zip(axes[0], stacks):
+    rows = max(v.shape[0] for v in pm.accuracy.values())
+    ncols = len(stacks) * (2 if relevance is not None else 1)
+    widths = [1.0 * (len(pm.tasks) + 1), 1.6] * len(stacks) if relevance is not None else None
+    fig, axes = plt.subplots(1, ncols, figsize=(1.2 + sum(widths or [len(pm.tasks) + 1]) * 0.95 + 1.0,
+                                                1.6 + 0.24 * rows),
+                             squeeze=False, gridspec_kw={"width_ratios": widths} if widths else None)
+    for k, s in enumerate(stacks):
+        ax = axes[0][k * (2 if relevance is not None else 1)]
         data = np.column_stack([pm.accuracy[s], pm.weighted(s)])
         im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=min(0.0, float(data.min())), vmax=1.0)
         ax.set_xticks(range(data.shape[1]), pm.tasks + ["weighted"], rotation=45, ha="right")
-        labels = ["emb"] + [str(i) for i in range(data.shape[0] - 1)]
-        if keep is not None and s in keep:
-            kept = set(keep[s])
-            labels = ["emb"] + [f"{i}{' *' if i in kept else ''}" for i in range(data.shape[0] - 1)]
+        kept = set(keep.get(s, [])) if keep else set()
+        labels = ["emb"] + [f"{i}{' *' if i in kept else ''}" for i in range(data.shape[0] - 1)]
         ax.set_yticks(range(data.shape[0]), labels, fontsize=7)
-        ax.set_ylabel(f"{s} layer (* kept)" if keep else f"{s} layer")
-        if data.shape[0] * data.shape[1] <= 400:
+        ax.set_ylabel(f"{s}: output of layer (* kept)" if keep else f"{s}: output of layer")
+        if data.size <= 600:
             for r in range(data.shape[0]):
                 for c in range(data.shape[1]):
                     ax.text(c, r, f"{data[r, c]:.2f}", ha="center", va="center", fontsize=6,
                             color="white" if data[r, c] < 0.6 else "black")
+        fig.colorbar(im, ax=ax, fraction=0.06, pad=0.02, label="probe accuracy")
         if relevance is not None and s in relevance:
-            ax2 = ax.twiny()
-            ax2.barh(np.arange(1, data.shape[0]), relevance[s], color="tab:red", alpha=0.35, height=0.8)
-            ax2.set_xlabel("relevance (bars)", color="tab:red", fontsize=8)
-            ax2.set_ylim(ax.get_ylim())
-        fig.colorbar(im, ax=ax, fraction=0.05, label="probe accuracy")
+            axr = axes[0][k * 2 + 1]
+            rel = np.asarray(relevance[s])
+            colors = ["tab:blue" if i in kept else "lightgrey" for i in range(len(rel))]
+            axr.barh(np.arange(1, len(rel) + 1), rel, color=colors, height=0.8)
+            axr.axvline(0, color="k", lw=0.6)
+            axr.set_ylim(data.shape[0] - 0.5, -0.5)
+            axr.set_yticks([])
+            axr.set_xlabel("relevance\n(blue: kept)", fontsize=8)
+            axr.tick_params(axis="x", labelsize=7)
     fig.suptitle(title or "probe accuracy P[layer, task]")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
