@@ -209,3 +209,11 @@ def test_cli_sweep_and_report(world, tmp_path, capsys):
     assert "best for ppl<=2*baseline" in text and "moe-slim prune" in text
     assert json.loads(sqlite3.connect(out / "results.db").execute(
         "SELECT value FROM meta WHERE key='name'").fetchone()[0]) == "t"
+
+
+def test_report_of_missing_database_is_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope.db")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moe-slim: results database") and len(err.splitlines()) == 1
+    assert main(["report", str(tmp_path / "nope.db"), "--target", "chrf>>1"]) == 2
+    assert "not METRIC" in capsys.readouterr().err
