@@ -29,7 +29,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("sweep")
-    data = write_fixture_data(root / "data", n_per_domain=6, splits=("test", "calibration"))
+    data = write_fixture_data(root / "data", n_per_domain=6, splits=("test", "calibration", "train"))
     model = save_tiny("qwen3_moe", root / "model", seed=3, max_position_embeddings=1024)
     return {"root": root, "data": str(data), "model": str(model)}
 
@@ -179,7 +179,8 @@ def test_simplex_grid():
     ({"eval": {"suite": "quick", "limt": 3}}, "unknown key 'limt' in eval"),
     ({"eval": {"tasks": ["nonsense_task_xyz"]}}, "nonsense_task_xyz"),
     ({"calibration": {"domains": ["general", "law"]}, "mixes": [{"general": 1}]}, "calibration domain 'law'"),
-    ({"recover": {"sft": {"steps": 10}}}, "not available yet"),
+    ({"recover": {"sft": {"stepz": 10}}}, "unknown key 'stepz' in recover.sft"),
+    ({"recover": {"sft": {"steps": 0}}}, "recover.sft.steps must be an integer >= 1"),
     ({"model": "/nonexistent/model"}, "does not exist"),
 ])
 def test_bad_spec_fails_before_any_work(world, tmp_path, capsys, over, needle):
@@ -217,3 +218,21 @@ def test_report_of_missing_database_is_one_line(tmp_path, capsys):
     assert err.startswith("moe-slim: results database") and len(err.splitlines()) == 1
     assert main(["report", str(tmp_path / "nope.db"), "--target", "chrf>>1"]) == 2
     assert "not METRIC" in capsys.readouterr().err
+
+
+def test_recover_stage_fine_tunes_each_pruned_point(world, tmp_path):
+    spec = parse_spec(_raw(world, methods=["reap"], ratios=[0.5], mixes=[{"translation": 1}],
+                           recover={"sft": {"steps": 1, "batch_size": 2, "seq_len": 64}}))
+    run_sweep(spec, tmp_path / "rec", evaluator=fake_eval, progress=False, log=None)
+    rows, _ = read_rows(tmp_path / "rec" / "results.db")
+    pruned = next(r for r in rows if r["kind"] == "prune")
+    assert pruned["metrics"]["sft/steps"] == 1 and "recover_s" in pruned["timings"]
+    assert "sft/steps" not in next(r for r in rows if r["kind"] == "baseline")["metrics"]
+    plain = parse_spec(_raw(world, methods=["reap"], ratios=[0.5], mixes=[{"translation": 1}]))
+    run_sweep(plain, tmp_path / "plain", evaluator=fake_eval, progress=False, log=None)
+    rows2, _ = read_rows(tmp_path / "plain" / "results.db")
+    p2 = next(r for r in rows2 if r["kind"] == "prune")
+    assert p2["key"] != pruned["key"] and p2["chrf"] != pruned["chrf"]  # recovery changed the weights
+    cmd = command_for(pruned, {"model": "M", "stats_dir": "S", "data_dir": "data"})
+    assert "moe-slim prune M --stats S --criterion reap" in cmd and "&& moe-slim sft pruned/ --data" in cmd
+    assert "--steps 1 --batch-size 2 --seq-len 64" in cmd

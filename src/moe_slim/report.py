@@ -124,7 +124,21 @@ def best_for_target(rows: list[dict[str, Any]], target: str, *, writable_only: b
 
 
 def command_for(row: dict[str, Any], meta: dict[str, Any], out: str = "pruned/") -> str:
-    """The command that writes ``row``'s checkpoint from the sweep's cached statistics."""
+    """The command that writes ``row``'s checkpoint from the sweep's cached statistics (then its recovery)."""
+    cmd = _slim_command(row, meta, out)
+    rec = ((row.get("config") or {}).get("recover") or {}).get("sft")
+    if rec and row["kind"] != "baseline":
+        q = shlex.quote
+        data = rec.get("data", "translation=0.8,general=0.2")
+        if isinstance(data, dict):
+            data = ",".join(f"{d}={w:g}" for d, w in data.items())
+        flags = "".join(f" --{k.replace('_', '-')} {q(str(v))}" for k, v in rec.items() if k not in ("steps", "data"))
+        cmd += (f" && moe-slim sft {q(out)} --data {q(str(data))} --steps {rec['steps']}{flags} "
+                f"--data-dir {q(str(meta.get('data_dir', 'data')))} --merge-lora --out {q(out.rstrip('/') + '-sft/')}")
+    return cmd
+
+
+def _slim_command(row: dict[str, Any], meta: dict[str, Any], out: str) -> str:
     model, stats = meta.get("model", "MODEL"), meta.get("stats_dir", "STATS")
     cfg = row.get("config") or {}
     mix = ",".join(f"{d}={w:g}" for d, w in (cfg.get("mix") or {}).items())

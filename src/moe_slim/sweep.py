@@ -41,7 +41,8 @@ Spec schema (YAML; relative paths resolve against the current directory)::
     floor: null                            # per-layer floor for the global budget
     merge: {max_tokens: 4096, group_size: 16}
     eval: {suite: quick, tasks: [translation, translation_choice, perplexity], limit: 20}
-    recover: null                          # {sft: {steps: N}}: accepted, but not available yet (error)
+    recover: null                          # {sft: {steps: N, ...}}: fine-tune every pruned/merged point before
+                                           # evaluating (moe_slim.sft.recover; keys as sft()); baseline untouched
     write_best: null                       # true (= "chrf>=0.98*baseline") or a target: write the best point's
                                            # checkpoint to OUT/best when the sweep is complete
     seed: 0
@@ -116,6 +117,7 @@ class SweepSpec:
     seed: int = 0
     name: str = "sweep"
     write_best: str | None = None
+    recover: dict[str, Any] | None = None
     raw: dict[str, Any] = field(default_factory=dict)
     mix_names: dict[str, str] = field(default_factory=dict)  # weights label -> name
 
@@ -140,7 +142,8 @@ class SweepSpec:
     def shared_config(self, model_hash: str) -> dict[str, Any]:
         """What every point's result depends on besides the point itself."""
         return {"model_hash": model_hash, "calibration": self.calibration, "eval": self.eval, "seed": self.seed,
-                "merge": self.merge if self.has_merge else None, "floor": self.floor, "format": SWEEP_FORMAT}
+                "merge": self.merge if self.has_merge else None, "floor": self.floor, "format": SWEEP_FORMAT,
+                **({"recover": self.recover} if self.recover else {})}
 
 
 def _canonical(obj: Any) -> str:
@@ -319,16 +322,18 @@ def parse_spec(raw: Any, *, check_files: bool = True) -> SweepSpec:
           "limit": _int(ev_raw["limit"], "eval.limit") if ev_raw.get("limit") is not None else None,
           "batch_size": _int(ev_raw["batch_size"], "eval.batch_size") if ev_raw.get("batch_size") else None}
 
-    recover = raw.get("recover")
+    recover = raw.get("recover") or None
     if recover is not None:
-        _need(isinstance(recover, dict) and set(recover) <= {"sft"},
-              f"recover must be {{sft: {{steps: N}}}} (got {recover!r})")
-        if recover:
-            sft = recover["sft"]
-            _need(isinstance(sft, dict) and set(sft) <= {"steps"}, "recover.sft must be {steps: N}")
-            _int(sft.get("steps"), "recover.sft.steps")
-            raise MoeSlimError("spec: recover.sft is not available yet (supervised recovery after pruning is not "
-                               "part of sweeps); remove 'recover' from the spec")
+        _need(isinstance(recover, dict) and set(recover) == {"sft"} and isinstance(recover["sft"], dict),
+              f"recover must be {{sft: {{steps: N, ...}}}} (got {recover!r})")
+        try:
+            from .sft import RECOVER_KEYS
+        except ImportError:
+            raise MoeSlimError("spec: recover.sft is not available yet in this installation (moe_slim.sft is "
+                               "missing); remove 'recover' from the spec") from None
+        _unknown(recover["sft"], set(RECOVER_KEYS), "recover.sft")
+        _int(recover["sft"].get("steps"), "recover.sft.steps")
+        recover = {"sft": dict(recover["sft"])}
     seed = raw.get("seed", 0)
     _int(seed, "seed", minimum=0)
     write_best = raw.get("write_best")
@@ -344,7 +349,7 @@ def parse_spec(raw: Any, *, check_files: bool = True) -> SweepSpec:
 
     spec = SweepSpec(model=raw["model"], data_dir=data_dir, calibration=cal, mixes=unique, methods=list(methods),
                      ratios=[float(r) for r in ratios], budgets=list(budgets), floor=floor, merge=merge, eval=ev,
-                     seed=seed, name=str(raw.get("name", "sweep")), write_best=write_best, raw=raw,
+                     seed=seed, name=str(raw.get("name", "sweep")), write_best=write_best, recover=recover, raw=raw,
                      mix_names=mix_names)
     if check_files:
         check_inputs(spec)
@@ -554,6 +559,14 @@ class PointRunner:
                                    group_size=mc["group_size"], seed=spec.seed)
             kept = plan.kept_counts
         timings["apply_s"] = time.perf_counter() - t0
+        recovered: dict[str, float] = {}
+        if spec.recover and point.kind != "baseline":
+            from .sft import recover
+
+            t1 = time.perf_counter()
+            recovered = recover(m, self.tok, spec.recover, data_dir=spec.data_dir)
+            m.eval()
+            timings["recover_s"] = time.perf_counter() - t1
         t1 = time.perf_counter()
         ev = dict(spec.eval, data_dir=spec.data_dir)
         if self.quiet_eval:  # library progress bars (lm-eval, generation) would bury the sweep's own bar
@@ -564,6 +577,7 @@ class PointRunner:
         else:
             result = self.evaluator(m, self.tok, ev)
         metrics = dict(result["metrics"]) if "metrics" in result else dict(result)
+        metrics.update({k: float(v) for k, v in recovered.items() if isinstance(v, (int, float))})
         timings["eval_s"] = time.perf_counter() - t1
         timings["total_s"] = time.perf_counter() - t0
         data_hashes = dict(self.calib_hashes)
@@ -756,4 +770,9 @@ def write_best(out: str | os.PathLike, target: str, log: Callable[[str], None] |
                          mix=mix, group_size=mc.get("group_size", 16), max_tokens=mc.get("max_tokens", 4096),
                          align_tokens=mc.get("align_tokens", 2048), seed=cfg.get("seed", 0), overwrite=True)
     (log or print)(f"write_best: {best['method']} ratio {best['ratio']:g} mix {best['mix']} -> {dest}")
+    if cfg.get("recover"):
+        from .report import command_for
+
+        cmd = command_for(best, meta, out=str(dest))
+        (log or print)(f"write_best: the sweep evaluated it after recovery; recover it with: {cmd.split(' && ', 1)[1]}")
     return {"key": best["key"], "out": str(dest)}
