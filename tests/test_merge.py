@@ -16,7 +16,7 @@ from moe_slim.cli import main
 from moe_slim.errors import MoeSlimError
 from moe_slim.families import family_of, moe_layers
 from moe_slim.merge import (
-    METHODS, ExpertRunner, MergePlan, _gather_layer, align, apply_merge_plan, expert_tensors, merge_checkpoint,
+    METHODS, ExpertRunner, MergePlan, _gather_layer, align, apply_merge_plan, expert_tensors,
     merge_layer, merge_model, permute_neurons, ream_cost, save_merged, weight_features, weight_matching_cost,
 )
 from moe_slim.observe import make_batches, observe, prepare_model
@@ -263,7 +263,7 @@ def cli_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def test_cli_merge_replay_and_apply_refusal(cli_dir: Path, tmp_path: Path, capsys) -> None:
+def test_cli_merge_replay_and_apply(cli_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "merged"
     assert main(["merge", str(cli_dir / "model"), "--method", "m-smoe", "--ratio", "0.5", "--stats",
                  str(cli_dir / "stats"), "--mix", "code=1", "--out", str(out), "--quiet"]) == 0
@@ -276,10 +276,30 @@ def test_cli_merge_replay_and_apply_refusal(cli_dir: Path, tmp_path: Path, capsy
     a, b = AutoModelForCausalLM.from_pretrained(out), AutoModelForCausalLM.from_pretrained(replay)
     for (n1, p1), (n2, p2) in zip(a.state_dict().items(), b.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2)
+    # `moe-slim apply` replays merge plans too (the permutations file beside the plan)
+    applied = tmp_path / "applied"
+    assert main(["apply", str(cli_dir / "model"), "--plan", str(out / "plan.json"), "--out", str(applied)]) == 0
+    c = AutoModelForCausalLM.from_pretrained(applied)
+    assert all(torch.equal(p1, p2) for p1, p2 in zip(a.state_dict().values(), c.state_dict().values()))
+    (out / "merge_permutations.safetensors").unlink()
     capsys.readouterr()
     code = main(["apply", str(cli_dir / "model"), "--plan", str(out / "plan.json"), "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and "merge plan" in err and "moe-slim merge --plan" in err and not (tmp_path / "x").exists()
+    assert code == 2 and "merge_permutations.safetensors is not beside it" in err and not (tmp_path / "x").exists()
+
+
+def test_cli_merge_from_calibration_text_sequentially(cli_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "seq"
+    calib = f"general={cli_dir / 'general.jsonl'},code={cli_dir / 'code.jsonl'}"
+    assert main(["merge", str(cli_dir / "model"), "--method", "ream", "--ratio", "0.25", "--calib", calib,
+                 "--sequential", "--group-size", "4", "--seq-len", "32", "--out", str(out), "--quiet"]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["info"]["sequential"] and [len(l["groups"]) for l in plan["layers"]] == [6, 6]
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_local_experts == 6
+    out = tmp_path / "hc"  # observed here, with samples, then merged
+    assert main(["merge", str(cli_dir / "model"), "--method", "hc-smoe", "--ratio", "0.5", "--calib", calib,
+                 "--samples", "100", "--seq-len", "32", "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "plan.json").read_text())["info"]["sample_tokens_per_layer"][0] <= 200
 
 
 @pytest.mark.parametrize("extra, match", [

@@ -138,9 +138,17 @@ def prune_checkpoint(
 def apply_checkpoint(
     model_path: str | os.PathLike, plan_path: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False
 ) -> ExpertPlan:
-    """Apply a saved plan to a checkpoint (no statistics needed)."""
+    """Apply a saved plan to a checkpoint (no statistics needed).
+
+    A merge plan (kind ``merge``) is replayed by :func:`moe_slim.merge.merge_checkpoint`, with the
+    neuron permutations saved beside it.
+    """
     check_output(out, overwrite)
     plan = ExpertPlan.load(plan_path)
+    if plan.kind == "merge":
+        from .merge import merge_checkpoint
+
+        return merge_checkpoint(model_path, out, plan_path=plan_path, overwrite=overwrite)
     family_of(load_config(model_path))
     model, tok = load_model(model_path)
     _write(model, tok, plan, model_path, out, overwrite, None)

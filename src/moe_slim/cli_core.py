@@ -61,7 +61,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     stats = RouterStats.load(args.stats)
     m = stats.meta
-    print(json.dumps({k: m[k] for k in ("family", "num_experts", "top_k", "tokens_per_domain", "model_path", "seq_len")
+    print(json.dumps({k: m[k] for k in ("family", "num_experts", "top_k", "tokens_per_domain", "model_path", "seq_len", "samples")
                       if k in m}, indent=2))
     return 0
 

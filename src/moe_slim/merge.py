@@ -44,7 +44,7 @@ calibration text.
 The decisions are a :class:`MergePlan` (plan kind ``merge``): groups with the representative first,
 weights, scores, and a hash of each layer's neuron permutations, which are saved beside it in
 ``merge_permutations.safetensors``; :func:`apply_merge_plan` replays plan + permutations on the
-original model without statistics (``moe-slim merge MODEL --plan plan.json``).
+original model without statistics (``moe-slim merge MODEL --plan plan.json``, or ``moe-slim apply``).
 """
 
 from __future__ import annotations
@@ -565,7 +565,8 @@ def merge_model(
 
     ``stats`` must hold token samples (``observe(..., samples=N)``) unless ``sequential``, which
     re-gathers each layer's sample from ``calibration`` texts (with ``tokenizer``) through the
-    already merged layers. ``mix`` weights the calibration domains (saliency, frequency and the
+    already merged layers and scores saliency (REAP) and frequency on that sample (``mix=None``:
+    equal shares of the domains). ``mix`` weights the calibration domains (saliency, frequency and the
     sample); ``max_tokens`` bounds the sample per layer; ``align_tokens`` the tokens whose
     activations align neurons (REAM); ``group_size`` is REAM's C. ``grouping`` overrides the
     method's grouping (``ream``, ``hc``, ``msmoe``).
@@ -629,10 +630,11 @@ def merge_model(
             sample = stats.samples.take(li, mix, max_tokens, seed)
         sample_tokens.append(int(sample["x"].shape[0]))
         runner = ExpertRunner(layer)
-        need_outputs = spec.grouping in ("ream", "hc") or sequential
+        need_outputs = spec.grouping in ("ream", "hc") or spec.weighting == "saliency"
         feats = layer_features(layer, runner, sample, outputs=need_outputs)
-        if sequential:
-            saliency, frequency = feats["reap"], feats["frequency"]
+        if sequential:  # the routed sums describe the unmerged model: score on the re-gathered sample
+            frequency = feats["frequency"]
+            saliency = feats.get("reap", frequency)
         else:
             saliency, frequency = sal_all[li], freq_all[li]
 
@@ -774,8 +776,9 @@ def merge_card(*, source: str, plan: MergePlan, params_before: int, params_after
     lines += [
         "", "## Reproduce",
         f"`plan.json` (groups, weights, scores) and `{PERMUTATIONS_FILE}` (neuron alignments, hashed in the plan) "
-        f"are beside this card: `moe-slim merge {source} --plan plan.json --out OUT` replays the merge without "
-        "statistics. (`moe-slim apply` applies prune plans only: merging needs the original experts' weights.)",
+        f"are beside this card: `moe-slim apply {source} --plan plan.json --out OUT` (or `moe-slim merge --plan`) "
+        "replays the merge on the original checkpoint without statistics (merging needs the original experts' "
+        "weights, so it applies to the source checkpoint, not to this one).",
         "", f"Fingerprint of this checkpoint: `{model_fingerprint(model)}`.", f"Libraries: `{library_versions()}`.", "",
     ]
     return "\n".join(lines)
