@@ -155,3 +155,21 @@ def test_criteria_help_lists_every_criterion() -> None:
     from moe_slim.criteria import ALL_CRITERIA
 
     assert CRITERIA_HELP.split(", ") == list(ALL_CRITERIA)
+
+
+def test_merge_cli_constants_mirror_the_merge_module() -> None:
+    from moe_slim import cli_merge, merge
+
+    assert cli_merge.METHODS == merge.METHODS
+    assert cli_merge.GROUPINGS == merge.GROUPINGS
+    assert cli_merge.DEFAULT_ALIGN_TOKENS == merge.DEFAULT_ALIGN_TOKENS
+
+
+def test_token_counts_parse_or_fail_in_one_line() -> None:
+    from moe_slim.cli_core import _tokens
+    from moe_slim.errors import MoeSlimError
+
+    assert _tokens("200k") == 200_000 and _tokens("1.5M") == 1_500_000 and _tokens("5000") == 5000
+    for bad in ("3x", "", "-5k", "0"):
+        with pytest.raises(MoeSlimError):
+            _tokens(bad)

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from .api import parse_weights
 from .cli_core import _tokens
-from .merge import DEFAULT_ALIGN_TOKENS, GROUPINGS, METHODS, merge_checkpoint
+
+# Mirrors of moe_slim.merge's constants (a test keeps them equal), so the parser needs no torch.
+METHODS: tuple[str, ...] = ("ream", "hc-smoe", "m-smoe", "average")
+GROUPINGS: tuple[str, ...] = ("ream", "hc", "msmoe")
+DEFAULT_ALIGN_TOKENS = 8192
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from .api import parse_weights
+    from .merge import merge_checkpoint
+
     plan = merge_checkpoint(
         args.model, args.out, method=args.method, ratio=args.ratio, stats_path=args.stats, calib=args.calib,
         plan_path=args.plan, mix=parse_weights(args.mix), group_size=args.group_size,
