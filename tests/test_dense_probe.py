@@ -120,3 +120,24 @@ def test_builtin_tasks_from_a_data_dir(tmp_path):
         assert (src_i == ref_i) == (label == "match")
     again = load_tasks("pairmatch", tmp_path, per_class=6, seed=1)[0]
     assert again.texts == tasks["pairmatch"].texts
+
+
+@pytest.mark.parametrize("model_type", ["t5", "bert", "qwen3_moe"])
+def test_probe_and_slim_on_other_families(setup, tmp_path, model_type):
+    from transformers import AutoConfig
+
+    _, tasks, _ = setup
+    src = save_tiny(tiny_model(model_type), tmp_path / "model")
+    assert main(["probe", str(src), "--tasks", str(tasks["topic"]), "--budget", "0.5", "--scaling", "off",
+                 "--no-compare", "--folds", "3", "--out", str(tmp_path / "probe")]) == 0
+    plan = json.loads((tmp_path / "probe" / "plan.json").read_text())
+    pm = json.loads((tmp_path / "probe" / "probe_matrix.json").read_text())
+    stacks = {"t5": ["encoder", "decoder"], "bert": ["encoder"], "qwen3_moe": ["decoder"]}[model_type]
+    assert list(plan["keep"]) == stacks and list(pm["accuracy"]) == stacks
+    assert plan["selection"]["retained_layer_params"] <= plan["budget"]["params"]
+    assert main(["slim-dense", str(src), "--plan", str(tmp_path / "probe" / "plan.json"),
+                 "--out", str(tmp_path / "slim")]) == 0
+    cfg = AutoConfig.from_pretrained(str(tmp_path / "slim"))
+    counts = {"t5": ("num_layers", "num_decoder_layers"), "bert": ("num_hidden_layers",),
+              "qwen3_moe": ("num_hidden_layers",)}[model_type]
+    assert [getattr(cfg, k) for k in counts] == [len(plan["keep"][s]) for s in stacks]

@@ -60,7 +60,7 @@ def fit_scaling(points: list[tuple[float, float]]) -> ScalingFit | None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                popt, _ = curve_fit(f, xs, ys, p0=p0, bounds=([0.0, 0.0, 1e-3], [10.0, 100.0, 10.0]), maxfev=20000)
+                popt, _ = curve_fit(f, xs, ys, p0=p0, bounds=([0.0, 0.0, 1e-2], [2.0, 10.0, 5.0]), maxfev=20000)
         except (RuntimeError, ValueError):
             continue
         rmse = float(np.sqrt(np.mean((f(xs, *popt) - ys) ** 2)))
