@@ -17,6 +17,12 @@ from pathlib import Path
 from .errors import MoeSlimError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Refuse an existing output unless ``overwrite``; return the path."""
     out = Path(path)
@@ -31,6 +37,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     out = check_output(path, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs get the usual permissions
     try:
         yield tmp
     except BaseException:
@@ -53,6 +60,7 @@ def atomic_file(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(fd)
     tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield tmp
     except BaseException:

@@ -52,6 +52,10 @@ class Recipe:
     weight_decay: float = 0.05
     domain_weights: tuple[float, ...] = (0.2, 0.2, 0.2, 0.4)  # general, math, code, translation
     max_docs_per_domain: int = 60000
+    # phase 2: translation-heavy continuation (the source-to-target mapping needs more steps)
+    phase2_steps: int = 0
+    phase2_lr: float = 1e-3
+    phase2_weights: tuple[float, ...] = (0.1, 0.1, 0.1, 0.7)
 
 
 def _read_texts(data_dir: Path, domain: str, split: str, limit: int) -> list[str]:
@@ -121,6 +125,7 @@ def train_reference(
     overwrite: bool = False,
     device: str | None = None,
     log_every: int = 50,
+    resume_from: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train the reference MoE and write checkpoint + tokenizer to ``out`` (atomically)."""
     from .outputs import atomic_dir, check_output
@@ -132,11 +137,17 @@ def train_reference(
     random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
     t0 = time.perf_counter()
-    tok_corpus = [t for d in DOMAINS for t in texts[d][:20000]]
-    tok = train_tokenizer(tok_corpus, recipe.vocab_size)
-    streams = {d: _stream(tok, texts[d], recipe.seed + i) for i, d in enumerate(DOMAINS)}
+    if not resume_from:
+        tok_corpus = [t for d in DOMAINS for t in texts[d][:20000]]
+        tok = train_tokenizer(tok_corpus, recipe.vocab_size)
+        streams = {d: _stream(tok, texts[d], recipe.seed + i) for i, d in enumerate(DOMAINS)}
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = build_model(recipe, tok).to(dev)
+    if resume_from:  # phase 1 already trained by this recipe: continue from its checkpoint
+        tok = PreTrainedTokenizerFast.from_pretrained(str(resume_from))
+        streams = {d: _stream(tok, texts[d], recipe.seed + i) for i, d in enumerate(DOMAINS)}
+        model = Qwen3MoeForCausalLM.from_pretrained(str(resume_from), dtype=torch.float32).to(dev)
+    else:
+        model = build_model(recipe, tok).to(dev)
     model.config.output_router_logits = True
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -151,41 +162,52 @@ def train_reference(
         return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
     g = torch.Generator().manual_seed(recipe.seed)
-    weights = torch.tensor(recipe.domain_weights, dtype=torch.float)
     offsets = {d: 0 for d in DOMAINS}
     log: list[dict[str, float]] = []
     L = recipe.seq_len
-    for step in range(recipe.steps):
-        doms = torch.multinomial(weights, recipe.batch_size, replacement=True, generator=g).tolist()
-        rows = []
-        for di in doms:
-            d = DOMAINS[di]
-            s = streams[d]
-            if offsets[d] + L + 1 > len(s):
-                offsets[d] = 0
-            rows.append(s[offsets[d] : offsets[d] + L])
-            offsets[d] += L
-        batch = torch.stack(rows).to(dev)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        out_ = model(input_ids=batch, labels=batch)
-        loss = out_.loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % log_every == 0 or step == recipe.steps - 1:
-            entry = {"step": step, "loss": round(float(loss), 4), "aux": round(float(out_.aux_loss or 0), 4),
-                     "lr": lr_at(step), "seconds": round(time.perf_counter() - t0, 1)}
-            log.append(entry)
-            print(json.dumps(entry), flush=True)
+    phases = [("1", 0 if resume_from else recipe.steps, recipe.domain_weights, lr_at)]
+    if recipe.phase2_steps:
+        def lr2(step: int) -> float:
+            frac = step / max(1, recipe.phase2_steps - 1)
+            return recipe.phase2_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        phases.append(("2", recipe.phase2_steps, recipe.phase2_weights, lr2))
+    for phase, n_steps, dom_weights, schedule in phases:
+        weights = torch.tensor(dom_weights, dtype=torch.float)
+        for step in range(n_steps):
+            doms = torch.multinomial(weights, recipe.batch_size, replacement=True, generator=g).tolist()
+            rows = []
+            for di in doms:
+                d = DOMAINS[di]
+                s_ = streams[d]
+                if offsets[d] + L + 1 > len(s_):
+                    offsets[d] = 0
+                rows.append(s_[offsets[d] : offsets[d] + L])
+                offsets[d] += L
+            batch = torch.stack(rows).to(dev)
+            for group in opt.param_groups:
+                group["lr"] = schedule(step)
+            out_ = model(input_ids=batch, labels=batch)
+            loss = out_.loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if step % log_every == 0 or step == n_steps - 1:
+                entry = {"phase": phase, "step": step, "loss": round(float(loss.detach()), 4),
+                         "aux": round(float((out_.aux_loss if out_.aux_loss is not None else torch.zeros(())).detach()), 4),
+                         "lr": schedule(step), "seconds": round(time.perf_counter() - t0, 1)}
+                log.append(entry)
+                print(json.dumps(entry), flush=True)
     model.eval()
     model.config.output_router_logits = False
     model = model.to("cpu").to(torch.bfloat16)
     seconds = time.perf_counter() - t0
+    if resume_from:  # count the phase-1 run this continues
+        seconds += json.loads((Path(resume_from) / "training.json").read_text())["train_seconds"]
     info = {"recipe": asdict(recipe), "train_seconds": round(seconds, 1), "device": str(dev),
             "threads": torch.get_num_threads(), "log": log,
-            "tokens_seen": recipe.steps * recipe.batch_size * recipe.seq_len,
+            "tokens_seen": (recipe.steps + recipe.phase2_steps) * recipe.batch_size * recipe.seq_len,
+            "resumed_phase1_from": str(resume_from) if resume_from else None,
             "train_docs": {d: len(texts[d]) for d in DOMAINS}}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(str(tmp))
