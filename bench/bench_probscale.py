@@ -41,7 +41,6 @@ import torch  # noqa: E402
 
 from moe_slim.dense import (  # noqa: E402
     all_selections,
-    layer_relevance,
     load_dense,
     parse_budget,
     run_probe,

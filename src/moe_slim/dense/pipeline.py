@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import sys
 import time
@@ -28,7 +27,7 @@ import numpy as np
 from ..errors import MoeSlimError
 from ..fingerprint import library_versions, model_fingerprint
 from ..outputs import atomic_dir, check_output
-from .family import family_for, layer_param_counts, present_stacks
+from .family import family_for, layer_param_counts
 from .features import Features, extract_features
 from .plots import plot_probe_matrix, plot_scaling
 from .probes import DEFAULT_CS, ProbeMatrix, final_scores, probe_matrix, split_features
