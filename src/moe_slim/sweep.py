@@ -64,6 +64,7 @@ from typing import Any
 
 import yaml
 
+from .evals.data import file_sha256
 from .errors import MoeSlimError
 
 DOMAINS: tuple[str, ...] = ("general", "math", "code", "translation")
@@ -386,14 +387,6 @@ def load_spec(path: str | os.PathLike, **overrides: Any) -> SweepSpec:
 
 
 # -- hashing inputs -----------------------------------------------------------------------------
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_content_hash(model_dir: str | os.PathLike) -> str:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.jsonl import read_jsonl
 from ..errors import MoeSlimError
 from ..prompts import translation_text
 
@@ -148,20 +149,8 @@ def _domain_file(data_dir: Path, domain: str, split: str | None) -> Path:
 
 
 def _records(path: Path, limit: int = 200_000) -> list[dict[str, Any]]:
-    out = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise MoeSlimError(f"{path}:{n} is not valid JSON ({exc.msg})") from exc
-            if isinstance(rec, dict):
-                out.append(rec)
-            if len(out) >= limit:
-                break
-    return out
+    """The first ``limit`` records of a data file (the data package's reader)."""
+    return read_jsonl(path, require=(), allow_empty=True)[:limit]
 
 
 def _pairs(data_dir: Path, split: str | None) -> tuple[list[dict[str, Any]], Path]:
