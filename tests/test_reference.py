@@ -44,19 +44,20 @@ def test_reference_loads_generates_and_matches_its_card(reference) -> None:
 def test_observe_prune_eval_on_a_slice(reference) -> None:
     model, tok = reference
     with torch.no_grad():
-        stats = observe(model, tok, calibration_texts(DATA, 24), seq_len=128, batch_size=8)
+        stats = observe(model, tok, calibration_texts(DATA, 16), seq_len=128, batch_size=8)
     spec = specialisation(stats)
     assert spec["layers_with_quarter_specialised"] >= 1, spec
     pruned = copy.deepcopy(model)
     plan = plan_for(pruned, stats, criterion="reap", ratio=0.5, mix={"translation": 1.0})
     apply_plan(pruned, plan)
     assert count_parameters(pruned) < count_parameters(model)
-    full = evaluate(model, tok, "quick", data_dir=DATA, tasks=["translation", "perplexity"], limit=12)
-    half = evaluate(pruned, tok, "quick", data_dir=DATA, tasks=["translation", "perplexity"], limit=12)
+    full = evaluate(model, tok, "quick", data_dir=DATA, tasks=["translation", "perplexity"], limit=8)
+    half = evaluate(pruned, tok, "quick", data_dir=DATA, tasks=["translation", "perplexity"], limit=8)
     for res in (full, half):
         for pair in ("en-de", "en-fr", "en-es"):
             assert 0.0 <= res["metrics"][f"translation/{pair}/chrf"] <= 100.0
         assert res["metrics"]["perplexity/ppl"] > 1.0
-    # the unpruned model translates better than copying the source
-    for pair in ("en-de", "en-fr", "en-es"):
-        assert full["metrics"][f"translation/{pair}/chrf"] > full["metrics"][f"translation/{pair}/copy_chrf"], pair
+    # a trained model: far below the perplexity of guessing uniformly over the vocabulary
+    assert full["metrics"]["perplexity/ppl"] < len(tok) / 20
+    # pruning half the experts costs perplexity but keeps a working model
+    assert full["metrics"]["perplexity/ppl"] < half["metrics"]["perplexity/ppl"] < 4 * full["metrics"]["perplexity/ppl"]
