@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mode", default="experts")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--max-minutes", type=float, default=15.0)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--patience", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         before = chrf(pruned, tok, args.data, args.limit)
         print(f"{ratio:.1%} pruned: chrF {before:.2f} before SFT; {count_parameters(pruned):,} parameters")
         res = sft(pruned, tok, args.mix, data_dir=args.data, steps=args.steps, mode=args.mode, lr=args.lr,
-                  batch_size=args.batch_size, eval_every=args.eval_every, patience=args.patience, seed=args.seed,
+                  batch_size=args.batch_size, grad_accum=args.grad_accum, eval_every=args.eval_every, patience=args.patience, seed=args.seed,
                   max_minutes=args.max_minutes, merge_lora=True, progress=sys.stderr.isatty())
         after = chrf(res.model, tok, args.data, args.limit)
         rows.append({
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['config']} | {r['chrf_before']:.2f} | {r['chrf_after']:.2f} | {r['chrf_unpruned']:.2f} | "
               f"{r['steps']} (best {r['best_step']}) | {r['minutes']:.1f} |")
     print(f"\nchrF on the translation test split, first {args.limit} sentences per pair; SFT data {args.mix}, "
-          f"lr {args.lr:g}, batch {args.batch_size}, CPU threads {args.threads}.")
+          f"lr {args.lr:g}, batch {args.batch_size} x {args.grad_accum}, mode {args.mode}, CPU threads {args.threads}.")
     if rows:
         ok = rows[0]["chrf_after"] >= base_chrf
         print(f"target (chrF after SFT at {rows[0]['ratio']:.1%} >= unpruned): {'met' if ok else 'NOT met'}")
