@@ -67,7 +67,7 @@ from .criteria import score
 from .errors import MoeSlimError
 from .families import Family, MoeLayer, NeuronAxis, check_uniform, family_of, group_size_ok, moe_layers, set_config_counts
 from .observe import Recorder, make_batches, observing, prepare_model, run_batch
-from .plan import PLAN_FORMAT, ExpertPlan, LayerPlan, check_ratio
+from .plan import PLAN_FORMAT, ExpertPlan, LayerPlan, check_ratio, read_plan_json
 from .prune import slice_layer
 from .stats import RouterStats
 
@@ -141,12 +141,7 @@ class MergePlan(ExpertPlan):
     def load(cls, path: str | os.PathLike) -> MergePlan:
         """Read ``plan.json`` and the permutations file beside it (checked against the plan's hashes)."""
         p = Path(path)
-        if not p.is_file():
-            raise MoeSlimError(f"plan file {p} does not exist")
-        try:
-            plan = cls.from_dict(json.loads(p.read_text()))
-        except json.JSONDecodeError as exc:
-            raise MoeSlimError(f"plan file {p} is not valid JSON (line {exc.lineno})") from exc
+        plan = cls.from_dict(read_plan_json(p))
         need = [i for i, l in enumerate(plan.layers) if l.permutations_sha256]
         if need:
             pf = p.parent / PERMUTATIONS_FILE

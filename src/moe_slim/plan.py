@@ -75,13 +75,7 @@ class ExpertPlan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ExpertPlan:
-        p = Path(path)
-        if not p.is_file():
-            raise MoeSlimError(f"plan file {p} does not exist")
-        try:
-            return cls.from_dict(json.loads(p.read_text()))
-        except json.JSONDecodeError as exc:
-            raise MoeSlimError(f"plan file {p} is not valid JSON (line {exc.lineno})") from exc
+        return cls.from_dict(read_plan_json(path))
 
     def validate(self, family: Family, config: Any, layer_names: list[str]) -> None:
         """One-line errors for plans that do not fit the model."""
@@ -95,6 +89,17 @@ class ExpertPlan:
                 raise MoeSlimError(f"plan for {l.name} keeps invalid or repeated experts {l.keep}")
             if len(l.keep) < top_k:
                 raise MoeSlimError(f"plan keeps {len(l.keep)} experts in {l.name}, fewer than top-k={top_k}")
+
+
+def read_plan_json(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object of a plan file, or a one-line error when missing or unreadable."""
+    p = Path(path)
+    if not p.is_file():
+        raise MoeSlimError(f"plan file {p} does not exist")
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MoeSlimError(f"plan file {p} is not valid JSON") from exc
 
 
 def uniform_counts(n_layers: int, n_experts: int, ratio: float) -> list[int]:
