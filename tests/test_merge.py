@@ -32,12 +32,7 @@ TEXTS = {
 PAIRS = [[0, 1], [2, 3], [4, 5], [6, 7]]  # valid within DeepSeek's two router groups of four
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _observe(model: torch.nn.Module, samples: int = 96) -> RouterStats:

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("peft")
 
-from eval_fixtures import tiny_moe, tiny_tokenizer, torch_threads, write_fixture_data  # noqa: E402
+from eval_fixtures import tiny_moe, tiny_tokenizer, write_fixture_data  # noqa: E402
 
 from moe_slim.errors import MoeSlimError  # noqa: E402
 from moe_slim.sft import (IGNORE, batch_loss, collate, encode_record, lora_target_modules,  # noqa: E402
@@ -21,10 +21,7 @@ from moe_slim.sft import (IGNORE, batch_loss, collate, encode_record, lora_targe
 SPLITS = ("train", "validation", "test")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from eval_fixtures import write_fixture_data
@@ -18,12 +17,7 @@ from moe_slim.sweep import load_spec, parse_spec, read_rows, run_sweep, simplex_
 from moe_slim.tiny import save_tiny
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
