@@ -39,9 +39,10 @@ sysdeps:
 
 data: $(DATA_STAMP)
 
-$(DATA_STAMP): $(STAMP)
+# rebuilt when the builder changes (its defaults decide what data/ holds)
+$(DATA_STAMP): $(STAMP) src/moe_slim/data/build.py src/moe_slim/data/sources.py
 	$(MAKE) sysdeps
-	$(VENV)/bin/moe-slim data build --out data
+	$(VENV)/bin/moe-slim data build --out data --overwrite
 
 test: $(STAMP) $(DATA_STAMP)
 	$(PY) -m pytest -x -q --timeout=900

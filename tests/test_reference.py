@@ -15,7 +15,7 @@ from moe_slim.loading import load_model
 from moe_slim.observe import observe
 from moe_slim.prompts import cut_generation, translation_prompt
 from moe_slim.prune import apply_plan, count_parameters
-from moe_slim.reference import REFERENCE_DIR, calibration_texts, specialisation
+from moe_slim.reference import REFERENCE_DIR, calibration_texts, specialisation, translation_against_copy
 
 DATA = "data"
 
@@ -61,3 +61,28 @@ def test_observe_prune_eval_on_a_slice(reference) -> None:
     assert full["metrics"]["perplexity/ppl"] < len(tok) / 20
     # pruning half the experts costs perplexity but keeps a working model
     assert full["metrics"]["perplexity/ppl"] < half["metrics"]["perplexity/ppl"] < 4 * full["metrics"]["perplexity/ppl"]
+
+
+
+def test_reference_translations_depend_on_the_source(reference) -> None:
+    """Per pair, the greedy translations match their own references better than another sentence's.
+
+    A model that only learned to write the target language (as the first reference model did) scores
+    the same against shuffled references; one that translates does not. The copy-baseline
+    comparison of the same function is checked for consistency.
+    """
+    from sacrebleu.metrics import CHRF
+
+    model, tok = reference
+    with torch.no_grad():
+        res = translation_against_copy(model, tok, DATA, per_pair=40, keep_texts=True)
+    assert sorted(res) == ["en-de", "en-es", "en-fr"]
+    for pair, e in res.items():
+        assert e["n"] == 40
+        assert e["delta"] == pytest.approx(e["chrf"] - e["copy_chrf"], abs=0.02)
+        hyps = [h["hyp"] for h in e["hypotheses"]]
+        refs = e["references"]
+        own = CHRF().corpus_score(hyps, [refs]).score
+        shifted = CHRF().corpus_score(hyps, [refs[1:] + refs[:1]]).score
+        assert own == pytest.approx(e["chrf"], abs=0.01)
+        assert own > shifted + 3.0, (pair, own, shifted)

@@ -26,9 +26,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_card(args: argparse.Namespace) -> int:
     from .reference import write_card
 
-    m = write_card(args.model, data_dir=args.data, suite=args.suite)
-    print(f"wrote {args.model}/README.md and metrics.json; chrF per pair "
-          f"{ {k.split('/')[1]: round(v, 1) for k, v in m['metrics'].items() if k.endswith('/chrf') and k.count('/') == 2} }")
+    m = write_card(args.model, data_dir=args.data, suite=args.suite, translation_per_pair=args.translation_per_pair or None)
+    vs = ", ".join(f"{p} {e['chrf']:.1f} (copy {e['copy_chrf']:.1f})" for p, e in sorted(m["translation_vs_copy"].items()))
+    print(f"wrote {args.model}/README.md and metrics.json; chrF {vs}")
     return 0
 
 
@@ -46,4 +46,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", nargs="?", default=str(REFERENCE_DIR))
     p.add_argument("--data", default="data")
     p.add_argument("--suite", default="quick")
+    p.add_argument("--translation-per-pair", type=int, default=300,
+                   help="test sentences per pair for the chrF-vs-copy table (0: all; default 300)")
     p.set_defaults(func=cmd_card)

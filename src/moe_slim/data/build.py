@@ -52,7 +52,7 @@ class BuildOptions:
     fractions: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
     near_dup_threshold: float = 0.5
     min_words: int = 4
-    max_pairs_per_lang: int = 6000
+    max_pairs_per_lang: int = 20000
     math_variants: int = 19
     math_sources: tuple[str, ...] = ("gsm-symbolic", "champ")
     code_max_chars: int = 3_000_000
