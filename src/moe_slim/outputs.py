@@ -31,6 +31,14 @@ def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
     return out
 
 
+def _usual_file_modes(root: Path) -> None:
+    """Give files written through temporary files (safetensors writes 0600) the usual read permissions."""
+    mode = 0o666 & ~_umask()
+    for f in root.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, mode | (f.stat().st_mode & 0o111 & ~_umask()))
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``path`` when the block finishes without error."""
@@ -43,6 +51,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _usual_file_modes(tmp)
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
