@@ -240,15 +240,8 @@ def _plot(rows: list[dict[str, Any]], fr: dict[str, Any], out: Path) -> list[str
         ax.plot([r["params"] / bp for r in front], [r["chrf"] for r in front], "-o", color=color, label=method, ms=4)
     if base and base["chrf"] is not None:
         ax.scatter([1.0], [base["chrf"]], marker="*", s=120, color="k", label="baseline", zorder=5)
-    ax.set_xlabel("retained parameters (share of baseline)")
-    ax.set_ylabel("chrF")
-    ax.set_title("Pareto fronts per method: parameters vs chrF")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "params_vs_chrf.png", dpi=110)
-    plt.close(fig)
-    written.append("params_vs_chrf.png")
+    written.append(_finish_plot(fig, ax, out / "params_vs_chrf.png", "retained parameters (share of baseline)",
+                                "chrF", "Pareto fronts per method: parameters vs chrF", legend_size=8))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     gen_name = "chrF" if any(r["chrf"] is not None for r in rows) else "math exact match"
@@ -259,16 +252,25 @@ def _plot(rows: list[dict[str, Any]], fr: dict[str, Any], out: Path) -> list[str
         ax.plot([r["mc_acc"] for r in front], [r["gen_score"] for r in front], "-o", color=color, label=mix, ms=4)
     if base and base["mc_acc"] is not None and base["gen_score"] is not None:
         ax.scatter([base["mc_acc"]], [base["gen_score"]], marker="*", s=120, color="k", label="baseline", zorder=5)
-    ax.set_xlabel("multiple-choice accuracy (mean over tasks)")
-    ax.set_ylabel(gen_name)
-    ax.set_title("Pareto fronts per calibration mix: multiple choice vs generative")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "mc_vs_generative.png", dpi=110)
-    plt.close(fig)
-    written.append("mc_vs_generative.png")
+    written.append(_finish_plot(fig, ax, out / "mc_vs_generative.png", "multiple-choice accuracy (mean over tasks)",
+                                gen_name, "Pareto fronts per calibration mix: multiple choice vs generative",
+                                legend_size=7))
     return written
+
+
+def _finish_plot(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str, *, legend_size: int) -> str:
+    """Label, save and close one front plot; returns the file name."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
 
 
 def write_report(db: str | os.PathLike, out: str | os.PathLike | None = None, *, target: str | None = None,
