@@ -86,3 +86,47 @@ def test_reference_translations_depend_on_the_source(reference) -> None:
         shifted = CHRF().corpus_score(hyps, [refs[1:] + refs[:1]]).score
         assert own == pytest.approx(e["chrf"], abs=0.01)
         assert own > shifted + 3.0, (pair, own, shifted)
+
+
+def test_target_only_stream_masks_exactly_the_source(reference) -> None:
+    """With the source given, a translation text's loss targets are its target, end tag and EOS only."""
+    from moe_slim.prompts import translation_text
+    from moe_slim.reference import _stream
+
+    _, tok = reference
+    texts = [translation_text("Cannot open the file.", "Datei kann nicht geöffnet werden.", "de"),
+             "def f(x):\n    return x"]
+    ids, predict = _stream(tok, texts[:1], seed=0, source_given=True)
+    tokens = tok.convert_ids_to_tokens(ids.tolist())
+    first_target = tokens.index("<|de|>") + 1
+    assert not predict[:first_target].any() and predict[first_target:].all()
+    assert tokens[-2:] == ["<|end|>", tok.eos_token]
+    decoded_target = tok.decode(ids[first_target:-2].tolist())
+    assert decoded_target == "Datei kann nicht geöffnet werden."
+    # other text (no target tag) and the default: every token is a target
+    for given, sample in ((True, texts[1:]), (False, texts)):
+        ids, predict = _stream(tok, sample, seed=0, source_given=given)
+        assert predict.all() and len(predict) == len(ids)
+
+
+def test_training_loss_is_transformers_loss_without_smoothing(reference, one_torch_thread) -> None:
+    """The recipe's hand-written loss reduces exactly to transformers' (LM + aux) loss; smoothing and masks change it."""
+    from moe_slim.reference import training_loss
+
+    from moe_slim.prompts import translation_text
+
+    model, tok = reference
+    model = copy.deepcopy(model).float()
+    model.config.output_router_logits = True
+    text = translation_text("Cannot open the file.", "Datei kann nicht geöffnet werden.", "de") + "def f(x):\n    return x"
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        theirs = model(input_ids=ids, labels=ids)
+        mine = training_loss(theirs, ids, 0.0, model.config.router_aux_loss_coef)
+        assert float(mine) == pytest.approx(float(theirs.loss), rel=1e-6)
+        smoothed = training_loss(theirs, ids, 0.1, model.config.router_aux_loss_coef)
+        masked = ids.clone()
+        masked[:, : ids.shape[1] // 2] = -100
+        half = training_loss(theirs, masked, 0.0, model.config.router_aux_loss_coef)
+    assert float(smoothed) != pytest.approx(float(mine), rel=1e-3)
+    assert float(half) != pytest.approx(float(mine), rel=1e-3)

@@ -3,7 +3,7 @@
 On the shipped reference model (models/reference/): run ``sweeps/demo.yaml`` (observe the four
 domains once; prune with REAP, frequency and task contrast and merge with REAM and HC-SMoE at
 25/50/75%, calibrated on general text, translation and a balanced mix; evaluate each in memory with
-a small quick suite), print chrF and MC accuracy per configuration and write the report with the
+a small quick suite), print parameters, chrF, MC accuracy and perplexity per configuration and write the report with the
 Pareto fronts under runs/demo-sweep/report/. Without the reference model the demo falls back to a small
 RANDOMLY INITIALISED Qwen3-MoE and says so: observe -> prune -> reload -> generate.
 """
@@ -55,7 +55,7 @@ def sweep_demo(spec_path: Path = DEMO_SPEC, out: Path = DEMO_SWEEP_DIR, data_dir
 
     Resumable: re-running `make demo` evaluates only the points not yet in ``out/results.db``.
     """
-    from .report import pivot, write_report
+    from .report import pivot, table, write_report
     from .sweep import load_spec, run_sweep
 
     from transformers.utils import logging as hf_logging
@@ -77,10 +77,11 @@ def sweep_demo(spec_path: Path = DEMO_SPEC, out: Path = DEMO_SWEEP_DIR, data_dir
     from .sweep import read_rows
 
     rows, _ = read_rows(summary["db"])
-    print("\nchrF (translation, quick suite with a small limit) per method and calibration mix:\n")
+    print("\nper configuration: parameters, chrF (translation), mean multiple-choice accuracy, perplexity "
+          "(quick suite with a small limit):\n")
+    print(table(rows))
+    print("\nchrF per method and calibration mix:\n")
     print(pivot(rows, "chrf"))
-    print("\nmean multiple-choice accuracy:\n")
-    print(pivot(rows, "mc_acc", 3))
     best = rep["best"]
     if best is not None:
         print(f"\nfewest experts keeping >= 98% of baseline chrF: {best['method']} at {best['ratio']:g} removed, "
