@@ -230,3 +230,25 @@ def test_recover_stage_fine_tunes_each_pruned_point(world, tmp_path):
     cmd = command_for(pruned, {"model": "M", "stats_dir": "S", "data_dir": "data"})
     assert "moe-slim prune M --stats S --criterion reap" in cmd and "&& moe-slim sft pruned/ --data" in cmd
     assert "--steps 1 --batch-size 2 --seq-len 64" in cmd
+
+
+def test_rows_of_an_earlier_model_stay_out_of_reports(world, tmp_path):
+    """Re-running a sweep into the same database after the model changed: reports show the new model only."""
+    raw = _raw(world, methods=["reap"], ratios=[0.5], mixes=[{"translation": 1}])
+    out = tmp_path / "sweep"
+    first = run_sweep(parse_spec(raw), out, evaluator=fake_eval, progress=False, log=None)
+    assert first["ran"] == 2
+    retrained = save_tiny("qwen3_moe", tmp_path / "retrained", seed=4, max_position_embeddings=1024)
+    second = run_sweep(parse_spec(dict(raw, model=str(retrained))), out, evaluator=fake_eval, progress=False, log=None)
+    assert second["ran"] == 2 and second["already_done"] == 0
+    rows, meta = read_rows(out / "results.db")
+    assert len(rows) == 2 and meta["stale_rows"] == 2
+    assert {r["model_hash"] for r in rows} == {rows[0]["model_hash"]}
+    assert sum(r["kind"] == "baseline" for r in rows) == 1
+    everything, _ = read_rows(out / "results.db", stale=True)
+    assert len(everything) == 4 and len({r["model_hash"] for r in everything}) == 2
+    assert "2 rows of earlier sweeps or models" in Path(write_report(out / "results.db")["report"]).read_text()
+    back = run_sweep(parse_spec(raw), out, evaluator=fake_eval, progress=False, log=None)  # the old rows are reused
+    assert back["ran"] == 0 and back["already_done"] == 2
+    assert {r["model_hash"] for r in read_rows(out / "results.db")[0]} == {r["model_hash"] for r in read_rows(
+        tmp_path / "sweep" / "results.db", stale=True)[0]} - {rows[0]["model_hash"]}

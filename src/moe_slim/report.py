@@ -290,7 +290,9 @@ def write_report(db: str | os.PathLike, out: str | os.PathLike | None = None, *,
     best = best_for_target(rows, target, writable_only=True) if target else None
     best_any = best_for_target(rows, target) if target else None
     md = [f"# Sweep report: {meta.get('name', '')}", "",
-          f"Model `{meta.get('model')}`; statistics `{meta.get('stats_dir')}`; {len(rows)} points.", "",
+          f"Model `{meta.get('model')}`; statistics `{meta.get('stats_dir')}`; {len(rows)} points"
+          + (f" ({meta['stale_rows']} rows of earlier sweeps or models in the database are not shown)"
+             if meta.get("stale_rows") else "") + ".", "",
           "## chrF by method, mix and ratio", "", pivot(rows, "chrf"), "",
           "## Mean multiple-choice accuracy by method, mix and ratio", "", pivot(rows, "mc_acc", 3), "",
           "## All points", "", table(rows), ""]

@@ -459,8 +459,13 @@ def insert_row(conn: sqlite3.Connection, row: dict[str, Any]) -> None:
                      vals)
 
 
-def read_rows(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Every row (JSON columns decoded) and the meta table of a results DB."""
+def read_rows(path: str | os.PathLike, *, stale: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The rows of the database's latest sweep (JSON columns decoded) and its meta table.
+
+    Rows of points the latest ``run_sweep`` did not ask for (an earlier spec, or the same spec on a
+    model that has changed since) stay in the database for reuse but are left out; ``stale=True``
+    returns every row. ``meta["stale_rows"]`` counts the rows left out.
+    """
     p = Path(path)
     if p.is_dir():
         p = p / DB_NAME
@@ -474,6 +479,10 @@ def read_rows(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict[str, 
         conn.close()
     except sqlite3.DatabaseError as exc:
         raise MoeSlimError(f"{p} is not a moe_slim results database ({exc})") from exc
+    current = set(meta.get("point_keys") or ())
+    kept = rows if stale or not current else [r for r in rows if r["key"] in current]
+    meta["stale_rows"] = len(rows) - len(kept)
+    rows = kept
     for r in rows:
         for c in ("config", "metrics", "kept_per_layer", "timings", "model_fingerprint", "data_hashes", "versions"):
             if r.get(c):
@@ -674,11 +683,13 @@ def run_sweep(
     shared = spec.shared_config(model_hash)
     shared_row = dict(shared, stats_key=stats_key)
     conn = open_db(out / DB_NAME)
-    with conn:
-        for k, v in {"spec": spec.raw, "model": spec.model, "data_dir": spec.data_dir, "stats_dir": str(stats_dir),
-                     "name": spec.name, "format": SWEEP_FORMAT}.items():
-            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (k, _canonical(v)))
     points = [(p, point_key(p, shared)) for p in spec.points()]
+    with conn:
+        # point_keys: the points of this spec on this model; reports read only these, so rows left in the
+        # database by an earlier spec or another model (e.g. a retrained checkpoint) never mix into them
+        for k, v in {"spec": spec.raw, "model": spec.model, "data_dir": spec.data_dir, "stats_dir": str(stats_dir),
+                     "name": spec.name, "format": SWEEP_FORMAT, "point_keys": sorted(k for _, k in points)}.items():
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (k, _canonical(v)))
     done = done_keys(conn)
     todo = [(p, k) for p, k in points if k not in done]
     already = len(points) - len(todo)
