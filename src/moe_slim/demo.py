@@ -3,9 +3,10 @@
 On the shipped reference model (models/reference/): run ``sweeps/demo.yaml`` (observe the four
 domains once; prune with REAP, frequency and task contrast and merge with REAM and HC-SMoE at
 25/50/75%, calibrated on general text, translation and a balanced mix; evaluate each in memory with
-a small quick suite), print parameters, chrF, MC accuracy and perplexity per configuration and write the report with the
-Pareto fronts under runs/demo-sweep/report/. Without the reference model the demo falls back to a small
-RANDOMLY INITIALISED Qwen3-MoE and says so: observe -> prune -> reload -> generate.
+a small quick suite), print parameters, chrF, MC accuracy and perplexity per configuration and
+write the report with the Pareto fronts under runs/demo-sweep/report/. Without the reference model
+the demo falls back to a small RANDOMLY INITIALISED Qwen3-MoE and says so: observe -> prune ->
+reload -> generate.
 """
 
 from __future__ import annotations

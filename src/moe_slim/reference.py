@@ -405,7 +405,8 @@ def _card_text(m: dict[str, Any], training: dict[str, Any]) -> str:
         f"as special tokens). AdamW lr {r['lr']} (warm-up {r['warmup']}, cosine to 10%), weight decay "
         f"{r['weight_decay']}, {r['steps']} steps of {r['batch_size']}×{r['seq_len']} tokens "
         f"({m['training']['tokens_seen']:,} tokens), label smoothing {r.get('label_smoothing', 0.0)}, "
-        f"load-balancing loss coefficient {r['router_aux_loss_coef']}, seed {r['seed']}. Trained in {m['training']['train_seconds'] / 60:.1f} min on {m['training']['device']} "
+        f"load-balancing loss coefficient {r['router_aux_loss_coef']}, seed {r['seed']}. "
+        f"Trained in {m['training']['train_seconds'] / 60:.1f} min on {m['training']['device']} "
         f"({m['training']['threads']} threads). Weights stored in bfloat16.",
         "",
         "Exact command: `moe-slim data build --out data && moe-slim train-reference --out models/reference "
