@@ -56,7 +56,7 @@ def sweep_demo(spec_path: Path = DEMO_SPEC, out: Path = DEMO_SWEEP_DIR, data_dir
 
     Resumable: re-running `make demo` evaluates only the points not yet in ``out/results.db``.
     """
-    from .report import pivot, table, write_report
+    from .report import pivot, write_report
     from .sweep import load_spec, run_sweep
 
     from transformers.utils import logging as hf_logging
@@ -80,7 +80,7 @@ def sweep_demo(spec_path: Path = DEMO_SPEC, out: Path = DEMO_SWEEP_DIR, data_dir
     rows, _ = read_rows(summary["db"])
     print("\nper configuration: parameters, chrF (translation), mean multiple-choice accuracy, perplexity "
           "(quick suite with a small limit):\n")
-    print(table(rows))
+    print(rep["table"])
     print("\nchrF per method and calibration mix:\n")
     print(pivot(rows, "chrf"))
     best = rep["best"]

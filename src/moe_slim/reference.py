@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from .errors import MoeSlimError
-from .prompts import SPECIAL_TOKENS, TARGET_LANGS, lang_tag
+from .prompts import SPECIAL_TOKENS, TARGET_LANGS, lang_tag, translation_text
 from .stats import RouterStats
 
 DOMAINS: tuple[str, ...] = ("general", "math", "code", "translation")
@@ -88,8 +88,6 @@ def copied_pairs(data_dir: str | os.PathLike, fraction: float, seed: int) -> lis
     """Translation texts whose source is a copy of the target, for a seeded ``fraction`` of the train pairs."""
     if fraction <= 0:
         return []
-    from .prompts import translation_text
-
     with (Path(data_dir) / "translation" / "train.jsonl").open(encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     picked = random.Random(seed).sample(rows, min(len(rows), round(fraction * len(rows))))
@@ -124,14 +122,19 @@ def _stream(tok: Any, texts: list[str], seed: int, source_given: bool = False) -
     rng.shuffle(order)
     target_tags = {tok.convert_tokens_to_ids(lang_tag(x)) for x in TARGET_LANGS}
     ids: list[int] = []
-    predict: list[bool] = []
+    given: list[int] = []  # per text: how many leading tokens are given, not predicted
     enc = tok([texts[i] for i in order], add_special_tokens=False)["input_ids"]
     for e in enc:
-        start = next((i + 1 for i, t in enumerate(e) if t in target_tags), 0) if source_given else 0
         ids.extend(e)
         ids.append(tok.eos_token_id)
-        predict.extend([False] * start + [True] * (len(e) + 1 - start))
-    return torch.tensor(ids, dtype=torch.long), torch.tensor(predict, dtype=torch.bool)
+        if source_given:
+            given.append(next((i + 1 for i, t in enumerate(e) if t in target_tags), 0))
+    predict = torch.ones(len(ids), dtype=torch.bool)
+    pos = 0
+    for e, n in zip(enc, given):  # empty unless source_given
+        predict[pos : pos + n] = False
+        pos += len(e) + 1
+    return torch.tensor(ids, dtype=torch.long), predict
 
 
 def training_loss(out: Any, labels: torch.Tensor, label_smoothing: float, aux_coef: float) -> torch.Tensor:
