@@ -40,7 +40,7 @@ sysdeps:
 data: $(DATA_STAMP)
 
 # rebuilt when the builder changes (its defaults decide what data/ holds)
-$(DATA_STAMP): $(STAMP) src/moe_slim/data/build.py src/moe_slim/data/sources.py
+$(DATA_STAMP): $(STAMP) src/moe_slim/data/build.py $(wildcard src/moe_slim/data/sources/*.py)
 	$(MAKE) sysdeps
 	$(VENV)/bin/moe-slim data build --out data --overwrite
 

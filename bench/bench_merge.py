@@ -38,12 +38,13 @@ import scipy.cluster.hierarchy  # noqa: E402,F401  (imported up front: no method
 import scipy.optimize  # noqa: E402,F401
 import torch  # noqa: E402
 
-from moe_slim.api import plan_for  # noqa: E402
-from moe_slim.evaluate import evaluate  # noqa: E402
-from moe_slim.families import moe_layers  # noqa: E402
-from moe_slim.merge import merge_model  # noqa: E402
-from moe_slim.observe import make_batches, observe  # noqa: E402
-from moe_slim.prune import apply_plan, count_parameters  # noqa: E402
+from moe_slim.api import plan_for
+from moe_slim.evals.run import evaluate
+from moe_slim.experts.batches import make_batches
+from moe_slim.experts.merge.driver import merge_model
+from moe_slim.experts.observe import observe
+from moe_slim.experts.prune import apply_plan, count_parameters
+from moe_slim.families import moe_layers
 
 DOMAINS = ("general", "math", "code", "translation")
 VARIANTS = ("reap-prune", "ream", "ream-c2", "ream-seq", "hc-smoe", "m-smoe", "average")
@@ -100,7 +101,7 @@ def build(train_steps: int, seed: int) -> tuple[torch.nn.Module, object, str, Pa
 
         data = write_fixture_data(Path(tempfile.mkdtemp(prefix="bench_merge_data_")), n_per_domain=60)
     if (ref / "config.json").is_file():
-        from moe_slim.loading import load_model
+        from moe_slim.modeling.loading import load_model
 
         model, tok = load_model(ref, dtype=torch.float32)
         desc = f"reference model ({ref})"

@@ -13,9 +13,10 @@ import time
 import torch
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
+from moe_slim.experts.batches import Batch, run_batch
+from moe_slim.experts.prune import count_parameters
+from moe_slim.experts.recorder import Recorder, observing
 from moe_slim.families import moe_layers
-from moe_slim.observe import Batch, Recorder, observing, run_batch
-from moe_slim.prune import count_parameters
 
 REPEATS = 3
 N_BATCHES, BATCH, SEQ = 4, 8, 256

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from moe_slim.dense import (  # noqa: E402
+from moe_slim.dense import (
     all_selections,
     load_dense,
     parse_budget,
@@ -48,8 +48,8 @@ from moe_slim.dense import (  # noqa: E402
     slim_model,
     stack_layers,
 )
-from moe_slim.dense.pipeline import Measurer  # noqa: E402
-from moe_slim.dense.tasks import builtin_task  # noqa: E402
+from moe_slim.dense.pipeline import Measurer
+from moe_slim.dense.tasks import builtin_task
 
 # examples per label for (probing, held-out): pairmatch is the hard, noisy one, so it gets more
 SIZES = {"langid": 25, "domainid": 30, "pairmatch": 80}
@@ -228,7 +228,7 @@ def write_report(results: dict, skipped: dict, out: Path, seconds: float, cpu: f
                        for m in ("block-influence", "last-layers", "random"))
         lines += ["", f"## {name} ({r['family']}, {sum(r['layers'].values())} layers, "
                       f"{r['total_layer_params']:,} layer parameters)", "",
-                  f"Full-model reference accuracy (held out): "
+                  "Full-model reference accuracy (held out): "
                   + ", ".join(f"{t} {a:.3f}" for t, a in r["reference_accuracy"].items()), "",
                   f"Target (>= {TARGET_REDUCTION:.0f}x fewer layer params at >= {TARGET_RETENTION:.0%} retention): "
                   f"**{'met' if ok else 'missed'}** (ProbScale {ps['reduction']:.2f}x, retention {ps['retention']:.3f}); "

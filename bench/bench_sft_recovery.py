@@ -30,13 +30,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from moe_slim.api import plan_for  # noqa: E402
-from moe_slim.evaluate import evaluate  # noqa: E402
-from moe_slim.loading import load_model  # noqa: E402
-from moe_slim.observe import observe  # noqa: E402
-from moe_slim.prune import apply_plan, count_parameters  # noqa: E402
-from moe_slim.reference import REFERENCE_DIR, calibration_texts  # noqa: E402
-from moe_slim.sft import sft  # noqa: E402
+from moe_slim.api import plan_for
+from moe_slim.evals.run import evaluate
+from moe_slim.experts.observe import observe
+from moe_slim.experts.prune import apply_plan, count_parameters
+from moe_slim.modeling.loading import load_model
+from moe_slim.recover.loop import sft
+from moe_slim.reference.card import calibration_texts
+from moe_slim.reference.recipe import REFERENCE_DIR
 
 
 def chrf(model, tok, data: str, limit: int) -> float:

@@ -19,9 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-from moe_slim.reference import REFERENCE_DIR
-from moe_slim.report import pivot
-from moe_slim.sweep import parse_spec, read_rows, run_sweep
+from moe_slim.reference.recipe import REFERENCE_DIR
+from moe_slim.sweep.report import pivot
+from moe_slim.sweep.run import run_sweep
+from moe_slim.sweep.spec import parse_spec
+from moe_slim.sweep.store import read_rows
 
 
 def main() -> int:

@@ -24,15 +24,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from moe_slim.evals.generation import eos_token_ids, pad_token_id  # noqa: E402
-from moe_slim.evals.translation import TRANSLATION_STOPS, evaluate_translation, score_translations  # noqa: E402
-from moe_slim.prompts import cut_generation, translation_prompt  # noqa: E402
+from moe_slim.evals.generation import eos_token_ids, pad_token_id
+from moe_slim.evals.translation import (
+    TRANSLATION_STOPS,
+    evaluate_translation,
+    score_translations,
+)
+from moe_slim.prompts import cut_generation, translation_prompt
 
 
 def build_model():
     ref = ROOT / "models" / "reference"
     if (ref / "config.json").is_file():
-        from moe_slim.loading import load_model
+        from moe_slim.modeling.loading import load_model
 
         model, tokenizer = load_model(ref, dtype=torch.float32)
         return model, tokenizer, f"reference model ({ref})"

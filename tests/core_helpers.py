@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from moe_slim.experts.plan import ExpertPlan
 from moe_slim.families import moe_layers
-from moe_slim.plan import ExpertPlan
 
 MASK = -1e9  # finite: softmax gives exactly 0, sigmoid exactly 0, and no inf-inf NaNs in sparsemixer
 

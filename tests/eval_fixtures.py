@@ -23,7 +23,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from moe_slim.prompts import SPECIAL_TOKENS, translation_prompt, translation_target, translation_text  # noqa: E402
+from moe_slim.prompts import (
+    SPECIAL_TOKENS,
+    translation_prompt,
+    translation_target,
+    translation_text,
+)
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"

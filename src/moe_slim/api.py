@@ -1,26 +1,49 @@
-"""The Python API behind ``moe-slim observe | prune | apply``: checkpoint in, checkpoint out.
+"""The Python API behind ``moe-slim observe | prune | apply | merge | sft``: checkpoint in, checkpoint out.
 
-Each function validates everything it can before any heavy work and writes nothing on error.
-In-memory building blocks live in :mod:`observe`, :mod:`criteria`, :mod:`plan` and :mod:`prune`.
+Each function validates everything it can before any heavy work and writes nothing on error. The
+in-memory building blocks live in :mod:`moe_slim.experts` (observe, stats, criteria, plan, prune,
+merge) and :mod:`moe_slim.recover`; the ones a README example needs are re-exported here.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .checkpoint import prune_card, require_writable, save_checkpoint
-from .criteria import ALL_CRITERIA, score
+from .checkpoint.cards import merge_card, prune_card, sft_card
+from .checkpoint.save import save_checkpoint
+from .data.calib import calibration_texts
 from .errors import MoeSlimError
+from .experts.criteria import ALL_CRITERIA, score
+from .experts.merge.apply import apply_merge_plan
+from .experts.merge.driver import merge_model
+from .experts.merge.methods import (
+    DEFAULT_ALIGN_TOKENS,
+    DEFAULT_SAMPLE_TOKENS,
+    method_spec,
+    samples_hint,
+)
+from .experts.merge.plan import MergePlan
+from .experts.observe import observe
+from .experts.plan import ExpertPlan, check_ratio, make_plan
+from .experts.prune import apply_plan, count_parameters
+from .experts.stats import RouterStats
 from .families import check_uniform, family_of, moe_layers
-from .loading import load_config, load_model
-from .observe import observe
-from .outputs import check_output
-from .plan import ExpertPlan, check_ratio, make_plan
-from .prune import apply_plan, count_parameters
-from .stats import RouterStats
+from .modeling.loading import load_config, load_model
+from .outputs import atomic_dir, check_output
+from .recover.loop import SftResult, sft
+from .recover.modes import check_mode
+
+__all__ = [
+    "ExpertPlan", "MergePlan", "RouterStats", "apply_merge_plan", "apply_plan", "apply_checkpoint", "load_model",
+    "merge_checkpoint", "merge_model", "observe", "observe_checkpoint", "parse_weights", "plan_for",
+    "prune_checkpoint", "score", "sft", "sft_checkpoint",
+]
 
 
 def observe_checkpoint(
@@ -44,7 +67,7 @@ def observe_checkpoint(
     """
     check_output(out, overwrite)
     family_of(load_config(model_path))  # unsupported family: fail before loading weights
-    texts, budget = _calibration(calib, data_dir)
+    texts, budget = calibration_texts(calib, data_dir)
     if max_tokens is None:
         max_tokens = budget
     model, tok = load_model(model_path, device_map=device_map)
@@ -56,28 +79,6 @@ def observe_checkpoint(
     stats.meta["calibration"] = calib if isinstance(calib, str) else "in-memory"
     stats.save(out, overwrite=overwrite)
     return stats
-
-
-def calibration_texts(calib: str | dict[str, list[str]], data_dir: str = "data") -> tuple[dict[str, list[str]], Any]:
-    """Texts per domain from a calibration spec (or a dict of texts), and the spec's token budget per domain."""
-    return _calibration(calib, data_dir)
-
-
-def _calibration(calib: str | dict[str, list[str]], data_dir: str) -> tuple[dict[str, list[str]], Any]:
-    if isinstance(calib, dict):
-        for d, texts in calib.items():
-            if not texts:
-                raise MoeSlimError(f"calibration domain '{d}' has no text")
-        return calib, None
-    from .data.calib import load_calibration
-
-    cal = load_calibration(calib, data_dir=data_dir)
-    budget = None
-    if getattr(cal, "tokens", None):
-        weights = cal.weights or {d: 1.0 for d in cal.texts}
-        total = sum(weights.values())
-        budget = {d: int(cal.tokens * w / total) for d, w in weights.items()}
-    return cal.texts, budget
 
 
 def plan_for(
@@ -140,13 +141,12 @@ def apply_checkpoint(
 ) -> ExpertPlan:
     """Apply a saved plan to a checkpoint (no statistics needed).
 
-    A merge plan (kind ``merge``) is replayed by :func:`moe_slim.merge.merge_checkpoint`, with the
+    A merge plan (kind ``merge``) is replayed by :func:`merge_checkpoint`, with the
     neuron permutations saved beside it.
     """
     check_output(out, overwrite)
     plan = ExpertPlan.load(plan_path)
     if plan.kind == "merge":
-        from .merge import merge_checkpoint
 
         return merge_checkpoint(model_path, out, plan_path=plan_path, overwrite=overwrite)
     family_of(load_config(model_path))
@@ -159,7 +159,7 @@ def _write(model: nn.Module, tok: Any, plan: ExpertPlan, source: Any, out: Any, 
            stats_meta: dict[str, Any] | None) -> None:
     check_uniform(moe_layers(model))
     before = count_parameters(model)
-    require_writable(plan)  # refuse before any slicing work
+    plan.check_writable()  # refuse before any slicing work
     apply_plan(model, plan)
     after = count_parameters(model)
     plan.info.update(params_before=before, params_after=after)
@@ -185,3 +185,125 @@ def parse_weights(text: str | None) -> dict[str, float] | None:
     if any(v < 0 for v in out.values()) or sum(out.values()) <= 0:
         raise MoeSlimError(f"mix weights must be non-negative and not all zero (got '{text}')")
     return out
+
+
+
+def merge_checkpoint(
+    model_path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    method: str = "ream",
+    ratio: float | None = None,
+    stats_path: str | os.PathLike | None = None,
+    calib: str | dict[str, list[str]] | None = None,
+    plan_path: str | os.PathLike | None = None,
+    mix: dict[str, float] | None = None,
+    group_size: int = 16,
+    max_tokens: int = DEFAULT_SAMPLE_TOKENS,
+    align_tokens: int = DEFAULT_ALIGN_TOKENS,
+    samples: int | None = None,
+    grouping: str | None = None,
+    sequential: bool = False,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    data_dir: str = "data",
+    seed: int = 0,
+    overwrite: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> MergePlan:
+    """Merge a checkpoint's experts and write the smaller checkpoint (plan, permutations and card beside it).
+
+    Decisions come from saved statistics with samples (``stats_path``), from calibration text observed
+    here (``calib``; ``samples`` tokens per domain, default ``max_tokens``), or from a saved merge plan
+    (``plan_path``, replayed without statistics).
+    """
+
+    check_output(out, overwrite)
+    family_of(load_config(model_path))
+    stats = None
+    if plan_path is not None:
+        plan = MergePlan.load(plan_path)
+        model, tok = load_model(model_path)
+        before = count_parameters(model)
+        apply_merge_plan(model, plan)
+    else:
+        method_spec(method, grouping)
+        if ratio is None:
+            raise MoeSlimError("merging needs --ratio (the share of experts removed), or --plan")
+        check_ratio(ratio)
+        if stats_path is None and calib is None:
+            raise MoeSlimError("merging needs --stats (observed with --samples) or --calib text, or a --plan")
+        if sequential and calib is None:
+            raise MoeSlimError("sequential merging re-runs the calibration text through the merged layers; give --calib")
+        if stats_path is not None:
+            stats = RouterStats.load(stats_path)
+            if stats.samples is None and not sequential:
+                raise MoeSlimError(f"the statistics in {stats_path} have no token samples, which merging needs; "
+                                   + samples_hint(str(model_path)))
+        texts = None
+        if calib is not None:
+            texts, _budget = calibration_texts(calib, data_dir)
+        model, tok = load_model(model_path)
+        if tok is None and calib is not None:
+            raise MoeSlimError(f"{model_path} has no tokenizer; merging with --calib needs one to read the text")
+        before = count_parameters(model)
+        if stats is None and not sequential:
+            stats = observe(model, tok, texts, seq_len=seq_len, batch_size=batch_size, max_tokens=_budget,
+                            samples=samples or max_tokens)
+        plan = merge_model(model, stats, method, ratio, mix=mix, group_size=group_size, max_tokens=max_tokens,
+                           align_tokens=align_tokens, grouping=grouping, sequential=sequential, calibration=texts,
+                           tokenizer=tok, seq_len=seq_len, batch_size=batch_size, seed=seed, log=log)
+        plan.info.update(stats_path=str(stats_path) if stats_path else None,
+                         calibration=calib if isinstance(calib, str) else ("in-memory" if calib else None))
+    after = count_parameters(model)
+    plan.info.update(params_before=before, params_after=after, source=str(model_path))
+    card = merge_card(source=str(model_path), plan=plan, params_before=before, params_after=after, model=model,
+                      stats_info=stats.meta if stats is not None else None)
+    save_checkpoint(model, tok, out, card=card, plan=plan, overwrite=overwrite)
+    return plan
+
+
+
+def sft_checkpoint(
+    model_path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    data: str,
+    steps: int,
+    mode: str = "experts",
+    merge_lora: bool = False,
+    overwrite: bool = False,
+    device_map: str | None = None,
+    **kwargs: Any,
+) -> SftResult:
+    """``moe-slim sft``: load, fine-tune, write a checkpoint (or adapter) with a model card, atomically."""
+
+    check_output(out, overwrite)
+    mode = check_mode(mode)
+    if not isinstance(steps, int) or steps <= 0:
+        raise MoeSlimError(f"--steps must be a positive integer (got {steps!r})")
+    model, tok = load_model(model_path, device_map=device_map)
+    result = sft(model, tok, data, steps=steps, mode=mode, merge_lora=merge_lora, **kwargs)
+    source = str(model_path)
+    log_json = result.to_dict()
+    log_json["source"] = source
+    if mode == "lora" and not result.merged:
+        card = sft_card(source=source, result=result, adapter=True)
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            result.model.peft_config["default"].base_model_name_or_path = os.path.abspath(source)
+            result.model.save_pretrained(str(tmp))
+            tok.save_pretrained(str(tmp))
+            (tmp / "sft.json").write_text(json.dumps(log_json, indent=2, sort_keys=True))
+            (tmp / "README.md").write_text(card)
+        return result
+    plan = None
+    plan_path = Path(model_path) / "plan.json"
+    if plan_path.is_file():
+        try:
+            plan = ExpertPlan.load(plan_path)
+        except Exception:
+            plan = None
+    save_checkpoint(result.model, tok, out, card=sft_card(source=source, result=result, adapter=False), plan=plan,
+                    extra_json={"sft.json": log_json},
+                    overwrite=overwrite)
+    return result

@@ -22,10 +22,10 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .api import observe_checkpoint, prune_checkpoint
-from .criteria import score
+from .experts.criteria import score
+from .experts.prune import count_parameters
+from .modeling.tiny import save_tiny
 from .prompts import translation_prompt
-from .prune import count_parameters
-from .tiny import save_tiny
 
 RUN_DIR = Path("runs/demo")
 DOMAINS = ("general", "math", "code", "translation")
@@ -56,12 +56,12 @@ def sweep_demo(spec_path: Path = DEMO_SPEC, out: Path = DEMO_SWEEP_DIR, data_dir
 
     Resumable: re-running `make demo` evaluates only the points not yet in ``out/results.db``.
     """
-    from .report import pivot, write_report
-    from .sweep import load_spec, run_sweep
-
     from transformers.utils import logging as hf_logging
 
-    from .reference import REFERENCE_DIR
+    from .reference.recipe import REFERENCE_DIR
+    from .sweep.report import pivot, write_report
+    from .sweep.run import run_sweep
+    from .sweep.spec import load_spec
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -75,7 +75,7 @@ def sweep_demo(spec_path: Path = DEMO_SPEC, out: Path = DEMO_SWEEP_DIR, data_dir
     t = time.perf_counter()
     summary = run_sweep(spec, out, jobs=jobs)
     rep = write_report(summary["db"], target="chrf>=0.98*baseline")
-    from .sweep import read_rows
+    from .sweep.store import read_rows
 
     rows, _ = read_rows(summary["db"])
     print("\nper configuration: parameters, chrF (translation), mean multiple-choice accuracy, perplexity "
@@ -94,7 +94,7 @@ def sweep_demo(spec_path: Path = DEMO_SPEC, out: Path = DEMO_SWEEP_DIR, data_dir
 
 
 def main(data_dir: str = "data") -> int:
-    from .reference import REFERENCE_DIR
+    from .reference.recipe import REFERENCE_DIR
 
     if (REFERENCE_DIR / "config.json").exists() and DEMO_SPEC.exists():
         return sweep_demo(data_dir=data_dir)

@@ -11,7 +11,15 @@
 
 from .build import BuildOptions, build_data
 from .calib import Calibration, approx_tokens, load_calibration
-from .formats import DOMAINS, SPLITS, extract_math_answer, math_prompt, math_target, math_text, normalize_math_answer
+from .formats import (
+    DOMAINS,
+    SPLITS,
+    extract_math_answer,
+    math_prompt,
+    math_target,
+    math_text,
+    normalize_math_answer,
+)
 from .jsonl import load_split, read_jsonl, read_manifest
 from .mixspec import MixSpec, parse_mix
 

@@ -21,11 +21,24 @@ from .. import __version__
 from ..errors import MoeSlimError
 from ..fingerprint import sha256_text
 from ..outputs import atomic_dir, check_output
-from ..prompts import SOURCE_LANG, TARGET_LANGS, translation_prompt, translation_target, translation_text
+from ..prompts import (
+    SOURCE_LANG,
+    TARGET_LANGS,
+    translation_prompt,
+    translation_target,
+    translation_text,
+)
 from . import sources as S
 from .formats import DOMAINS, SPLITS, math_prompt, math_target, math_text
 from .jsonl import MANIFEST, dumps_jsonl
-from .splits import DEFAULT_FRACTIONS, check_fractions, dedupe, normalize_text, split_records, stable_hash
+from .splits import (
+    DEFAULT_FRACTIONS,
+    check_fractions,
+    dedupe,
+    normalize_text,
+    split_records,
+    stable_hash,
+)
 
 log = logging.getLogger("moe_slim.data")
 

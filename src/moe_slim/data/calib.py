@@ -227,3 +227,20 @@ def load_calibration(spec: str | os.PathLike, *, data_dir: str | os.PathLike = "
     if text.lower().endswith((".jsonl", ".yaml", ".yml")) or os.sep in text:
         raise MoeSlimError(f"calibration input {text} not found")
     raise MoeSlimError(f"calibration spec {text!r} is not understood ({_SPEC_HELP})")
+
+
+def calibration_texts(calib: str | dict[str, list[str]], data_dir: str | os.PathLike = "data"
+                      ) -> tuple[dict[str, list[str]], dict[str, int] | None]:
+    """Texts per domain from a calibration spec (or a dict of texts), and the spec's token budget per domain."""
+    if isinstance(calib, dict):
+        for d, texts in calib.items():
+            if not texts:
+                raise MoeSlimError(f"calibration domain '{d}' has no text")
+        return calib, None
+    cal = load_calibration(calib, data_dir=data_dir)
+    budget = None
+    if getattr(cal, "tokens", None):
+        weights = cal.weights or {d: 1.0 for d in cal.texts}
+        total = sum(weights.values())
+        budget = {d: int(cal.tokens * w / total) for d, w in weights.items()}
+    return cal.texts, budget

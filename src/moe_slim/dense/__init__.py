@@ -14,7 +14,14 @@ removal, config re-mapping, checkpoints), :mod:`.plots`, :mod:`.pipeline` (the `
 
 from __future__ import annotations
 
-from .family import FAMILIES, family_for, family_for_config, layer_param_counts, stack_layers, supported_model_types
+from .family import (
+    FAMILIES,
+    family_for,
+    family_for_config,
+    layer_param_counts,
+    stack_layers,
+    supported_model_types,
+)
 from .features import Features, extract_features
 from .pipeline import Measurer, run_probe, scaling_sweep
 from .probes import ProbeMatrix, final_scores, probe_matrix, probe_score
@@ -30,7 +37,14 @@ from .select import (
     select_layers,
 )
 from .slim import apply_plan, load_dense, make_plan, read_plan, save_slimmed, slim_model
-from .tasks import BUILTIN_TASKS, Task, builtin_task, load_tasks, parse_weights, read_task_file
+from .tasks import (
+    BUILTIN_TASKS,
+    Task,
+    builtin_task,
+    load_tasks,
+    parse_weights,
+    read_task_file,
+)
 
 __all__ = [
     "BUILTIN_TASKS", "FAMILIES", "Features", "Measurer", "ProbeMatrix", "ScalingFit", "Selection", "Task",

@@ -32,7 +32,15 @@ from .features import Features, extract_features
 from .plots import plot_probe_matrix, plot_scaling
 from .probes import DEFAULT_CS, ProbeMatrix, final_scores, probe_matrix, split_features
 from .scaling import ScalingFit, fit_scaling
-from .select import SELECTIONS, Selection, all_selections, layer_relevance, parse_budget, round_up_budget, select_layers
+from .select import (
+    SELECTIONS,
+    Selection,
+    all_selections,
+    layer_relevance,
+    parse_budget,
+    round_up_budget,
+    select_layers,
+)
 from .slim import make_plan, slim_model
 from .tasks import Task, load_tasks, parse_weights
 

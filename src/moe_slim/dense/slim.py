@@ -18,9 +18,17 @@ import torch
 
 from ..errors import MoeSlimError
 from ..fingerprint import config_hash, model_fingerprint
-from ..loading import load_config, load_model, load_tokenizer
+from ..modeling.loading import load_config, load_model, load_tokenizer
 from ..outputs import atomic_dir, check_output
-from .family import Family, Stack, family_for, get_path, layer_list, parent_and_name, present_stacks
+from .family import (
+    Family,
+    Stack,
+    family_for,
+    get_path,
+    layer_list,
+    parent_and_name,
+    present_stacks,
+)
 
 PLAN_FORMAT = "moe_slim/dense-plan@1"
 
@@ -44,7 +52,7 @@ def _gguf_location(path: Path) -> tuple[Path, str] | None:
 def load_dense(path: str | os.PathLike) -> tuple[torch.nn.Module, Any]:
     """Load a checkpoint directory or a GGUF file for probing/slimming, with its tokenizer.
 
-    Decoder and seq2seq checkpoints go through :func:`moe_slim.loading.load_model`; encoders
+    Decoder and seq2seq checkpoints go through :func:`moe_slim.modeling.loading.load_model`; encoders
     (BERT...) load as the class their config names, so a slimmed copy keeps its heads. GGUF files
     are de-quantized by transformers; the quantizer is dropped so the model saves as safetensors.
     """

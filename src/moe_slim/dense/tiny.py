@@ -49,7 +49,12 @@ TINY: dict[str, dict[str, Any]] = {
 
 def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
     """A randomly initialised tiny model: causal LM, BERT masked LM or T5 seq2seq."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        AutoModelForSeq2SeqLM,
+    )
 
     cfg = AutoConfig.for_model(model_type, **{**TINY[model_type], **overrides})
     torch.manual_seed(seed)

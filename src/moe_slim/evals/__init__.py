@@ -1,5 +1,5 @@
 """Evaluation building blocks: generation, translation, multiple choice, generative math, perplexity.
 
-:mod:`moe_slim.evaluate` composes them into named suites; each module here works on an in-memory
+:mod:`moe_slim.evals.run` composes them into named suites; each module here works on an in-memory
 model and tokenizer and returns plain JSON-ready dicts.
 """

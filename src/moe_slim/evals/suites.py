@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import MoeSlimError
-from .mc import BUILDER_VERSION, MC_TASKS
+from .mc_items import BUILDER_VERSION, MC_TASKS
 
 GENERATIVE_TASKS: tuple[str, ...] = ("translation", "math_gen", "perplexity")
 BUILTIN_TASKS: tuple[str, ...] = ("translation", *MC_TASKS, "math_gen", "perplexity")

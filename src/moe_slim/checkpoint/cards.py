@@ -1,0 +1,160 @@
+"""Model cards: what was removed, merged or fine-tuned, from which statistics, and how to reproduce it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..experts.merge.plan import PERMUTATIONS_FILE, MergePlan
+from ..experts.plan import ExpertPlan
+from ..fingerprint import library_versions, model_fingerprint
+from ..recover.loop import SftResult
+
+
+def merge_card(*, source: str, plan: MergePlan, params_before: int, params_after: int, model: nn.Module,
+               stats_info: dict[str, Any] | None = None) -> str:
+    """A model card: the method, where its decisions came from, the groups and the sizes."""
+
+    i = plan.info
+    k = len(plan.layers[0].groups)
+    lines = [
+        "---", "library_name: transformers", "tags: [moe_slim, expert-merging, mixture-of-experts]", "---",
+        f"# {Path(str(source)).name} — experts merged with moe_slim ({i.get('method')})", "",
+        f"Source checkpoint: `{source}` ({plan.family}, {plan.num_experts} experts per layer, top-{plan.top_k}); "
+        f"now {k} experts per layer.", "",
+        "## How",
+        f"- Method `{i.get('method')}`: grouping `{i.get('grouping')}`, alignment `{i.get('alignment')}`, "
+        f"weights `{i.get('weighting')}`; router row of each merged expert: {i.get('router')}",
+        f"- Ratio {i.get('ratio')}; calibration mix `{i.get('mix') or 'all observed domains'}`; "
+        f"sample tokens per layer {i.get('sample_tokens_per_layer')}; sequential: {i.get('sequential')}",
+        f"- Parameters: {params_before:,} before, {params_after:,} after "
+        f"({100.0 * (1 - params_after / max(params_before, 1)):.1f}% fewer)", "",
+        "| layer | merged groups (representative first) |", "|---|---|",
+    ]
+    for lp in plan.layers:
+        lines.append(f"| `{lp.name}` | {' '.join('+'.join(map(str, g)) for g in lp.groups)} |")
+    if stats_info:
+        lines += ["", "## Statistics", f"- Domains and tokens: {stats_info.get('tokens_per_domain')}",
+                  f"- Gathered on: `{stats_info.get('model_path')}`"]
+    lines += [
+        "", "## Reproduce",
+        f"`plan.json` (groups, weights, scores) and `{PERMUTATIONS_FILE}` (neuron alignments, hashed in the plan) "
+        f"are beside this card: `moe-slim apply {source} --plan plan.json --out OUT` (or `moe-slim merge --plan`) "
+        "replays the merge on the original checkpoint without statistics (merging needs the original experts' "
+        "weights, so it applies to the source checkpoint, not to this one).",
+        "", f"Fingerprint of this checkpoint: `{model_fingerprint(model)}`.", f"Libraries: `{library_versions()}`.", "",
+    ]
+    return "\n".join(lines)
+
+
+
+def sft_card(*, source: str, result: SftResult, adapter: bool) -> str:
+    """A model card recording data, steps, mode and before/after metrics."""
+
+    s = result.settings
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = [
+        "---",
+        "library_name: " + ("peft" if adapter else "transformers"),
+        "tags: [moe_slim, sft, recovery, mixture-of-experts]",
+        f"base_model: {source}" if adapter else None,
+        "---",
+        f"# {Path(str(source)).name} — SFT recovery with moe_slim",
+        "",
+        f"Source checkpoint: `{source}`.",
+        "",
+        "## Training",
+        f"- Mode: `{result.mode}` ({result.trainable_params:,} trainable parameters)"
+        + (f"; LoRA r={result.lora['r']}, alpha={result.lora['alpha']} on {len(result.lora['targets'])} linears"
+           + (f" and {len(result.lora['expert_parameters'])} fused expert weights"
+              if result.lora.get("expert_parameters") else "")
+           if result.lora else ""),
+        f"- Data: `{result.data}` (train split; validation on the validation split)",
+        f"- Steps: {result.steps} of {result.max_steps} (batch {s['batch_size']} x accumulation {s['grad_accum']}, "
+        f"seq_len {s['seq_len']}); best validation loss at step {result.best_step}"
+        + (" (stopped early)" if result.stopped_early else ""),
+        f"- Optimiser: AdamW lr {s['lr']:g}, {s['scheduler']} schedule, {s['warmup']} warm-up steps, seed {s['seed']}",
+        f"- Tokens seen: {result.tokens:,}; training time: "
+        + (f"{result.seconds:.0f} s" if result.seconds < 120 else f"{result.seconds / 60:.1f} min") + f" on {s['device']}",
+        "",
+        "## Metrics",
+        "| metric | before SFT | after SFT |",
+        "|---|---|---|",
+    ]
+    for k in sorted(set(result.metrics_before) | set(result.metrics_after)):
+        lines.append(f"| {k} | {fmt(result.metrics_before.get(k))} | {fmt(result.metrics_after.get(k))} |")
+    if result.settings.get("chrf_limit") and "chrf" in result.metrics_after:
+        lines.append(f"\nchrF on the translation test split, first {s['chrf_limit']} sentences per pair.")
+    if adapter:
+        lines += ["", "## Loading",
+                  "This directory holds a LoRA adapter (`adapter_config.json`, `adapter_model.safetensors`), "
+                  f"not full weights. Its base is `{source}`:",
+                  "```python",
+                  "from peft import PeftModel",
+                  "from moe_slim.modeling.loading import load_model",
+                  f"base, tok = load_model({str(source)!r})",
+                  "model = PeftModel.from_pretrained(base, OUT).merge_and_unload()",
+                  "```",
+                  "or rerun with `--merge-lora` to write merged weights."]
+    lines += ["", "Training log: `sft.json` beside this card.", f"Libraries: `{library_versions()}`.", ""]
+    return "\n".join(l for l in lines if l is not None)
+
+
+
+def prune_card(
+    *,
+    source: str,
+    plan: ExpertPlan,
+    params_before: int,
+    params_after: int,
+    model: nn.Module,
+    stats_info: dict[str, Any] | None = None,
+) -> str:
+    """A model card saying what was removed, from which statistics and mix, and the sizes."""
+    info = plan.info
+    fmt = lambda m: ",".join(f"{k}={v:g}" for k, v in m.items()) if isinstance(m, dict) else m  # noqa: E731
+    removed = [sorted(set(range(plan.num_experts)) - set(l.keep)) for l in plan.layers]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [moe_slim, expert-pruning, mixture-of-experts]",
+        "---",
+        f"# {Path(str(source)).name} — {plan.kind}d with moe_slim",
+        "",
+        f"Source checkpoint: `{source}` ({plan.family}, {plan.num_experts} experts per layer, top-{plan.top_k}).",
+        "",
+        "## What was removed",
+        f"- Criterion: `{info.get('criterion', 'explicit plan')}`; budget: `{info.get('budget')}`; "
+        f"ratio: {info.get('ratio')}",
+        f"- Calibration mix: `{fmt(info.get('mix')) or 'all observed domains'}`"
+        + (f"; reference mix: `{fmt(info['reference'])}`" if info.get("reference") else ""),
+        f"- Experts kept per layer: {plan.kept_counts}",
+        f"- Parameters: {params_before:,} before, {params_after:,} after "
+        f"({100.0 * (1 - params_after / max(params_before, 1)):.1f}% fewer)",
+        "",
+        "| layer | kept | removed |",
+        "|---|---|---|",
+    ]
+    for lp, rm in zip(plan.layers, removed):
+        lines.append(f"| `{lp.name}` | {lp.keep} | {rm} |")
+    if stats_info:
+        lines += [
+            "",
+            "## Statistics",
+            f"- Domains and tokens: {stats_info.get('tokens_per_domain')}",
+            f"- Gathered on: `{stats_info.get('model_path')}` (fingerprint {stats_info.get('model_fingerprint', {}).get('config_hash')})",
+            f"- Sequence length: {stats_info.get('seq_len')}",
+        ]
+    lines += [
+        "",
+        "## Reproduce",
+        "The plan is in `plan.json` beside this card: "
+        f"`moe-slim apply {source} --plan plan.json --out OUT` reapplies it without the statistics.",
+        "",
+        f"Fingerprint of this checkpoint: `{model_fingerprint(model)}`.",
+        f"Libraries: `{library_versions()}`.",
+        "",
+    ]
+    return "\n".join(lines)

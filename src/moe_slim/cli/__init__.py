@@ -1,0 +1,70 @@
+"""The ``moe-slim`` command: parses, calls the Python API, prints. No logic of its own.
+
+Each area of the toolkit registers its subcommands from its own module in this package, so the areas
+can grow without touching each other. A :class:`~moe_slim.errors.MoeSlimError` becomes one line on
+stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from ..errors import MoeSlimError
+
+COMMAND_MODULES: tuple[str, ...] = (
+    "moe_slim.cli.core",
+    "moe_slim.cli.data",
+    "moe_slim.cli.eval",
+    "moe_slim.cli.dense",
+    "moe_slim.cli.merge",
+    "moe_slim.cli.reference",
+    "moe_slim.cli.sweep",
+    "moe_slim.cli.sft",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser, with every area's subcommands."""
+    parser = argparse.ArgumentParser(prog="moe-slim", description="Make MoE language models smaller.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # an area not built yet
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Library progress bars and warnings would bury the one line a user needs to read."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_libraries()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except MoeSlimError as exc:
+        print(f"moe-slim: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moe-slim: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""``python -m moe_slim.cli``: the command line."""
+
+from . import main
+
+raise SystemExit(main())

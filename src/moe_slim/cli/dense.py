@@ -1,0 +1,90 @@
+"""CLI: ``probe`` and ``slim-dense`` (ProbScale layer selection for dense and MoE models)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import MoeSlimError
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    if text.strip().lower() in ("", "none", "0", "off"):
+        return ()
+    try:
+        vals = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise MoeSlimError(f"--scaling {text!r} must be a comma list of fractions, e.g. 0.2,0.4,0.6 (or 'off')") from None
+    if not all(0 < v <= 1 for v in vals):
+        raise MoeSlimError(f"--scaling {text!r}: every fraction must be in (0, 1]")
+    return vals
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from ..dense.pipeline import run_probe
+
+    res = run_probe(
+        args.model, args.tasks, args.out, weights=args.weights, budget=args.budget, selection=args.selection,
+        data_dir=args.data, split=args.split, per_class=args.per_class, seed=args.seed, pooling=args.pooling,
+        max_length=args.max_length, batch_size=args.batch_size, n_folds=args.folds,
+        scaling_fractions=_fractions(args.scaling), compare=not args.no_compare, eval_tasks=args.eval_tasks,
+        eval_split=args.eval_split, overwrite=args.overwrite,
+    )
+    sel = res["plan"]
+    kept = "; ".join(f"{s}: {len(k)} of {len(k) + len(sel.drop(_sizes(res))[s])}" for s, k in sel.keep.items())
+    line = (f"wrote {args.out}: keep {kept} layers ({sel.params:,} of {sel.total:,} layer parameters, "
+            f"{sel.total / sel.params:.2f}x fewer)")
+    m = res["compare"].get(sel.method)
+    if m:
+        line += f"; measured retention {m['retention']:.3f}"
+    print(line)
+    return 0
+
+
+def _sizes(res: dict) -> dict[str, int]:
+    return {k: len(v) for k, v in res["summary"]["layer_params"].items()}
+
+
+def cmd_slim_dense(args: argparse.Namespace) -> int:
+    from ..dense.slim import apply_plan
+
+    info = apply_plan(args.model, args.plan, args.out, overwrite=args.overwrite)
+    kept = "; ".join(f"{s}: {len(k)}" for s, k in info["keep"].items())
+    print(f"wrote {args.out}: kept layers {kept}; parameters {info['params_before']:,} -> {info['params_after']:,}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("probe", help="probe every layer on tasks and choose layers to keep under a budget (ProbScale)")
+    p.add_argument("model", help="checkpoint directory or .gguf file")
+    p.add_argument("--tasks", required=True,
+                   help="comma list of built-ins (langid, domainid, pairmatch) and/or JSONL files with text+label")
+    p.add_argument("--weights", help="task weights, e.g. langid=2,pairmatch=1 (default: 1 each)")
+    p.add_argument("--budget", help="layer-parameter budget: 0.33 | 33%% | x3 | 10L | 12M | retain:0.95 "
+                                    "(default retain:0.95: the budget the scaling fit predicts)")
+    p.add_argument("--selection", choices=("contiguous", "free"), default="contiguous",
+                   help="plan.json removes one contiguous block of layers per stack (default) or any subset; "
+                        "both variants and the baselines are written to plans/")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--data", default="data", help="data directory for built-in tasks (default: data)")
+    p.add_argument("--split", help="data split for built-in tasks (default: train, else the first found)")
+    p.add_argument("--eval-split", help="measure retention on this split of the built-in tasks (held out), "
+                                        "e.g. validation (default: on the probing texts)")
+    p.add_argument("--eval-tasks", help="measure retention on these tasks (same names as --tasks), held out")
+    p.add_argument("--per-class", type=int, default=100, help="examples per label (default 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pooling", choices=("mean", "last"), default="mean")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per text (default 128)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    p.add_argument("--scaling", default="0.1,0.2,0.3,0.4,0.5,0.65,0.8",
+                   help="budget fractions measured for the scaling fit, or 'off'")
+    p.add_argument("--no-compare", action="store_true", help="do not measure the baselines at the plan's budget")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_probe)
+
+    s = sub.add_parser("slim-dense", help="remove the layers a probe plan drops and write the checkpoint")
+    s.add_argument("model", help="checkpoint directory or .gguf file (the one the plan was made for)")
+    s.add_argument("--plan", required=True, help="plan.json written by probe")
+    s.add_argument("--out", required=True, help="output checkpoint directory")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_slim_dense)

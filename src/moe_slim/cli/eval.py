@@ -1,0 +1,83 @@
+"""``moe-slim eval``: score a checkpoint with a named suite and write the results JSON."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..evals.suites import BUILTIN_TASKS, SUITES, TASK_ALIASES
+
+
+def register(subparsers: Any) -> None:
+    suites = "; ".join(f"{s.name}: {s.description}" for s in SUITES.values())
+    p = subparsers.add_parser(
+        "eval", help="score a checkpoint: translation, multiple choice, math, perplexity",
+        description=f"Evaluate a checkpoint and write results JSON. Suites: {suites}.",
+    )
+    p.add_argument("checkpoint", help="model checkpoint directory (config.json, weights, tokenizer)")
+    p.add_argument("--suite", default="quick", help=f"named preset: {', '.join(SUITES)} (default: quick)")
+    p.add_argument("--out", required=True, help="results JSON to write (refused if it exists, see --overwrite)")
+    p.add_argument("--data", default="data", help="data directory with <domain>/test.jsonl (default: data)")
+    p.add_argument("--tasks", default=None,
+                   help=f"comma-separated tasks instead of the suite's: {', '.join(BUILTIN_TASKS)}, aliases "
+                        f"{', '.join(TASK_ALIASES)}, or lm-eval task names found with --include-path")
+    p.add_argument("--limit", type=int, default=None,
+                   help="at most N items per task (per language pair for translation, per domain for perplexity)")
+    p.add_argument("--baseline", default=None,
+                   help="results JSON of another system: paired-bootstrap intervals of the translation scores")
+    p.add_argument("--include-path", action="append", default=None, metavar="DIR",
+                   help="directory of extra lm-eval task YAMLs (repeatable)")
+    p.add_argument("--batch-size", type=int, default=None, help="generation batch size (default 32)")
+    p.add_argument("--mc-batch-size", type=int, default=None, help="lm-eval batch size (default 16)")
+    p.add_argument("--seq-len", type=int, default=None, help="perplexity window length in tokens")
+    p.add_argument("--mc-cache", default=None, help="where derived MC items are cached (default: DATA/mc)")
+    p.add_argument("--dtype", default=None, help="load the model in this dtype (e.g. float32, bfloat16)")
+    p.add_argument("--device-map", default=None, help="accelerate device map, e.g. auto")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import MoeSlimError
+    from ..evals.run import plan_evaluation, run_plan, write_results
+    from ..modeling.loading import load_model
+    from ..outputs import check_output
+
+    plan = plan_evaluation(args.suite, tasks=args.tasks, data_dir=args.data, limit=args.limit,
+                           include_path=args.include_path, baseline=args.baseline)
+    check_output(args.out, args.overwrite)
+    for name, value in (("--batch-size", args.batch_size), ("--mc-batch-size", args.mc_batch_size),
+                        ("--seq-len", args.seq_len)):
+        if value is not None and value < 1:
+            raise MoeSlimError(f"{name} must be a positive number, not {value}")
+
+    def log(msg: str) -> None:
+        if not args.quiet:
+            print(f"moe-slim eval: {msg}", file=sys.stderr, flush=True)
+
+    if args.quiet:  # lm-eval's and datasets' progress bars too
+        os.environ["TQDM_DISABLE"] = "1"
+        try:
+            import datasets
+
+            datasets.disable_progress_bars()
+        except ImportError:
+            pass
+    log(f"loading {args.checkpoint}")
+    model, tokenizer = load_model(args.checkpoint, dtype=args.dtype, device_map=args.device_map)
+    if tokenizer is None:
+        raise MoeSlimError(f"{args.checkpoint} has no tokenizer; evaluation needs one (save it with the checkpoint)")
+    results = run_plan(model, tokenizer, plan, baseline=args.baseline, batch_size=args.batch_size,
+                       mc_batch_size=args.mc_batch_size, seq_len=args.seq_len, mc_cache_dir=args.mc_cache,
+                       log=log, limit=args.limit)
+    results["model"]["checkpoint"] = str(Path(args.checkpoint))
+    write_results(results, args.out, overwrite=args.overwrite)
+    for key, value in results["metrics"].items():
+        if key.count("/") == 1:
+            print(f"{key}\t{value:.4f}" if isinstance(value, float) else f"{key}\t{value}")
+    print(f"wrote {args.out} ({results['timings_s']['total']:.1f} s)")
+    return 0

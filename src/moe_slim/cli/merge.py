@@ -1,0 +1,56 @@
+"""CLI: ``merge`` (a thin wrapper over :func:`moe_slim.api.merge_checkpoint`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import _tokens
+
+# Mirrors of moe_slim.experts.merge.methods constants (a test keeps them equal), so the parser needs no torch.
+METHODS: tuple[str, ...] = ("ream", "hc-smoe", "m-smoe", "average")
+GROUPINGS: tuple[str, ...] = ("ream", "hc", "msmoe")
+DEFAULT_ALIGN_TOKENS = 8192
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from ..api import merge_checkpoint, parse_weights
+
+    plan = merge_checkpoint(
+        args.model, args.out, method=args.method, ratio=args.ratio, stats_path=args.stats, calib=args.calib,
+        plan_path=args.plan, mix=parse_weights(args.mix), group_size=args.group_size,
+        max_tokens=_tokens(args.max_tokens), align_tokens=_tokens(args.align_tokens),
+        samples=_tokens(args.samples) if args.samples else None, grouping=args.grouping,
+        sequential=args.sequential, seq_len=args.seq_len, batch_size=args.batch_size, data_dir=args.data,
+        seed=args.seed, overwrite=args.overwrite, log=None if args.quiet else print,
+    )
+    i = plan.info
+    print(f"wrote {args.out}: merged {plan.num_experts} -> {len(plan.layers[0].groups)} experts per layer "
+          f"({i.get('method')}); parameters {i.get('params_before', 0):,} -> {i.get('params_after', 0):,}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge experts (REAM, HC-SMoE, M-SMoE, average) into a smaller checkpoint")
+    p.add_argument("model")
+    p.add_argument("--method", default="ream", help=f"one of: {', '.join(METHODS)} (default: ream)")
+    p.add_argument("--ratio", type=float, help="share of experts removed per layer, in (0, 1)")
+    p.add_argument("--stats", help="stats directory observed with --samples")
+    p.add_argument("--calib", help="calibration text, observed here (same SPEC forms as observe)")
+    p.add_argument("--plan", help="replay a saved merge plan.json (its permutations file beside it); no stats needed")
+    p.add_argument("--data", default="data", help="built data directory for mix specs (default: data)")
+    p.add_argument("--mix", help="calibration mix, e.g. translation=3,general=1 (default: all domains)")
+    p.add_argument("--group-size", type=int, default=16, help="REAM's C: most experts in one group (default 16)")
+    p.add_argument("--max-tokens", default="32k", help="sample tokens per layer used for merging (default 32k)")
+    p.add_argument("--align-tokens", default=str(DEFAULT_ALIGN_TOKENS),
+                   help=f"tokens whose activations align neurons (default {DEFAULT_ALIGN_TOKENS})")
+    p.add_argument("--samples", help="with --calib: sample tokens kept per domain (default: --max-tokens)")
+    p.add_argument("--grouping", help=f"override the method's grouping: {', '.join(GROUPINGS)}")
+    p.add_argument("--sequential", action="store_true",
+                   help="merge layer by layer, re-gathering each layer's inputs through the merged layers (needs --calib)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_merge)

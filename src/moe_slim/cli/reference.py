@@ -1,0 +1,50 @@
+"""CLI: ``train-reference`` and ``reference-card`` (the shipped reference MoE)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from ..reference import REFERENCE_DIR
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..reference.recipe import Recipe
+    from ..reference.train import train_reference
+
+    recipe = Recipe()
+    if args.steps:
+        recipe = dataclasses.replace(recipe, steps=args.steps)
+    if args.seed is not None:
+        recipe = dataclasses.replace(recipe, seed=args.seed)
+    info = train_reference(args.out, data_dir=args.data, recipe=recipe, overwrite=args.overwrite, device=args.device)
+    print(f"wrote {args.out}: {info['tokens_seen']:,} tokens in {info['train_seconds'] / 60:.1f} min on {info['device']}")
+    return 0
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from ..reference.card import write_card
+
+    m = write_card(args.model, data_dir=args.data, suite=args.suite, translation_per_pair=args.translation_per_pair or None)
+    vs = ", ".join(f"{p} {e['chrf']:.1f} (copy {e['copy_chrf']:.1f})" for p, e in sorted(m["translation_vs_copy"].items()))
+    print(f"wrote {args.model}/README.md and metrics.json; chrF {vs}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-reference", help="train the reference MoE from the built data (GPU if present)")
+    p.add_argument("--out", default=str(REFERENCE_DIR))
+    p.add_argument("--data", default="data")
+    p.add_argument("--steps", type=int, help="override the recipe's step count")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("reference-card", help="measure the reference model and write its model card")
+    p.add_argument("model", nargs="?", default=str(REFERENCE_DIR))
+    p.add_argument("--data", default="data")
+    p.add_argument("--suite", default="quick")
+    p.add_argument("--translation-per-pair", type=int, default=0,
+                   help="test sentences per pair for the chrF-vs-copy table (default 0: the whole test split)")
+    p.set_defaults(func=cmd_card)

@@ -1,0 +1,80 @@
+"""CLI: ``sft`` (a thin wrapper over :func:`moe_slim.api.sft_checkpoint`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..recover.loop import SCHEDULERS
+from ..recover.modes import MODES
+
+
+def _warmup(text: str) -> int | float:
+    try:
+        value = float(text) if "." in text else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad warm-up {text!r} (give steps like 20, or a fraction like 0.1)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("warm-up must not be negative")
+    return value
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    warmup = args.warmup
+    from ..api import sft_checkpoint
+
+    result = sft_checkpoint(
+        args.model, args.out, data=args.data, steps=args.steps, mode=args.mode, merge_lora=args.merge_lora,
+        overwrite=args.overwrite, device_map=args.device_map, data_dir=args.data_dir, lr=args.lr,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len, warmup=warmup,
+        scheduler=args.scheduler, weight_decay=args.weight_decay, eval_every=args.eval_every,
+        val_examples=args.val_examples, patience=None if args.patience == 0 else args.patience, seed=args.seed,
+        lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        lora_experts=args.lora_experts,
+        chrf_limit=None if args.chrf_limit == 0 else args.chrf_limit, max_minutes=args.max_minutes,
+        progress=not args.quiet,
+        log=None if args.quiet else print,
+    )
+    b, a = result.metrics_before, result.metrics_after
+    parts = [f"val_loss {b.get('val_loss', float('nan')):.4f} -> {a.get('val_loss', float('nan')):.4f}"]
+    if "chrf" in a:
+        parts.append(f"chrF {b['chrf']:.2f} -> {a['chrf']:.2f}")
+    what = "LoRA adapter" if result.mode == "lora" and not result.merged else "checkpoint"
+    print(f"wrote {what} {args.out}: {result.mode} SFT, {result.steps} steps (best {result.best_step}); "
+          + "; ".join(parts))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sft", help="short supervised fine-tune that heals a pruned or merged model")
+    p.add_argument("model", help="checkpoint directory")
+    p.add_argument("--data", required=True,
+                   help="mix over the built data's train split, e.g. translation=0.8,general=0.2 (or a YAML mix)")
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps (at most; early stopping may end sooner)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--mode", default="experts", choices=MODES,
+                   help="full | experts (experts and routers only; default) | lora (attention/MLP linears)")
+    p.add_argument("--merge-lora", action="store_true", help="lora: write merged weights instead of an adapter")
+    p.add_argument("--data-dir", default="data", help="built data directory (default: data)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: full 5e-5, experts 1e-4, lora 2e-4)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--warmup", type=_warmup, default=0.1, help="warm-up steps, or a fraction of --steps (default 0.1)")
+    p.add_argument("--scheduler", default="cosine", choices=SCHEDULERS)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--eval-every", type=int, help="validation interval in steps (default: steps/10)")
+    p.add_argument("--val-examples", type=int, default=64, help="validation examples (default 64)")
+    p.add_argument("--patience", type=int, default=3, help="evaluations without improvement before stopping (0: never)")
+    p.add_argument("--chrf-limit", type=int, default=25,
+                   help="sentences per pair for chrF before/after when translation is in the mix (0: skip)")
+    p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (wall clock)")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-experts", action="store_true",
+                   help="lora: also adapt fused 3-D expert weights (one low-rank update per expert)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device-map", help="passed to accelerate when loading (e.g. auto)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_sft)

@@ -1,0 +1,72 @@
+"""Translation pairs: EN->DE/FR/ES messages from the system's gettext ``.mo`` catalogs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from ...errors import MoeSlimError
+from ...prompts import TARGET_LANGS
+from ..filters import Pair, clean_pair, dedupe_pairs
+from ..mo import read_mo
+from .base import SourceData, SourceInfo, SourceMissing, Warn, _no_warn
+
+# --------------------------------------------------------------------------------------------
+# translation: gettext catalogs
+
+
+DEFAULT_LOCALE_DIRS: tuple[str, ...] = ("/usr/share/locale", "/usr/share/locale-langpack", "/usr/local/share/locale")
+
+
+def locale_catalogs(locale_dirs: Iterable[str | os.PathLike], langs: Iterable[str] = TARGET_LANGS) -> dict[str, list[Path]]:
+    """The ``.mo`` files per language under ``<dir>/<lang>/LC_MESSAGES`` (and ``<lang>_<LANG>``,
+    e.g. ``de_DE``), sorted by path."""
+    out: dict[str, list[Path]] = {}
+    for lang in langs:
+        files: set[Path] = set()
+        for d in locale_dirs:
+            for sub in (lang, f"{lang}_{lang.upper()}"):
+                msgdir = Path(d) / sub / "LC_MESSAGES"
+                if msgdir.is_dir():
+                    files.update(p for p in msgdir.glob("*.mo") if p.is_file())
+        out[lang] = sorted(files)
+    return out
+
+
+def translation_source(locale_dirs: Iterable[str | os.PathLike] | None = None, langs: Iterable[str] = TARGET_LANGS,
+                       *, min_words: int = 4, warn: Warn = _no_warn) -> SourceData:
+    """EN->lang sentence pairs from the installed gettext catalogs, filtered and deduplicated.
+    Records: ``src``, ``ref``, ``tgt_lang``, ``origin``. A corrupt catalog is skipped with a warning."""
+    dirs = [Path(d) for d in (locale_dirs if locale_dirs is not None else DEFAULT_LOCALE_DIRS)]
+    catalogs = locale_catalogs([d for d in dirs if d.is_dir()], langs)
+    if not any(catalogs.values()):
+        raise SourceMissing(f"no gettext catalogs for {'/'.join(langs)} under {', '.join(map(str, dirs))} "
+                            "(install the locale files of some packages, or pass --locale-dir DIR)")
+    pairs: list[Pair] = []
+    skipped = 0
+    for lang, files in catalogs.items():
+        for path in files:
+            try:
+                cat = read_mo(path)
+            except MoeSlimError as exc:
+                skipped += 1
+                warn(f"skipping catalog: {exc}")
+                continue
+            for msgid, msgstr in cat.pairs():
+                kept = clean_pair(msgid, msgstr, min_words=min_words)
+                if kept:
+                    pairs.append(Pair(src=kept[0], ref=kept[1], lang=lang, origin=str(path)))
+    pairs = dedupe_pairs(pairs)
+    records = [{"src": p.src, "ref": p.ref, "tgt_lang": p.lang, "origin": f"gettext:{p.origin}"} for p in pairs]
+    n_files = sum(len(f) for f in catalogs.values())
+    info = SourceInfo(
+        name="gettext-catalogs",
+        license="the licences of the Debian packages that ship each catalog (mostly GPL/LGPL; "
+                "see /usr/share/doc/<package>/copyright)",
+        location=", ".join(str(d) for d in dirs if d.is_dir()),
+        note=f"{n_files} catalogs ({', '.join(f'{k}: {len(v)}' for k, v in catalogs.items())}), "
+             f"{skipped} unreadable skipped; software messages (UI strings, error messages), not prose",
+    )
+    return SourceData(info, records)

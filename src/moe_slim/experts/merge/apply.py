@@ -1,0 +1,65 @@
+"""Merge groups of experts into one: align each member's neurons to the representative, average
+with the group's weights, and slice the router to the representatives' rows; replay a merge plan.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...families import (
+    MoeLayer,
+    family_of,
+    set_config_counts,
+)
+from ...modeling.dispatch import prepare_model
+from ..prune import slice_layer
+from .plan import MergePlan, validate_merge_plan
+from .tensors import expert_tensors, permute_neurons
+
+
+@torch.no_grad()
+def merge_layer(layer: MoeLayer, groups: list[list[int]], weights: list[list[float]],
+                permutations: torch.Tensor | None = None) -> None:
+    """Replace one layer's experts by ``len(groups)`` merged experts, in place.
+
+    Merged expert ``j`` is ``sum_m weights[j][m] * align(expert groups[j][m])`` (float32 arithmetic,
+    stored in the parameters' dtype); it takes the router row and bias entries of ``groups[j][0]``.
+    ``permutations[e]`` is the neuron order of expert ``e`` (None: no alignment).
+    """
+    axes = layer.family.neuron_axes()
+    merged: list[dict[str, torch.Tensor]] = []
+    for grp, ws in zip(groups, weights):
+        acc: dict[str, torch.Tensor] = {}
+        for m, w in zip(grp, ws):
+            for name, t in expert_tensors(layer, m).items():
+                t = t.detach().float()
+                if permutations is not None and name in axes:
+                    t = permute_neurons(t, axes[name], permutations[m])
+                acc[name] = acc[name] + w * t if name in acc else w * t
+        merged.append(acc)
+    slice_layer(layer, [g[0] for g in groups])
+    for j, acc in enumerate(merged):
+        for name, t in expert_tensors(layer, j).items():
+            t.data.copy_(acc[name].to(t.dtype))
+
+
+def _normalise(values: list[float]) -> list[float]:
+    total = sum(values)
+    if total <= 0:
+        return [1.0 / len(values)] * len(values)
+    return [v / total for v in values]
+
+
+@torch.no_grad()
+def apply_merge_plan(model: nn.Module, plan: MergePlan) -> nn.Module:
+    """Replay a merge plan (with its permutations) on the original model, in place; no statistics needed."""
+    prepare_model(model)
+    layers = validate_merge_plan(plan, model)
+    family = family_of(model)
+    for li, (layer, lp) in enumerate(zip(layers, plan.layers)):
+        merge_layer(layer, lp.groups, lp.weights, plan.permutations.get(li) if lp.permutations_sha256 else None)
+    k = len(plan.layers[0].groups)
+    set_config_counts(model.config, family, k)
+    model.config.moe_slim = {"plan": "merge", "method": plan.info.get("method"), "kept_per_layer": [k] * len(layers)}
+    return model

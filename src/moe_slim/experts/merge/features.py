@@ -1,0 +1,82 @@
+"""What merging measures about experts on the token sample: frequency, REAP saliency, mean and
+gated mean outputs; and, for sequential merging, the sample re-gathered through the merged layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...families import (
+    MoeLayer,
+)
+from ..batches import run_batch
+from ..recorder import Recorder, observing
+from .runner import ExpertRunner
+
+_CHUNK = 2048  # tokens per expert call when recomputing outputs
+
+
+# -- features from the token sample ----------------------------------------------------------------
+
+
+@torch.no_grad()
+def layer_features(layer: MoeLayer, runner: ExpertRunner, sample: dict[str, torch.Tensor], *, outputs: bool
+                   ) -> dict[str, torch.Tensor]:
+    """Per-expert mean output, router-gated mean output and sample REAP/frequency (every expert on every token)."""
+    x, logits, route = sample["x"], sample["logits"], sample["route"]
+    n, E = logits.shape
+    feats: dict[str, torch.Tensor] = {
+        "frequency": (route > 0).double().sum(0) / max(n, 1),
+    }
+    if not outputs:
+        return feats
+    dev = runner.device
+    scores = layer.router_scores(logits).to(dev)
+    route_d = route.to(dev)
+    H = x.shape[1]
+    mean = torch.zeros(E, H, dtype=torch.float64, device=dev)
+    gated = torch.zeros(E, H, dtype=torch.float64, device=dev)
+    wnorm = torch.zeros(E, dtype=torch.float64, device=dev)
+    for e in range(E):
+        for s in range(0, n, _CHUNK):
+            y = runner.output(e, x[s : s + _CHUNK]).float()
+            mean[e] += y.sum(0).double()
+            gated[e] += (scores[s : s + _CHUNK, e, None] * y).sum(0).double()
+            wnorm[e] += (route_d[s : s + _CHUNK, e] * y.norm(dim=-1)).sum().double()
+    mean, gated, wnorm = mean.cpu(), gated.cpu(), wnorm.cpu()
+    feats.update(mean=mean / max(n, 1), gated=gated / max(n, 1),
+                 reap=wnorm / (route > 0).double().sum(0).clamp_min(1))
+    return feats
+
+
+# -- the whole model ---------------------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def _gather_layer(model: nn.Module, layer: MoeLayer, batches: dict[str, list[Any]], cap: int) -> Any:
+    """Token sample of one layer through the model as it is now; the forward stops after that layer."""
+    rec = Recorder([layer], layer.num_experts, samples=cap)
+
+    def stop(module: nn.Module, args: Any, output: Any) -> None:
+        raise _StopForward
+
+    handle = layer.block.register_forward_hook(stop)
+    try:
+        with observing(model, rec):
+            for domain, dbatches in batches.items():
+                rec.begin(domain)
+                for batch in dbatches:
+                    try:
+                        run_batch(model, batch, rec)
+                    except _StopForward:
+                        pass
+    finally:
+        handle.remove()
+    return rec.sample_set()

@@ -1,0 +1,95 @@
+"""Apply an expert plan to a model in memory: slice experts, router rows and biases.
+
+The same plan applies to any copy of the model; no statistics are needed. After slicing, the
+modules and (for plans that keep the same count in every layer) the config state the new expert
+count, and top-k never exceeds the experts left.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import MoeSlimError
+from ..families import (
+    MoeLayer,
+    family_of,
+    get_path,
+    moe_layers,
+    set_config_counts,
+    set_expert_count,
+)
+from ..modeling.dispatch import prepare_model
+from .plan import ExpertPlan
+
+
+def _set_path(root: nn.Module, path: str, value: torch.Tensor) -> None:
+    *parents, leaf = path.split(".")
+    owner: Any = root
+    for part in parents:
+        owner = getattr(owner, part)
+    old = getattr(owner, leaf)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, leaf, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:  # a buffer
+        setattr(owner, leaf, value)
+    if isinstance(owner, nn.Linear) and leaf == "weight":
+        owner.out_features = value.shape[0]
+
+
+def slice_layer(layer: MoeLayer, keep: list[int]) -> None:
+    """Keep only experts ``keep`` (original indices, in this order) in one MoE layer."""
+    fam = layer.family
+    idx = torch.tensor(keep, dtype=torch.long)
+    if fam.layout == "fused":
+        for name, p in layer.expert_params().items():
+            setattr(layer.experts, name, nn.Parameter(p.data[idx.to(p.device)].clone(), requires_grad=p.requires_grad))
+    else:
+        experts = layer.experts
+        old = {k: experts[k] for k in list(experts.keys())}
+        for k in list(experts.keys()):
+            del experts[k]
+        for j, e in enumerate(keep):
+            experts[f"expert_{j}"] = old[f"expert_{e}"]
+    for path in (fam.router_weight, fam.router_bias, fam.correction_bias):
+        if not path:
+            continue
+        t = get_path(layer.router, path)
+        if t is not None:
+            _set_path(layer.router, path, t.data[idx.to(t.device)].clone())
+    set_expert_count(layer, len(keep))
+
+
+def apply_plan(model: nn.Module, plan: ExpertPlan) -> nn.Module:
+    """Prune ``model`` in place according to ``plan`` and return it."""
+    family = family_of(model)
+    prepare_model(model)
+    layers = moe_layers(model)
+    if plan.kind != "prune":
+        raise MoeSlimError(f"this is a {plan.kind} plan; apply it with `moe-slim merge --plan`")
+    n_now = {l.num_experts for l in layers}
+    if n_now != {plan.num_experts}:
+        raise MoeSlimError(
+            f"plan was made for {plan.num_experts} experts per layer; this model has {sorted(n_now)} (make the plan on this model)"
+        )
+    plan.validate(family, model.config, [l.name for l in layers])
+    for layer, lp in zip(layers, plan.layers):
+        slice_layer(layer, lp.keep)
+    counts = set(plan.kept_counts)
+    if len(counts) == 1:
+        set_config_counts(model.config, family, counts.pop())
+    model.config.moe_slim = {"plan": plan.kind, "kept_per_layer": plan.kept_counts}
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of the model, each shared tensor counted once."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total

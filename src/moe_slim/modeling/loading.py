@@ -1,0 +1,74 @@
+"""Loading checkpoints the way every command needs them: offline, with one-line errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedModel,
+)
+
+from ..errors import MoeSlimError
+
+
+def load_config(path: str | os.PathLike) -> Any:
+    """The transformers config of a checkpoint directory, or a one-line error."""
+    p = Path(path)
+    if not p.exists():
+        raise MoeSlimError(f"model {p} does not exist (give a checkpoint directory with config.json)")
+    if p.is_dir() and not (p / "config.json").exists():
+        raise MoeSlimError(f"{p} is not a model checkpoint: it has no config.json")
+    try:
+        return AutoConfig.from_pretrained(str(p))
+    except Exception as exc:  # transformers raises many types for unreadable configs
+        raise MoeSlimError(f"{p} is not a readable transformers checkpoint: {str(exc).splitlines()[0]}") from exc
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    device_map: str | dict | None = None,
+    dtype: torch.dtype | str | None = None,
+    offload_folder: str | None = None,
+) -> tuple[PreTrainedModel, Any]:
+    """Load a checkpoint and its tokenizer (if any), in eval mode.
+
+    Encoder-decoder checkpoints load as seq2seq models, everything else as causal LMs.
+    ``device_map`` is passed to accelerate (e.g. ``"auto"`` with CPU/disk offload).
+    """
+    config = load_config(path)
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    if dtype is None and not torch.cuda.is_available():
+        dtype = torch.float32  # bf16/fp16 checkpoints run slowly and less exactly on CPUs
+    kwargs: dict[str, Any] = {"dtype": dtype or "auto"}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if offload_folder is not None:
+        kwargs["offload_folder"] = offload_folder
+    try:
+        model = auto.from_pretrained(str(path), **kwargs)
+    except Exception as exc:
+        raise MoeSlimError(f"could not load model {path}: {str(exc).splitlines()[0]}") from exc
+    model.eval()
+    from .dispatch import prepare_model
+
+    prepare_model(model)
+    return model, load_tokenizer(path)
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any | None:
+    """The checkpoint's tokenizer, or None when it ships none."""
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception:
+        return None
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
