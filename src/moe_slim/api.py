@@ -13,10 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .checkpoint.cards import merge_card, prune_card, sft_card
+from .checkpoint.rewrite import check_quantization, rewrite_pruned, skeleton
 from .checkpoint.save import save_checkpoint
+from .checkpoint.shard_writer import DEFAULT_MAX_SHARD_BYTES, parse_size
 from .data.calib import calibration_texts
 from .errors import MoeSlimError
 from .experts.criteria import ALL_CRITERIA, score
@@ -34,7 +37,8 @@ from .experts.plan import ExpertPlan, check_ratio, make_plan
 from .experts.prune import apply_plan, count_parameters
 from .experts.stats import RouterStats
 from .families import check_uniform, family_of, moe_layers
-from .modeling.loading import load_config, load_model
+from .modeling.loading import load_config, load_model, output_dtype, parse_dtype
+from .modeling.shards import has_safetensors, source_dtype
 from .outputs import atomic_dir, check_output
 from .recover.loop import SftResult, sft
 from .recover.modes import check_mode
@@ -120,26 +124,54 @@ def prune_checkpoint(
     floor: int | None = None,
     seed: int = 0,
     overwrite: bool = False,
+    in_memory: bool = False,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: str | int | None = None,
+    progress: bool = True,
 ) -> ExpertPlan:
-    """Prune a checkpoint with saved statistics and write the result (plan.json and card beside it)."""
+    """Prune a checkpoint with saved statistics and write the result (plan.json and card beside it).
+
+    A safetensors checkpoint is rewritten by streaming its shards (:mod:`moe_slim.checkpoint.rewrite`:
+    the model is never built, every tensor keeps its dtype); ``in_memory=True`` loads the model,
+    slices it and saves it instead. ``dtype`` converts the weights (default: keep the source's).
+    """
     check_output(out, overwrite)
     if criterion not in ALL_CRITERIA:
         raise MoeSlimError(f"unknown criterion '{criterion}' (choose from: {', '.join(ALL_CRITERIA)})")
     check_ratio(ratio)
-    family_of(load_config(model_path))
+    config = load_config(model_path)
+    family_of(config)
+    want = parse_dtype(dtype)
+    shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else DEFAULT_MAX_SHARD_BYTES
     stats = RouterStats.load(stats_path)
-    model, tok = load_model(model_path)
+    streaming = not in_memory and has_safetensors(model_path)
+    if streaming:
+        check_quantization(config, str(model_path))
+        model, tok = skeleton(config), None
+    else:
+        model, tok = load_model(model_path, dtype=want or source_dtype(model_path))
     plan = plan_for(model, stats, criterion=criterion, ratio=ratio, mix=mix, reference=reference, budget=budget,
                     floor=floor, seed=seed)
     plan.info["stats_path"] = str(stats_path)
-    _write(model, tok, plan, model_path, out, overwrite, stats.meta)
+    if streaming:
+        _stream(model_path, out, plan, stats.meta, want, shard_bytes, overwrite, progress)
+    else:
+        _write(model, tok, plan, model_path, out, overwrite, stats.meta, want, shard_bytes)
     return plan
 
 
 def apply_checkpoint(
-    model_path: str | os.PathLike, plan_path: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False
+    model_path: str | os.PathLike,
+    plan_path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    in_memory: bool = False,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: str | int | None = None,
+    progress: bool = True,
 ) -> ExpertPlan:
-    """Apply a saved plan to a checkpoint (no statistics needed).
+    """Apply a saved plan to a checkpoint (no statistics needed); streamed like :func:`prune_checkpoint`.
 
     A merge plan (kind ``merge``) is replayed by :func:`merge_checkpoint`, with the
     neuron permutations saved beside it.
@@ -147,16 +179,33 @@ def apply_checkpoint(
     check_output(out, overwrite)
     plan = ExpertPlan.load(plan_path)
     if plan.kind == "merge":
-
-        return merge_checkpoint(model_path, out, plan_path=plan_path, overwrite=overwrite)
-    family_of(load_config(model_path))
-    model, tok = load_model(model_path)
-    _write(model, tok, plan, model_path, out, overwrite, None)
+        return merge_checkpoint(model_path, out, plan_path=plan_path, overwrite=overwrite, dtype=dtype)
+    config = load_config(model_path)
+    family_of(config)
+    want = parse_dtype(dtype)
+    shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else DEFAULT_MAX_SHARD_BYTES
+    if not in_memory and has_safetensors(model_path):
+        check_quantization(config, str(model_path))
+        _stream(model_path, out, plan, None, want, shard_bytes, overwrite, progress)
+        return plan
+    model, tok = load_model(model_path, dtype=want or source_dtype(model_path))
+    _write(model, tok, plan, model_path, out, overwrite, None, want, shard_bytes)
     return plan
 
 
+def _stream(source: Any, out: Any, plan: ExpertPlan, stats_meta: dict[str, Any] | None, dtype: torch.dtype | None,
+            shard_bytes: int, overwrite: bool, progress: bool) -> None:
+    def card(out_model: nn.Module, before: int, after: int) -> str:
+        return prune_card(source=str(source), plan=plan, params_before=before, params_after=after, model=out_model,
+                          stats_info=stats_meta)
+
+    rewrite_pruned(source, out, plan, card=card, dtype=dtype, max_shard_bytes=shard_bytes, overwrite=overwrite,
+                   progress=progress)
+
+
 def _write(model: nn.Module, tok: Any, plan: ExpertPlan, source: Any, out: Any, overwrite: bool,
-           stats_meta: dict[str, Any] | None) -> None:
+           stats_meta: dict[str, Any] | None, dtype: torch.dtype | None = None,
+           shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
     check_uniform(moe_layers(model))
     before = count_parameters(model)
     plan.check_writable()  # refuse before any slicing work
@@ -165,7 +214,8 @@ def _write(model: nn.Module, tok: Any, plan: ExpertPlan, source: Any, out: Any, 
     plan.info.update(params_before=before, params_after=after)
     card = prune_card(source=str(source), plan=plan, params_before=before, params_after=after, model=model,
                       stats_info=stats_meta)
-    save_checkpoint(model, tok, out, card=card, plan=plan, overwrite=overwrite)
+    save_checkpoint(model, tok, out, card=card, plan=plan, overwrite=overwrite, dtype=dtype or source_dtype(source),
+                    max_shard_bytes=shard_bytes)
 
 
 def parse_weights(text: str | None) -> dict[str, float] | None:
@@ -209,6 +259,7 @@ def merge_checkpoint(
     data_dir: str = "data",
     seed: int = 0,
     overwrite: bool = False,
+    dtype: str | torch.dtype | None = None,
     log: Callable[[str], None] | None = None,
 ) -> MergePlan:
     """Merge a checkpoint's experts and write the smaller checkpoint (plan, permutations and card beside it).
@@ -220,6 +271,7 @@ def merge_checkpoint(
 
     check_output(out, overwrite)
     family_of(load_config(model_path))
+    save_dtype = output_dtype(dtype, model_path)  # merging computes in float32; the output keeps the source dtype
     stats = None
     if plan_path is not None:
         plan = MergePlan.load(plan_path)
@@ -259,7 +311,7 @@ def merge_checkpoint(
     plan.info.update(params_before=before, params_after=after, source=str(model_path))
     card = merge_card(source=str(model_path), plan=plan, params_before=before, params_after=after, model=model,
                       stats_info=stats.meta if stats is not None else None)
-    save_checkpoint(model, tok, out, card=card, plan=plan, overwrite=overwrite)
+    save_checkpoint(model, tok, out, card=card, plan=plan, overwrite=overwrite, dtype=save_dtype)
     return plan
 
 
@@ -274,14 +326,19 @@ def sft_checkpoint(
     merge_lora: bool = False,
     overwrite: bool = False,
     device_map: str | None = None,
+    dtype: str | torch.dtype | None = None,
     **kwargs: Any,
 ) -> SftResult:
-    """``moe-slim sft``: load, fine-tune, write a checkpoint (or adapter) with a model card, atomically."""
+    """``moe-slim sft``: load, fine-tune, write a checkpoint (or adapter) with a model card, atomically.
+
+    Training runs in float32 on CPUs; the checkpoint is written in the source's dtype (or ``dtype``).
+    """
 
     check_output(out, overwrite)
     mode = check_mode(mode)
     if not isinstance(steps, int) or steps <= 0:
         raise MoeSlimError(f"--steps must be a positive integer (got {steps!r})")
+    save_dtype = output_dtype(dtype, model_path)
     model, tok = load_model(model_path, device_map=device_map)
     result = sft(model, tok, data, steps=steps, mode=mode, merge_lora=merge_lora, **kwargs)
     source = str(model_path)
@@ -304,6 +361,5 @@ def sft_checkpoint(
         except Exception:
             plan = None
     save_checkpoint(result.model, tok, out, card=sft_card(source=source, result=result, adapter=False), plan=plan,
-                    extra_json={"sft.json": log_json},
-                    overwrite=overwrite)
+                    extra_json={"sft.json": log_json}, dtype=save_dtype, overwrite=overwrite)
     return result

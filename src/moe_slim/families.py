@@ -95,6 +95,11 @@ class Family:
     # neuron axis (output-side biases) and are averaged as they are when experts merge.
     expert_neurons: tuple[tuple[str, NeuronAxis], ...] = SWIGLU_NEURONS
     expert_down: str = "down_proj"  # the parameter that reads the neurons (its input is the activation)
+    # Where an expert's number sits in an ON-DISK tensor name (per-expert layouts: Qwen3-MoE
+    # ``mlp.experts.7.gate_proj.weight``, Switch/NLLB ``experts.expert_7.wi.weight``). On-disk names
+    # map to modules through transformers' conversion tables (moe_slim.modeling.ondisk); a tensor under
+    # the experts module without such a number is fused, with the experts along its first dimension.
+    disk_expert_index: str = r"\.experts\.(?:expert_)?(\d+)\."
     notes: str = ""
 
     def neuron_axes(self) -> dict[str, NeuronAxis]:
@@ -184,6 +189,16 @@ FAMILIES: tuple[Family, ...] = (
         "fairseq's dispatch (transformers 5.x's NllbMoeExperts.forward only ever runs experts 0 and 1)",
     ),
 )
+
+
+#: Quantization formats (``config.quantization_config.quant_method``) whose expert tensors a rewrite
+#: slices without dequantizing, and the on-disk tensors each adds beside the weights. Both keep the
+#: experts along the first dimension of every tensor (or one tensor per expert), so pruning copies
+#: byte ranges; the quantization block of the config stays valid as it is.
+SLICEABLE_QUANTIZATION: dict[str, str] = {
+    "mxfp4": "GPT-OSS MXFP4: fused *_blocks [E, rows, groups, 16] and *_scales [E, rows, groups], uint8",
+    "fp8": "FP8 with block scales (DeepSeek-V3): weight float8_e4m3fn + weight_scale_inv per expert",
+}
 
 
 def supported_families() -> str:

@@ -32,7 +32,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     plan = api.prune_checkpoint(
         args.model, args.stats, args.out, criterion=args.criterion, ratio=args.ratio, mix=api.parse_weights(args.mix),
         reference=api.parse_weights(args.reference), budget=args.budget, floor=args.floor, seed=args.seed,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, **_write_options(args),
     )
     _print_plan(plan, args.out)
     return 0
@@ -41,9 +41,25 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     from .. import api
 
-    plan = api.apply_checkpoint(args.model, args.plan, args.out, overwrite=args.overwrite)
+    plan = api.apply_checkpoint(args.model, args.plan, args.out, overwrite=args.overwrite, **_write_options(args))
     _print_plan(plan, args.out)
     return 0
+
+
+def _write_options(args: argparse.Namespace) -> dict:
+    return {"in_memory": args.in_memory, "dtype": args.dtype, "max_shard_size": args.max_shard_size,
+            "progress": not args.quiet}
+
+
+def add_write_options(p: argparse.ArgumentParser) -> None:
+    """Options of the commands that write a pruned checkpoint."""
+    p.add_argument("--in-memory", action="store_true",
+                   help="load the model, slice it and save it (default for safetensors checkpoints: stream the "
+                        "shards tensor by tensor without building the model)")
+    p.add_argument("--dtype", default="auto",
+                   help="dtype of the written weights: auto (each tensor keeps the source's), bfloat16, float16, float32")
+    p.add_argument("--max-shard-size", help="largest output shard, e.g. 2GB (default 5GB, as transformers)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _print_plan(plan, out) -> None:
@@ -101,6 +117,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
+    add_write_options(p)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("apply", help="apply a saved plan.json to a checkpoint (no statistics needed)")
@@ -108,6 +125,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plan", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
+    add_write_options(p)
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("stats", help="summarise a stats directory")

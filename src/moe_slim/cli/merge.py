@@ -21,7 +21,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         max_tokens=_tokens(args.max_tokens), align_tokens=_tokens(args.align_tokens),
         samples=_tokens(args.samples) if args.samples else None, grouping=args.grouping,
         sequential=args.sequential, seq_len=args.seq_len, batch_size=args.batch_size, data_dir=args.data,
-        seed=args.seed, overwrite=args.overwrite, log=None if args.quiet else print,
+        seed=args.seed, overwrite=args.overwrite, dtype=args.dtype, log=None if args.quiet else print,
     )
     i = plan.info
     print(f"wrote {args.out}: merged {plan.num_experts} -> {len(plan.layers[0].groups)} experts per layer "
@@ -52,5 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--dtype", default="auto",
+                   help="dtype of the written weights: auto (the source's; merging computes in float32), bfloat16, "
+                        "float16, float32")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_merge)

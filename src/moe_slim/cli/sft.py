@@ -29,7 +29,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
         scheduler=args.scheduler, weight_decay=args.weight_decay, eval_every=args.eval_every,
         val_examples=args.val_examples, patience=None if args.patience == 0 else args.patience, seed=args.seed,
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        lora_experts=args.lora_experts,
+        lora_experts=args.lora_experts, dtype=args.dtype,
         chrf_limit=None if args.chrf_limit == 0 else args.chrf_limit, max_minutes=args.max_minutes,
         progress=not args.quiet,
         log=None if args.quiet else print,
@@ -75,6 +75,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="lora: also adapt fused 3-D expert weights (one low-rank update per expert)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device-map", help="passed to accelerate when loading (e.g. auto)")
+    p.add_argument("--dtype", default="auto",
+                   help="dtype of the written weights: auto (the source's; training runs in float32 on CPUs), "
+                        "bfloat16, float16, float32")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sft)

@@ -31,6 +31,31 @@ def load_config(path: str | os.PathLike) -> Any:
         raise MoeSlimError(f"{p} is not a readable transformers checkpoint: {str(exc).splitlines()[0]}") from exc
 
 
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+    "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+
+
+def parse_dtype(text: str | torch.dtype | None) -> torch.dtype | None:
+    """``--dtype``: ``auto``/None (the checkpoint's own dtype) -> None, else a torch dtype; one-line errors."""
+    if text is None or isinstance(text, torch.dtype):
+        return text
+    t = str(text).strip().lower().removeprefix("torch.")
+    if t in ("", "auto"):
+        return None
+    if t not in DTYPES:
+        raise MoeSlimError(f"unknown dtype '{text}' (choose from: auto, bfloat16, float16, float32)")
+    return DTYPES[t]
+
+
+def output_dtype(requested: str | torch.dtype | None, source: str | os.PathLike) -> torch.dtype | None:
+    """The dtype a checkpoint derived from ``source`` is written in: the one asked for, else the source's."""
+    from .shards import source_dtype
+
+    return parse_dtype(requested) or source_dtype(source)
+
+
 def load_model(
     path: str | os.PathLike,
     *,
