@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from .checkpoint.cards import merge_card, prune_card, sft_card
-from .checkpoint.rewrite import check_quantization, rewrite_pruned, skeleton
+from .checkpoint.rewrite import check_quantization, rewrite_pruned
 from .checkpoint.save import save_checkpoint
 from .checkpoint.shard_writer import DEFAULT_MAX_SHARD_BYTES, parse_size
 from .data.calib import calibration_texts
 from .errors import MoeSlimError
+from .experts import distributed
 from .experts.criteria import ALL_CRITERIA, score
 from .experts.merge.apply import apply_merge_plan
 from .experts.merge.driver import merge_model
@@ -32,13 +33,21 @@ from .experts.merge.methods import (
     samples_hint,
 )
 from .experts.merge.plan import MergePlan
-from .experts.observe import observe
+from .experts.observe import DEFAULT_CACHE_BYTES, observe, observe_layerwise
 from .experts.plan import ExpertPlan, check_ratio, make_plan
 from .experts.prune import apply_plan, count_parameters
 from .experts.stats import RouterStats
 from .families import check_uniform, family_of, moe_layers
-from .modeling.loading import load_config, load_model, output_dtype, parse_dtype
-from .modeling.shards import has_safetensors, source_dtype
+from .modeling import devices
+from .modeling.loading import (
+    load_config,
+    load_model,
+    load_tokenizer,
+    output_dtype,
+    parse_dtype,
+)
+from .modeling.ondisk import meta_model
+from .modeling.shards import ITEMSIZE, ShardedCheckpoint, has_safetensors, source_dtype
 from .outputs import atomic_dir, check_output
 from .recover.loop import SftResult, sft
 from .recover.modes import check_mode
@@ -64,25 +73,66 @@ def observe_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
     samples: int = 0,
+    layerwise: bool | None = None,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = None,
+    work_dir: str | os.PathLike | None = None,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> RouterStats:
     """Observe a checkpoint on calibration text (a spec string or texts per domain) and save the stats.
 
     ``samples=N`` also keeps up to N tokens per domain and MoE layer for expert merging.
+    ``layerwise`` keeps one transformer layer in memory at a time (default: when the model would
+    not fit in the device's free memory); its progress is kept in ``work_dir`` (default: a hidden
+    directory beside ``out``) so an interrupted run resumes. ``device``/``dtype``: where and in what
+    precision the model runs (default: the GPU in the checkpoint's dtype, or float32 on a CPU).
+    Under torchrun/accelerate with several processes each observes its share and rank 0 writes.
     """
     check_output(out, overwrite)
-    family_of(load_config(model_path))  # unsupported family: fail before loading weights
+    config = load_config(model_path)
+    family_of(config)  # unsupported family: fail before loading weights
     texts, budget = calibration_texts(calib, data_dir)
     if max_tokens is None:
         max_tokens = budget
-    model, tok = load_model(model_path, device_map=device_map)
+    dev = devices.resolve_device(device)
+    dist = distributed.context(dev)
+    if dist is not None and dev.type == "cuda":  # one GPU per process
+        dev = devices.resolve_device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
+    run_dtype = devices.compute_dtype(dtype, dev, model_path)
+    if layerwise is None:
+        layerwise = device_map is None and has_safetensors(model_path) and needs_layerwise(model_path, run_dtype, dev)
+    if layerwise and not has_safetensors(model_path):
+        raise MoeSlimError(f"layer-wise observation reads safetensors weights and {model_path} has none "
+                           "(convert it to safetensors, or observe without --layerwise)")
+    if layerwise:
+        tok = load_tokenizer(model_path)
+    else:
+        model, tok = load_model(model_path, device_map=device_map, dtype=run_dtype,
+                                device=None if device_map else dev)
     if tok is None:
         raise MoeSlimError(f"{model_path} has no tokenizer; observation needs one to read calibration text")
-    stats = observe(model, tok, texts, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, pack=pack,
-                    progress=progress, samples=samples)
+    settings = dict(seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, pack=pack, progress=progress,
+                    samples=samples, dist=dist)
+    if layerwise:
+        work = Path(work_dir) if work_dir is not None else Path(out).parent / f".{Path(out).name}.layerwise"
+        if dist is not None:
+            work = work.with_name(f"{work.name}-rank{dist.rank}")
+        stats = observe_layerwise(model_path, tok, texts, device=dev, dtype=run_dtype, work_dir=work,
+                                  cache_bytes=cache_bytes, **settings)
+    else:
+        stats = observe(model, tok, texts, **settings)
     stats.meta["model_path"] = str(model_path)
     stats.meta["calibration"] = calib if isinstance(calib, str) else "in-memory"
-    stats.save(out, overwrite=overwrite)
+    if dist is None or dist.main:
+        stats.save(out, overwrite=overwrite)
     return stats
+
+
+def needs_layerwise(model_path: str | os.PathLike, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the whole model in ``dtype`` would take more than 80% of the device's free memory."""
+    ck = ShardedCheckpoint(model_path)
+    elements = sum(e.nbytes // ITEMSIZE[e.dtype] for e in ck.entries.values())
+    return elements * torch.tensor([], dtype=dtype).element_size() > 0.8 * devices.available_memory(device)
 
 
 def plan_for(
@@ -147,7 +197,7 @@ def prune_checkpoint(
     streaming = not in_memory and has_safetensors(model_path)
     if streaming:
         check_quantization(config, str(model_path))
-        model, tok = skeleton(config), None
+        model, tok = meta_model(config), None
     else:
         model, tok = load_model(model_path, dtype=want or source_dtype(model_path))
     plan = plan_for(model, stats, criterion=criterion, ratio=ratio, mix=mix, reference=reference, budget=budget,
@@ -260,6 +310,8 @@ def merge_checkpoint(
     seed: int = 0,
     overwrite: bool = False,
     dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = "auto",
+    compute_dtype: str | torch.dtype | None = None,
     log: Callable[[str], None] | None = None,
 ) -> MergePlan:
     """Merge a checkpoint's experts and write the smaller checkpoint (plan, permutations and card beside it).
@@ -271,11 +323,13 @@ def merge_checkpoint(
 
     check_output(out, overwrite)
     family_of(load_config(model_path))
-    save_dtype = output_dtype(dtype, model_path)  # merging computes in float32; the output keeps the source dtype
+    save_dtype = output_dtype(dtype, model_path)  # merging computes in float32 on CPUs; the output keeps the source dtype
+    dev = devices.resolve_device(device)
+    run = dict(device=dev, dtype=devices.compute_dtype(compute_dtype, dev, model_path))
     stats = None
     if plan_path is not None:
         plan = MergePlan.load(plan_path)
-        model, tok = load_model(model_path)
+        model, tok = load_model(model_path, **run)
         before = count_parameters(model)
         apply_merge_plan(model, plan)
     else:
@@ -295,7 +349,7 @@ def merge_checkpoint(
         texts = None
         if calib is not None:
             texts, _budget = calibration_texts(calib, data_dir)
-        model, tok = load_model(model_path)
+        model, tok = load_model(model_path, **run)
         if tok is None and calib is not None:
             raise MoeSlimError(f"{model_path} has no tokenizer; merging with --calib needs one to read the text")
         before = count_parameters(model)
@@ -327,6 +381,8 @@ def sft_checkpoint(
     overwrite: bool = False,
     device_map: str | None = None,
     dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = "auto",
+    compute_dtype: str | torch.dtype | None = None,
     **kwargs: Any,
 ) -> SftResult:
     """``moe-slim sft``: load, fine-tune, write a checkpoint (or adapter) with a model card, atomically.
@@ -339,8 +395,10 @@ def sft_checkpoint(
     if not isinstance(steps, int) or steps <= 0:
         raise MoeSlimError(f"--steps must be a positive integer (got {steps!r})")
     save_dtype = output_dtype(dtype, model_path)
-    model, tok = load_model(model_path, device_map=device_map)
-    result = sft(model, tok, data, steps=steps, mode=mode, merge_lora=merge_lora, **kwargs)
+    dev = devices.resolve_device(device)
+    model, tok = load_model(model_path, device_map=device_map, dtype=devices.compute_dtype(compute_dtype, dev, model_path),
+                            device=None if device_map else dev)
+    result = sft(model, tok, data, steps=steps, mode=mode, merge_lora=merge_lora, cpu=dev.type == "cpu", **kwargs)
     source = str(model_path)
     log_json = result.to_dict()
     log_json["source"] = source

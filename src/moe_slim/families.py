@@ -100,6 +100,9 @@ class Family:
     # map to modules through transformers' conversion tables (moe_slim.modeling.ondisk); a tensor under
     # the experts module without such a number is fused, with the experts along its first dimension.
     disk_expert_index: str = r"\.experts\.(?:expert_)?(\d+)\."
+    # The ModuleLists of transformer layers, in the order a forward runs them (encoder first): what
+    # layer-wise observation walks, one layer's weights in memory at a time.
+    layer_stacks: tuple[str, ...] = ("model.layers",)
     notes: str = ""
 
     def neuron_axes(self) -> dict[str, NeuronAxis]:
@@ -176,6 +179,7 @@ FAMILIES: tuple[Family, ...] = (
         top_k_key=None, fixed_top_k=1, layout="modules", router_weight="classifier.weight",
         router_bias="classifier.bias", logits_output=2, combine=_combine_switch,
         expert_neurons=(("wi.weight", NeuronAxis(0)), ("wo.weight", NeuronAxis(1))), expert_down="wo.weight",
+        layer_stacks=("encoder.block", "decoder.block"),
         notes="top-1 with expert capacity; experts are modules expert_{i}",
     ),
     Family(
@@ -184,7 +188,7 @@ FAMILIES: tuple[Family, ...] = (
         layout="modules", router_weight="classifier.weight", router_bias="classifier.bias",
         logits_output=2, combine=_combine_nllb,
         expert_neurons=(("fc1.weight", NeuronAxis(0)), ("fc1.bias", NeuronAxis(0)), ("fc2.weight", NeuronAxis(1))),
-        expert_down="fc2.weight",
+        expert_down="fc2.weight", layer_stacks=("model.encoder.layers", "model.decoder.layers"),
         notes="top-2 with capacity; experts are modules expert_{i}; moe_slim runs the experts with "
         "fairseq's dispatch (transformers 5.x's NllbMoeExperts.forward only ever runs experts 0 and 1)",
     ),

@@ -35,7 +35,7 @@ from ..families import (
     set_config_counts,
 )
 from ..modeling.loading import load_config
-from ..modeling.ondisk import DiskLayout, DiskTensor, meta_model
+from ..modeling.ondisk import DiskLayout, DiskTensor, meta_model, quant_method
 from ..modeling.shards import (
     FLOATING,
     SAFETENSORS_DTYPES,
@@ -51,14 +51,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5
 OWN_FILES = {"config.json", "README.md", "plan.json", "model.safetensors.index.json"}
 
 
-def quant_method(config: Any) -> str | None:
-    qc = getattr(config, "quantization_config", None)
-    if qc is None:
-        return None
-    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    return str(getattr(method, "value", method)) if method is not None else "unknown"
-
-
 def check_quantization(config: Any, where: str) -> str | None:
     """The checkpoint's quantization method, or a one-line error when a rewrite cannot slice it."""
     method = quant_method(config)
@@ -66,14 +58,6 @@ def check_quantization(config: Any, where: str) -> str | None:
         raise MoeSlimError(f"{where} is quantized with '{method}', which moe_slim cannot slice without dequantizing "
                            f"(known: {', '.join(SLICEABLE_QUANTIZATION)}); dequantize it first")
     return method
-
-
-def skeleton(config: Any) -> torch.nn.Module:
-    """A meta-device model of ``config`` (quantization ignored: the skeleton only supplies names and shapes)."""
-    config = copy.deepcopy(config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    return meta_model(config)
 
 
 def _convert(source: Callable[[], torch.Tensor], dtype: torch.dtype) -> Callable[[], Iterator[bytes]]:
@@ -188,7 +172,7 @@ def rewrite_pruned(
         raise MoeSlimError(f"this is a {plan.kind} plan; a streaming rewrite applies prune plans")
     plan.check_writable()
     ckpt = ShardedCheckpoint(src)
-    model = skeleton(config)
+    model = meta_model(config)
     layout = DiskLayout(model, ckpt.keys)
     counts = {layer.num_experts for layer in layout.layers}
     if counts != {plan.num_experts}:
@@ -204,7 +188,7 @@ def rewrite_pruned(
 
     info = {"plan": "prune", "kept_per_layer": plan.kept_counts, "streamed": True}
     new_config = updated_config(config, family, n_keep, info, dtype)
-    out_model = skeleton(new_config)
+    out_model = meta_model(new_config)
     before, after = count_parameters(model), count_parameters(out_model)
     total = sum(t.nbytes for t in tensors)
     with atomic_dir(out, overwrite=overwrite) as tmp, \

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from .common import _tokens
 
@@ -14,15 +15,21 @@ CRITERIA_HELP = "frequency, gate, weighted_frequency, ean, reap, reap_mass, task
 
 def cmd_observe(args: argparse.Namespace) -> int:
     from .. import api
+    from ..checkpoint.shard_writer import parse_size
 
     stats = api.observe_checkpoint(
         args.model, args.calib, args.out, seq_len=args.seq_len, batch_size=args.batch_size,
         max_tokens=_tokens(args.max_tokens) if args.max_tokens else None, pack=not args.no_pack,
         device_map=args.device_map, data_dir=args.data, overwrite=args.overwrite, progress=not args.quiet,
-        samples=_tokens(args.samples) if args.samples else 0,
+        samples=_tokens(args.samples) if args.samples else 0, layerwise=args.layerwise, device=args.device,
+        dtype=args.dtype, work_dir=args.work_dir,
+        **({"cache_bytes": parse_size(args.cache_max)} if args.cache_max else {}),
     )
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 wrote, and only it reports
+        return 0
+    how = f", layer-wise on {stats.meta['layerwise']['device']}" if "layerwise" in stats.meta else ""
     print(f"wrote {args.out}: {stats.n_layers} MoE layers x {stats.n_experts} experts; tokens per domain "
-          f"{ {d: int(v) for d, v in stats.meta['tokens_per_domain'].items()} }")
+          f"{ {d: int(v) for d, v in stats.meta['tokens_per_domain'].items()} }{how}")
     return 0
 
 
@@ -60,6 +67,13 @@ def add_write_options(p: argparse.ArgumentParser) -> None:
                    help="dtype of the written weights: auto (each tensor keeps the source's), bfloat16, float16, float32")
     p.add_argument("--max-shard-size", help="largest output shard, e.g. 2GB (default 5GB, as transformers)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_device_options(p: argparse.ArgumentParser, dtype_flag: str = "--dtype") -> None:
+    """``--device`` and the compute dtype of a command that runs a model."""
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: the GPU when there is one)")
+    p.add_argument(dtype_flag, default="auto",
+                   help="compute dtype: auto (the checkpoint's on a GPU, float32 on a CPU), bfloat16, float16, float32")
 
 
 def _print_plan(plan, out) -> None:
@@ -101,6 +115,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also keep a token sample of N tokens per domain and MoE layer (layer inputs, router logits, "
                         "routing) for expert merging; --samples alone means 32k")
     p.add_argument("--device-map", help="accelerate device map, e.g. auto (CPU/disk offload)")
+    add_device_options(p)
+    lw = p.add_mutually_exclusive_group()
+    lw.add_argument("--layerwise", action="store_true", default=None,
+                    help="one transformer layer in memory at a time, read from the safetensors shards (default when "
+                         "the model would not fit in the device's free memory)")
+    lw.add_argument("--no-layerwise", dest="layerwise", action="store_false", help="always load the whole model")
+    p.add_argument("--work-dir", help="layer-wise: where progress is kept so an interrupted run resumes "
+                                      "(default: .OUT.layerwise beside --out; removed when done)")
+    p.add_argument("--cache-max", help="layer-wise: layer outputs kept in memory before spilling to --work-dir "
+                                       "(default 2GiB)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_observe)

@@ -34,7 +34,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--mc-batch-size", type=int, default=None, help="lm-eval batch size (default 16)")
     p.add_argument("--seq-len", type=int, default=None, help="perplexity window length in tokens")
     p.add_argument("--mc-cache", default=None, help="where derived MC items are cached (default: DATA/mc)")
-    p.add_argument("--dtype", default=None, help="load the model in this dtype (e.g. float32, bfloat16)")
+    p.add_argument("--dtype", default="auto",
+                   help="compute dtype: auto (the checkpoint's on a GPU, float32 on a CPU), bfloat16, float16, float32")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: the GPU when there is one)")
     p.add_argument("--device-map", default=None, help="accelerate device map, e.g. auto")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -68,7 +70,11 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             pass
     log(f"loading {args.checkpoint}")
-    model, tokenizer = load_model(args.checkpoint, dtype=args.dtype, device_map=args.device_map)
+    from ..modeling.devices import compute_dtype, resolve_device
+
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.checkpoint, dtype=compute_dtype(args.dtype, device, args.checkpoint),
+                                  device_map=args.device_map, device=None if args.device_map else device)
     if tokenizer is None:
         raise MoeSlimError(f"{args.checkpoint} has no tokenizer; evaluation needs one (save it with the checkpoint)")
     results = run_plan(model, tokenizer, plan, baseline=args.baseline, batch_size=args.batch_size,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .common import _tokens
+from .core import add_device_options
 
 # Mirrors of moe_slim.experts.merge.methods constants (a test keeps them equal), so the parser needs no torch.
 METHODS: tuple[str, ...] = ("ream", "hc-smoe", "m-smoe", "average")
@@ -21,7 +22,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         max_tokens=_tokens(args.max_tokens), align_tokens=_tokens(args.align_tokens),
         samples=_tokens(args.samples) if args.samples else None, grouping=args.grouping,
         sequential=args.sequential, seq_len=args.seq_len, batch_size=args.batch_size, data_dir=args.data,
-        seed=args.seed, overwrite=args.overwrite, dtype=args.dtype, log=None if args.quiet else print,
+        seed=args.seed, overwrite=args.overwrite, dtype=args.dtype, device=args.device,
+        compute_dtype=args.compute_dtype, log=None if args.quiet else print,
     )
     i = plan.info
     print(f"wrote {args.out}: merged {plan.num_experts} -> {len(plan.layers[0].groups)} experts per layer "
@@ -55,5 +57,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto",
                    help="dtype of the written weights: auto (the source's; merging computes in float32), bfloat16, "
                         "float16, float32")
+    add_device_options(p, "--compute-dtype")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_merge)

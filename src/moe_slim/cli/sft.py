@@ -6,6 +6,7 @@ import argparse
 
 from ..recover.loop import SCHEDULERS
 from ..recover.modes import MODES
+from .core import add_device_options
 
 
 def _warmup(text: str) -> int | float:
@@ -29,7 +30,8 @@ def cmd_sft(args: argparse.Namespace) -> int:
         scheduler=args.scheduler, weight_decay=args.weight_decay, eval_every=args.eval_every,
         val_examples=args.val_examples, patience=None if args.patience == 0 else args.patience, seed=args.seed,
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        lora_experts=args.lora_experts, dtype=args.dtype,
+        lora_experts=args.lora_experts, dtype=args.dtype, device=args.device,
+        compute_dtype=args.compute_dtype,
         chrf_limit=None if args.chrf_limit == 0 else args.chrf_limit, max_minutes=args.max_minutes,
         progress=not args.quiet,
         log=None if args.quiet else print,
@@ -78,6 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto",
                    help="dtype of the written weights: auto (the source's; training runs in float32 on CPUs), "
                         "bfloat16, float16, float32")
+    add_device_options(p, "--compute-dtype")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sft)

@@ -62,6 +62,34 @@ def make_batches(
     return batches
 
 
+def calibration_batches(tokenizer: Any, calibration: dict[str, list[str]], *, seq_len: int, batch_size: int,
+                        max_tokens: int | dict[str, int] | None, pack: bool) -> dict[str, list[Batch]]:
+    """Batches of every domain; one-line errors for impossible settings or a domain without text."""
+    from ..errors import MoeSlimError
+
+    if not calibration:
+        raise MoeSlimError("no calibration text was given")
+    if seq_len < 1 or batch_size < 1:
+        raise MoeSlimError(f"--seq-len and --batch-size must be positive (got {seq_len} and {batch_size})")
+    batches = {}
+    for domain, texts in calibration.items():
+        cap = max_tokens.get(domain) if isinstance(max_tokens, dict) else max_tokens
+        batches[domain] = make_batches(tokenizer, texts, seq_len=seq_len, batch_size=batch_size, max_tokens=cap,
+                                       pack=pack)
+        if not batches[domain]:
+            raise MoeSlimError(f"calibration domain '{domain}' has no text (give a non-empty file)")
+    return batches
+
+
+def stream_offsets(batches: list[Batch]) -> list[int]:
+    """Where each batch's first real token sits in its domain's stream (padding excluded)."""
+    offsets, total = [], 0
+    for b in batches:
+        offsets.append(total)
+        total += int(b.attention_mask.sum())
+    return offsets
+
+
 def _input_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         if p.device.type != "meta":

@@ -1,11 +1,17 @@
 """Run calibration text through a model and return per-domain router statistics.
 
-What is recorded, and how, is :mod:`moe_slim.experts.recorder`; how text becomes batches is
-:mod:`moe_slim.experts.batches`.
+Two paths give the same statistics: :func:`observe` runs the whole (loaded) model; :func:`observe_layerwise`
+keeps one transformer layer in memory at a time, reading it from the checkpoint's shards
+(:mod:`moe_slim.experts.layerwise`), for models larger than memory. Either runs as one process or
+as every rank of a torchrun/accelerate launch (:mod:`moe_slim.experts.distributed`): each rank
+observes every ``world``-th batch and the sums are all-reduced. What is recorded, and how, is
+:mod:`moe_slim.experts.recorder`; how text becomes batches is :mod:`moe_slim.experts.batches`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from typing import Any
 
@@ -16,10 +22,43 @@ from tqdm.auto import tqdm
 from ..errors import MoeSlimError
 from ..families import check_uniform, moe_layers
 from ..fingerprint import library_versions, model_fingerprint
-from .batches import make_batches, run_batch
+from ..modeling.dispatch import prepare_model
+from .batches import Batch, calibration_batches, run_batch, stream_offsets
+from .distributed import Dist, check_same, reduce_recorder
+from .layerwise import Item, LayerwiseRunner, OutputCache, WorkDir, run_key
 from .recorder import Recorder, observing
 from .samples import SAMPLE_FIELDS
 from .stats import RouterStats
+
+DEFAULT_CACHE_BYTES = 2 * 2**30  # layer outputs kept in memory before they spill to the work directory
+
+
+def calibration_items(batches: dict[str, list[Batch]], dist: Dist | None = None) -> list[Item]:
+    """Every batch with its stream offset; under data parallelism, this rank's share (every world-th)."""
+    items = [Item(d, b, off) for d, bs in batches.items() for b, off in zip(bs, stream_offsets(bs))]
+    return items[dist.rank :: dist.world] if dist is not None else items
+
+
+def _calibration_hash(batches: dict[str, list[Batch]]) -> str:
+    h = hashlib.sha256()
+    for d, bs in batches.items():
+        h.update(d.encode())
+        for b in bs:
+            h.update(b.input_ids.numpy().tobytes())
+            h.update(b.attention_mask.numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def _begin(recorder: Recorder, item: Item) -> None:
+    recorder.begin(item.domain)
+    recorder.stream_start = item.offset
+    flat = item.batch.attention_mask.reshape(-1).bool()
+    recorder.masks = {"decoder": flat, "encoder": flat}
+
+
+def _check_samples(samples: int) -> None:
+    if samples < 0:
+        raise MoeSlimError(f"samples must be a non-negative number of tokens, not {samples}")
 
 
 def observe(
@@ -33,6 +72,7 @@ def observe(
     pack: bool = True,
     progress: bool = False,
     samples: int = 0,
+    dist: Dist | None = None,
 ) -> RouterStats:
     """Run calibration text through ``model`` and return per-domain router statistics.
 
@@ -41,31 +81,137 @@ def observe(
     keeps a token sample of at most N tokens per domain and MoE layer (inputs, router logits,
     routing weights) for expert merging; it costs ``N x hidden`` values per domain and layer.
     """
-    if samples < 0:
-        raise MoeSlimError(f"samples must be a non-negative number of tokens, not {samples}")
-    if not calibration:
-        raise MoeSlimError("no calibration text was given")
+    _check_samples(samples)
+    batches = calibration_batches(tokenizer, calibration, seq_len=seq_len, batch_size=batch_size,
+                                  max_tokens=max_tokens, pack=pack)
     layers = moe_layers(model)
-    n_experts = check_uniform(layers)
-    recorder = Recorder(layers, n_experts, samples=samples)
-    batches = {}
-    for domain, texts in calibration.items():
-        cap = max_tokens.get(domain) if isinstance(max_tokens, dict) else max_tokens
-        batches[domain] = make_batches(tokenizer, texts, seq_len=seq_len, batch_size=batch_size, max_tokens=cap, pack=pack)
-        if not batches[domain]:
-            raise MoeSlimError(f"calibration domain '{domain}' has no text (give a non-empty file)")
+    recorder = Recorder(layers, check_uniform(layers), samples=samples)
+    for d in batches:
+        recorder.begin(d)
+    items = calibration_items(batches, dist)
+    if dist is not None:
+        check_same(dist, "calibration text or model", f"{_calibration_hash(batches)} {model_fingerprint(model)}")
     start = time.perf_counter()
-    total = sum(len(b) for b in batches.values())
-    with torch.no_grad(), observing(model, recorder), tqdm(total=total, disable=not progress, desc="observe") as bar:
-        for domain, dbatches in batches.items():
-            recorder.begin(domain)
-            for batch in dbatches:
-                run_batch(model, batch, recorder)
-                bar.update(1)
+    with torch.no_grad(), observing(model, recorder), tqdm(total=len(items), disable=not progress,
+                                                           desc="observe") as bar:
+        for item in items:
+            _begin(recorder, item)
+            run_batch(model, item.batch, recorder)
+            bar.update(1)
+    return _finish(recorder, model, tokenizer, seq_len=seq_len, pack=pack, samples=samples, start=start, dist=dist)
+
+
+def observe_layerwise(
+    model_path: str | os.PathLike,
+    tokenizer: Any,
+    calibration: dict[str, list[str]],
+    *,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    max_tokens: int | dict[str, int] | None = None,
+    pack: bool = True,
+    progress: bool = False,
+    samples: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = torch.float32,
+    work_dir: str | os.PathLike | None = None,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    dist: Dist | None = None,
+) -> RouterStats:
+    """:func:`observe` with one transformer layer in memory at a time, read from the checkpoint's shards.
+
+    Peak memory is one layer's weights, the embeddings and norms, and each batch's output of the
+    current layer (``cache_bytes`` in memory, the rest in ``work_dir``). With ``work_dir`` every
+    finished layer is saved there, and a run started again with the same model, text and settings
+    continues after the last finished layer; the directory is removed when the run completes.
+    """
+    from ..modeling.loading import load_config
+    from ..modeling.materialize import WeightSource
+    from ..modeling.ondisk import meta_model, quant_method
+
+    _check_samples(samples)
+    config = load_config(model_path)
+    if quant_method(config) is not None:
+        raise MoeSlimError(f"{model_path} is quantized ({quant_method(config)}); layer-wise observation reads "
+                           "unquantized safetensors weights (dequantize it first, or observe without --layerwise)")
+    device = torch.device(device)
+    model = prepare_model(meta_model(config))
+    batches = calibration_batches(tokenizer, calibration, seq_len=seq_len, batch_size=batch_size,
+                                  max_tokens=max_tokens, pack=pack)
+    layers = moe_layers(model)
+    recorder = Recorder(layers, check_uniform(layers), samples=samples)
+    for d in batches:
+        recorder.begin(d)
+    items = calibration_items(batches, dist)
+    fingerprint = model_fingerprint(model)
+    if dist is not None:
+        check_same(dist, "calibration text or model", f"{_calibration_hash(batches)} {fingerprint}")
+    source = WeightSource(model_path, model)
+    runner = LayerwiseRunner(model, source, items, device=device, dtype=dtype,
+                             before_batch=lambda item: _begin(recorder, item))
+    stacks = runner.stacks()
+    work = None
+    done: dict[str, Any] = {}
+    if work_dir is not None:
+        key = run_key(fingerprint, _calibration_hash(batches), seq_len, batch_size, pack, samples, str(dtype),
+                      dist.rank if dist else 0, dist.world if dist else 1)
+        work = WorkDir(work_dir, key)
+        done = work.load() or {}
+        if done:
+            recorder.load_state_tensors(work.state_tensors())
+        work.path.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    source.load_all_but(tuple(name for name, _ in stacks), device, dtype)
+    position = (done.get("stack", 0), done.get("layer", -1))  # the last finished (stack, layer)
+    cache = OutputCache.from_disk(work.path / "outputs", len(items), cache_bytes) if done else None
+    encoder = OutputCache.from_disk(work.path / "encoder", len(items), cache_bytes) if done.get("encoder") else None
+    total = sum(len(mods) for _, mods in stacks) * len(items)
+    finished = sum(len(mods) for _, mods in stacks[: position[0]]) + position[1] + 1
+    with torch.no_grad(), observing(model, recorder), \
+            tqdm(total=total, initial=finished * len(items), disable=not progress, desc="observe layer-wise") as bar:
+        for si, (name, mods) in enumerate(stacks):
+            if si > 0 and runner.encdec and encoder is None:  # the encoder is done: its output feeds the decoder
+                encoder = OutputCache(work.outputs("encoder") if work else None, cache_bytes)
+                for b in range(len(items)):
+                    encoder.put(b, runner.encoder_output(stacks[0][1], cache, b))
+                if work is not None:
+                    os.replace(work.path / "outputs-encoder", work.path / "encoder")
+                    encoder.directory = work.path / "encoder"
+                    work.commit({"stack": si, "layer": -1, "encoder": True}, recorder.state_tensors(), None)
+                cache = None
+            for i in range(len(mods)):
+                if (si, i) <= position:
+                    continue
+                bar.set_postfix_str(f"{name}.{i}")
+                source.load(f"{name}.{i}", device, dtype)
+                new = OutputCache(work.outputs(f"{si}-{i}") if work else None, cache_bytes)
+                for b in range(len(items)):
+                    new.put(b, runner.layer_outputs(si, mods, i, cache, b, encoder.get(b) if si > 0 and encoder else None))
+                    bar.update(1)
+                source.unload(f"{name}.{i}")
+                cache = new
+                if work is not None:
+                    work.commit({"stack": si, "layer": i, "encoder": encoder is not None}, recorder.state_tensors(),
+                                f"{si}-{i}")
+                    cache.directory = work.path / "outputs"
+    stats = _finish(recorder, model, tokenizer, seq_len=seq_len, pack=pack, samples=samples, start=start, dist=dist)
+    stats.meta["layerwise"] = {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                               "resumed_after": list(position) if done else None}
+    if work is not None:
+        work.remove()
+    return stats
+
+
+def _finish(recorder: Recorder, model: nn.Module, tokenizer: Any, *, seq_len: int, pack: bool, samples: int,
+            start: float, dist: Dist | None) -> RouterStats:
+    """Sum the ranks' statistics (under data parallelism) and wrap them with what they were gathered on."""
+    if dist is not None:
+        reduce_recorder(dist, recorder)
+    layers = recorder.layers
     meta = {
         "family": layers[0].family.name,
         "layers": [l.name for l in layers],
-        "num_experts": n_experts,
+        "num_experts": recorder.n_experts,
         "top_k": layers[0].family.top_k(model.config),
         "model_fingerprint": model_fingerprint(model),
         "model_path": str(getattr(model.config, "_name_or_path", "")),
@@ -76,6 +222,8 @@ def observe(
         "seconds": round(time.perf_counter() - start, 3),
         "versions": library_versions(),
     }
+    if dist is not None:
+        meta["processes"] = dist.world
     sample_set = None
     if samples:
         sample_set = recorder.sample_set()

@@ -50,11 +50,41 @@ class Recorder:
         self.samples = int(samples)
         self.reservoirs: dict[tuple[str, int], Reservoir] = {}
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor, Reservoir]] = {}
+        # position of the current batch's first real token in its domain's stream (None: right after the
+        # previous batch); set when batches arrive out of stream order or on several processes
+        self.stream_start: int | None = None
 
     def begin(self, domain: str) -> None:
         self.domain = domain
         if domain not in self.domains:
             self.domains[domain] = empty_domain(self.n_layers, self.n_experts)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything accumulated so far (sums and reservoirs), as named tensors for safetensors."""
+        out = {f"sum|{d}|{f}": t for d, fields in self.domains.items() for f, t in fields.items()}
+        for (d, li), res in self.reservoirs.items():
+            out[f"res|{d}|{li}|position"] = res.position
+            out[f"res|{d}|{li}|seen"] = torch.tensor([res.seen])
+            out.update({f"res|{d}|{li}|data|{name}": t for name, t in res.data.items()})
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Continue from :meth:`state_tensors` of an interrupted run."""
+        for key, t in tensors.items():
+            kind, d, rest = key.split("|", 2)
+            if kind == "sum":
+                self.begin(d)
+                self.domains[d][rest] = t.clone()
+                continue
+            li, what, *name = rest.split("|")
+            res = self.reservoirs.setdefault((d, int(li)), Reservoir(self.samples, zlib.crc32(str(d).encode())))
+            if what == "position":
+                res.position = t.clone()
+            elif what == "seen":
+                res.seen = int(t[0])
+            else:
+                res.data[name[0]] = t.clone()
+        self.domain = None
 
     def sample_set(self) -> Samples:
         """The token samples gathered so far, as :class:`~moe_slim.experts.samples.Samples`."""
@@ -74,7 +104,7 @@ class Recorder:
         res = self.reservoirs.get(key)
         if res is None:  # one seed per domain: every layer samples the same token positions
             res = self.reservoirs[key] = Reservoir(self.samples, zlib.crc32(str(self.domain).encode()))
-        take, slots = res.plan(pos.numel())
+        take, slots = res.plan(pos.numel(), self.stream_start)
         rows = pos[take.to(pos.device)]
         res.put("x", slots, x[rows])
         res.put("logits", slots, lg[rows])

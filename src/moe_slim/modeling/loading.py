@@ -62,17 +62,23 @@ def load_model(
     device_map: str | dict | None = None,
     dtype: torch.dtype | str | None = None,
     offload_folder: str | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[PreTrainedModel, Any]:
     """Load a checkpoint and its tokenizer (if any), in eval mode.
 
     Encoder-decoder checkpoints load as seq2seq models, everything else as causal LMs.
-    ``device_map`` is passed to accelerate (e.g. ``"auto"`` with CPU/disk offload).
+    ``device_map`` is passed to accelerate (e.g. ``"auto"`` with CPU/disk offload); ``device`` puts
+    the whole model on one device. ``dtype``: ``auto``/None is float32 on CPU-only machines (bf16/fp16
+    run slowly and less exactly there) and the checkpoint's own dtype otherwise.
     """
     config = load_config(path)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    dtype = parse_dtype(dtype)
     if dtype is None and not torch.cuda.is_available():
-        dtype = torch.float32  # bf16/fp16 checkpoints run slowly and less exactly on CPUs
+        dtype = torch.float32
     kwargs: dict[str, Any] = {"dtype": dtype or "auto"}
+    if device_map is None and device is not None and torch.device(device).type != "cpu":
+        device_map = {"": str(device)}
     if device_map is not None:
         kwargs["device_map"] = device_map
     if offload_folder is not None:

@@ -30,14 +30,29 @@ from ..families import MoeLayer, family_of, moe_layers
 
 
 def meta_model(config: Any) -> nn.Module:
-    """A skeleton of the model with every parameter on the meta device: names and shapes, no memory."""
+    """A skeleton of the model with every parameter on the meta device: names and shapes, no memory.
+
+    A quantization block in the config is ignored: the skeleton has the model's logical parameters.
+    """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    if hasattr(config, "quantization_config"):
+        config = copy.deepcopy(config)
+        del config.quantization_config
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     with init_empty_weights():
         model = auto.from_config(config)
     return model.eval()
+
+
+def quant_method(config: Any) -> str | None:
+    """``quantization_config.quant_method`` of a config (None when the checkpoint is not quantized)."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return str(getattr(method, "value", method)) if method is not None else "unknown"
 
 
 @dataclass(frozen=True)

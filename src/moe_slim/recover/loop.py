@@ -137,6 +137,7 @@ def sft(
     max_minutes: float | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    cpu: bool = False,
 ) -> SftResult:
     """Fine-tune ``model`` in place for at most ``steps`` optimizer steps and return an :class:`SftResult`.
 
@@ -213,7 +214,7 @@ def sft(
     if not params:
         raise MoeSlimError(f"nothing to train in mode {mode}")
 
-    accelerator = Accelerator(gradient_accumulation_steps=grad_accum)
+    accelerator = Accelerator(gradient_accumulation_steps=grad_accum, cpu=cpu)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = get_scheduler(scheduler, optimizer, num_warmup_steps=warm, num_training_steps=steps)
     model, optimizer, sched = accelerator.prepare(model, optimizer, sched)

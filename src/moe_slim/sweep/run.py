@@ -46,6 +46,15 @@ def model_content_hash(model_dir: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
+def load_spec_model(spec: SweepSpec) -> tuple[Any, Any]:
+    """The sweep's model on the spec's device, in its compute dtype."""
+    from ..modeling.devices import compute_dtype, resolve_device
+    from ..modeling.loading import load_model
+
+    device = resolve_device(spec.device)
+    return load_model(spec.model, dtype=compute_dtype(spec.dtype, device, spec.model), device=device)
+
+
 def read_calibration(spec: SweepSpec) -> tuple[dict[str, list[str]], dict[str, str]]:
     """The first ``texts_per_domain`` texts of each calibration domain, and each file's sha256."""
     texts: dict[str, list[str]] = {}
@@ -86,10 +95,9 @@ class PointRunner:
         from ..experts.prune import count_parameters
         from ..experts.stats import RouterStats
         from ..fingerprint import library_versions
-        from ..modeling.loading import load_model
 
         if model is None:
-            model, tok = load_model(spec.model)
+            model, tok = load_spec_model(spec)
         self.model, self.tok = model, tok
         self.stats = stats if stats is not None else RouterStats.load(stats_dir)
         self.stats.check_model(self.model)
@@ -235,14 +243,13 @@ def run_sweep(
     """
     from tqdm import tqdm
 
-    from ..modeling.loading import load_model
 
     say = log or (lambda msg: None)
     if jobs < 1:
         raise MoeSlimError(f"--jobs must be at least 1 (got {jobs})")
     out = Path(out)
     model_hash = model_content_hash(spec.model)
-    model, tok = load_model(spec.model)
+    model, tok = load_spec_model(spec)
     out.mkdir(parents=True, exist_ok=True)
     stats, stats_dir, stats_key, calib_hashes = prepare_stats(spec, out, model, tok, model_hash, say)
     shared = spec.shared_config(model_hash)

@@ -26,6 +26,8 @@ Spec schema (YAML; relative paths resolve against the current directory)::
                                            # evaluating (moe_slim.recover.stage.recover; keys as sft()); baseline untouched
     write_best: null                       # true (= "chrf>=0.98*baseline") or a target: write the best point's
                                            # checkpoint to OUT/best when the sweep is complete
+    device: auto                           # cpu, cuda, cuda:N or auto (the GPU when there is one)
+    dtype: auto                            # compute dtype: auto (the checkpoint's on a GPU, float32 on a CPU)
     seed: 0
 """
 
@@ -46,7 +48,7 @@ DOMAINS: tuple[str, ...] = ("general", "math", "code", "translation")
 BUDGETS: tuple[str, ...] = ("uniform", "global")
 SWEEP_FORMAT = "moe_slim.sweep/1"
 TOP_KEYS = {"model", "data_dir", "calibration", "mixes", "methods", "ratios", "budgets", "floor", "merge", "eval",
-            "recover", "write_best", "seed", "name"}
+            "recover", "write_best", "seed", "name", "device", "dtype"}
 CALIB_KEYS = {"domains", "split", "texts_per_domain", "max_tokens", "seq_len", "batch_size", "samples"}
 MERGE_KEYS = {"max_tokens", "group_size", "align_tokens"}
 EVAL_KEYS = {"suite", "tasks", "limit", "batch_size"}
@@ -68,6 +70,8 @@ class SweepSpec:
     name: str = "sweep"
     write_best: str | None = None
     recover: dict[str, Any] | None = None
+    device: str = "auto"  # where points run (cpu, cuda, cuda:N, auto)
+    dtype: str = "auto"  # compute dtype (auto: the checkpoint's on a GPU, float32 on a CPU)
     raw: dict[str, Any] = field(default_factory=dict)
     mix_names: dict[str, str] = field(default_factory=dict)  # weights label -> name
 
@@ -257,10 +261,14 @@ def parse_spec(raw: Any, *, check_files: bool = True) -> SweepSpec:
         from .targets import parse_target
 
         parse_target(write_best)
+    device, dtype = str(raw.get("device", "auto")), str(raw.get("dtype", "auto"))
+    from ..modeling.loading import parse_dtype
+
+    parse_dtype(dtype)
 
     spec = SweepSpec(model=raw["model"], data_dir=data_dir, calibration=cal, mixes=unique, methods=list(methods),
                      ratios=[float(r) for r in ratios], budgets=list(budgets), floor=floor, merge=merge, eval=ev,
-                     seed=seed, name=str(raw.get("name", "sweep")), write_best=write_best, recover=recover, raw=raw,
+                     seed=seed, name=str(raw.get("name", "sweep")), write_best=write_best, recover=recover, device=device, dtype=dtype, raw=raw,
                      mix_names=mix_names)
     if check_files:
         check_inputs(spec)
