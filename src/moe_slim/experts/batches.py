@@ -4,6 +4,7 @@ no-grad forward that tells the recorder which tokens are padding.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -109,4 +110,6 @@ def run_batch(model: nn.Module, batch: Batch, recorder: Recorder | None = None) 
         kwargs.update(decoder_input_ids=ids, decoder_attention_mask=mask)
     else:
         kwargs["use_cache"] = False
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+            kwargs["logits_to_keep"] = 1  # observation reads the routers, not the logits of every token
     model(**kwargs)
