@@ -20,7 +20,7 @@ from .checkpoint.cards import merge_card, prune_card, sft_card
 from .checkpoint.rewrite import check_quantization, rewrite_pruned
 from .checkpoint.save import save_checkpoint
 from .checkpoint.shard_writer import DEFAULT_MAX_SHARD_BYTES, parse_size
-from .data.calib import calibration_texts
+from .data.calib import calibration_inputs, calibration_texts
 from .errors import MoeSlimError
 from .experts import distributed
 from .experts.criteria import ALL_CRITERIA, score
@@ -88,7 +88,7 @@ def observe_checkpoint(
     precision the model runs (default: the GPU in the checkpoint's dtype, or float32 on a CPU).
     Under torchrun/accelerate with several processes each observes its share and rank 0 writes.
     """
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=[model_path, data_dir, work_dir, *calibration_inputs(calib)])
     config = load_config(model_path)
     family_of(config)  # unsupported family: fail before loading weights
     texts, budget = calibration_texts(calib, data_dir)
@@ -185,7 +185,7 @@ def prune_checkpoint(
     the model is never built, every tensor keeps its dtype); ``in_memory=True`` loads the model,
     slices it and saves it instead. ``dtype`` converts the weights (default: keep the source's).
     """
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=[model_path, stats_path])
     if criterion not in ALL_CRITERIA:
         raise MoeSlimError(f"unknown criterion '{criterion}' (choose from: {', '.join(ALL_CRITERIA)})")
     check_ratio(ratio)
@@ -226,7 +226,7 @@ def apply_checkpoint(
     A merge plan (kind ``merge``) is replayed by :func:`merge_checkpoint`, with the
     neuron permutations saved beside it.
     """
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=[model_path, plan_path])
     plan = ExpertPlan.load(plan_path)
     if plan.kind == "merge":
         return merge_checkpoint(model_path, out, plan_path=plan_path, overwrite=overwrite, dtype=dtype)
@@ -320,8 +320,7 @@ def merge_checkpoint(
     here (``calib``; ``samples`` tokens per domain, default ``max_tokens``), or from a saved merge plan
     (``plan_path``, replayed without statistics).
     """
-
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=[model_path, stats_path, plan_path, data_dir, *calibration_inputs(calib)])
     family_of(load_config(model_path))
     save_dtype = output_dtype(dtype, model_path)  # merging computes in float32 on CPUs; the output keeps the source dtype
     dev = devices.resolve_device(device)
@@ -389,8 +388,7 @@ def sft_checkpoint(
 
     Training runs in float32 on CPUs; the checkpoint is written in the source's dtype (or ``dtype``).
     """
-
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=[model_path, kwargs.get("data_dir", "data")])
     mode = check_mode(mode)
     if not isinstance(steps, int) or steps <= 0:
         raise MoeSlimError(f"--steps must be a positive integer (got {steps!r})")

@@ -115,7 +115,7 @@ def main(data_dir: str = "data") -> int:
 
     overlap = []
     rows = []
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
     rows.append(("original", "-", "-", base.config.num_experts, count_parameters(base)))
     for calib in ("translation", "general"):
         if calib not in stats.domains:
@@ -145,7 +145,7 @@ def main(data_dir: str = "data") -> int:
 
     out = RUN_DIR / "reap-translation-50"
     if out.exists():
-        model = AutoModelForCausalLM.from_pretrained(out)
+        model = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
         tok = AutoTokenizer.from_pretrained(out)
         prompt = translation_prompt("The file could not be opened.", "de")
         ids = tok(prompt, return_tensors="pt").input_ids

@@ -144,9 +144,15 @@ def test_empty_calibration_and_existing_output(workdir: Path, tmp_path: Path, ca
     _bad(capsys, ["prune", str(workdir / "model"), "--stats", str(workdir / "stats"), "--ratio", "0.5",
                   "--out", str(exists)], exists, "already exists")
     assert (exists / "keep.txt").read_text() == "mine"
-    assert main(["prune", str(workdir / "model"), "--stats", str(workdir / "stats"), "--ratio", "0.5",
-                 "--out", str(exists), "--overwrite"]) == 0
-    assert (exists / "config.json").exists() and not (exists / "keep.txt").exists()
+    # --overwrite replaces only moe_slim's own outputs: a user's directory is refused even then
+    _bad(capsys, ["prune", str(workdir / "model"), "--stats", str(workdir / "stats"), "--ratio", "0.5",
+                  "--out", str(exists), "--overwrite"], exists, "is not a moe_slim output")
+    assert (exists / "keep.txt").read_text() == "mine"
+    ours = tmp_path / "ours"
+    for _ in range(2):  # the second run replaces the first one's output
+        assert main(["prune", str(workdir / "model"), "--stats", str(workdir / "stats"), "--ratio", "0.5",
+                     "--out", str(ours), "--overwrite", "--quiet"]) == 0
+    assert (ours / "config.json").exists() and (ours / ".moe_slim").exists()
 
 
 def test_criteria_help_lists_every_criterion() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..outputs import atomic_dir
+from ..outputs import atomic_dir, pause_point
 
 
 def save_checkpoint(
@@ -39,6 +39,7 @@ def save_checkpoint(
         model.to(dtype)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(str(tmp), **({"max_shard_size": max_shard_bytes} if max_shard_bytes else {}))
+        pause_point("after-first-file")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if plan is not None:

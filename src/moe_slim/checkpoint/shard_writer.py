@@ -22,6 +22,7 @@ from typing import Any
 
 from ..errors import MoeSlimError
 from ..modeling.shards import INDEX_FILE, ITEMSIZE, SINGLE_FILE
+from ..outputs import pause_point
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
 
@@ -126,6 +127,7 @@ def write_shards(
                 weight_map[t.name] = fname
             f.flush()
             os.fsync(f.fileno())
+        pause_point("after-first-file")
     if n > 1:
         total = sum(t.nbytes for t in tensors)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

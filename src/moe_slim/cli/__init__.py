@@ -26,9 +26,20 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with moe_slim's error convention: one line naming the problem, exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"moe-slim: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser, with every area's subcommands."""
-    parser = argparse.ArgumentParser(prog="moe-slim", description="Make MoE language models smaller.")
+    from .. import __version__
+
+    parser = Parser(prog="moe-slim", description="Make MoE language models smaller.")
+    parser.add_argument("--version", action="version", version=f"moe-slim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -54,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_libraries()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already said in one line
+        return exc.code if isinstance(exc.code, int) else 0
     try:
         result = args.func(args)
     except MoeSlimError as exc:
@@ -63,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moe-slim: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except OSError as exc:  # a file that cannot be read or written, said in one line
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"moe-slim: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

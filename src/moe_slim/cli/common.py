@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+import argparse
+import math
+from collections.abc import Callable
+from typing import Any
+
 
 def _tokens(text: str) -> int:
     """``200k`` / ``1.5M`` / ``5000`` -> a token count; anything else is a one-line error."""
@@ -17,3 +22,38 @@ def _tokens(text: str) -> int:
     if value <= 0:
         raise MoeSlimError(f"a token count must be positive, not '{text}'")
     return value
+
+
+def _number(kind: type, text: str, ok: Callable[[Any], bool], what: str) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not {what}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, not {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(int, text, lambda v: v > 0, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    return _number(int, text, lambda v: v >= 0, "a non-negative integer")
+
+
+def positive_float(text: str) -> float:
+    return _number(float, text, lambda v: v > 0 and math.isfinite(v), "a positive number")
+
+
+def non_negative_float(text: str) -> float:
+    return _number(float, text, lambda v: v >= 0 and math.isfinite(v), "a non-negative number")
+
+
+def fraction(text: str) -> float:
+    """A share of experts removed: strictly between 0 and 1."""
+    return _number(float, text, lambda v: 0 < v < 1, "a share strictly between 0 and 1")
+
+
+def probability(text: str) -> float:
+    return _number(float, text, lambda v: 0 <= v < 1, "a number in [0, 1)")

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from .common import _tokens
+from .common import _tokens, fraction, non_negative_int, positive_int
 
 # Heavy modules (transformers) are imported inside the commands, so `moe-slim --help` and
 # one-line errors come fast.
@@ -107,8 +107,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="general=a.jsonl,translation=b.jsonl | a directory | a mix over --data (translation=3,general=1@200k)")
     p.add_argument("--out", required=True, help="stats directory to write")
     p.add_argument("--data", default="data", help="built data directory for mix specs (default: data)")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=positive_int, default=512)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--max-tokens", help="token budget per domain, e.g. 50k")
     p.add_argument("--no-pack", action="store_true", help="one text per row with padding instead of packing")
     p.add_argument("--samples", nargs="?", const="32k", metavar="N",
@@ -133,12 +133,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model")
     p.add_argument("--stats", required=True)
     p.add_argument("--criterion", default="reap", help=f"one of: {CRITERIA_HELP}")
-    p.add_argument("--ratio", type=float, required=True, help="share of experts to remove, in (0, 1)")
+    p.add_argument("--ratio", type=fraction, required=True, help="share of experts to remove, in (0, 1)")
     p.add_argument("--mix", help="calibration mix to score on, e.g. translation=3,general=1 (default: all domains)")
     p.add_argument("--reference", help="reference mix for task_contrast (default: the domains the mix leaves out)")
     p.add_argument("--budget", default="uniform", help="uniform | global | FILE with per-layer counts")
-    p.add_argument("--floor", type=int, help="per-layer minimum for --budget global (never below top-k)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--floor", type=positive_int, help="per-layer minimum for --budget global (never below top-k)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     add_write_options(p)

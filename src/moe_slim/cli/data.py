@@ -7,6 +7,8 @@ import sys
 import time
 from typing import Any
 
+from .common import non_negative_int
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("data", help="build or inspect the offline calibration/evaluation data",
@@ -17,7 +19,7 @@ def register(subparsers: Any) -> None:
     b = sub.add_parser("build", help="build data/<domain>/<split>.jsonl and data/manifest.json")
     b.add_argument("--out", default="data", help="output directory (default: data)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    b.add_argument("--seed", type=int, default=0, help="seed of the split and sampling hashes (default: 0)")
+    b.add_argument("--seed", type=non_negative_int, default=0, help="seed of the split and sampling hashes (default: 0)")
     b.add_argument("--locale-dir", action="append", default=[], metavar="DIR",
                    help="extra gettext locale directory (<DIR>/<lang>/LC_MESSAGES/*.mo), repeatable; "
                         "added to /usr/share/locale and /usr/share/locale-langpack")

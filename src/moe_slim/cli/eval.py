@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..evals.suites import BUILTIN_TASKS, SUITES, TASK_ALIASES
+from .common import positive_int
 
 
 def register(subparsers: Any) -> None:
@@ -24,15 +25,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tasks", default=None,
                    help=f"comma-separated tasks instead of the suite's: {', '.join(BUILTIN_TASKS)}, aliases "
                         f"{', '.join(TASK_ALIASES)}, or lm-eval task names found with --include-path")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--limit", type=positive_int, default=None,
                    help="at most N items per task (per language pair for translation, per domain for perplexity)")
     p.add_argument("--baseline", default=None,
                    help="results JSON of another system: paired-bootstrap intervals of the translation scores")
     p.add_argument("--include-path", action="append", default=None, metavar="DIR",
                    help="directory of extra lm-eval task YAMLs (repeatable)")
-    p.add_argument("--batch-size", type=int, default=None, help="generation batch size (default 32)")
-    p.add_argument("--mc-batch-size", type=int, default=None, help="lm-eval batch size (default 16)")
-    p.add_argument("--seq-len", type=int, default=None, help="perplexity window length in tokens")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="generation batch size (default 32)")
+    p.add_argument("--mc-batch-size", type=positive_int, default=None, help="lm-eval batch size (default 16)")
+    p.add_argument("--seq-len", type=positive_int, default=None, help="perplexity window length in tokens")
     p.add_argument("--mc-cache", default=None, help="where derived MC items are cached (default: DATA/mc)")
     p.add_argument("--dtype", default="auto",
                    help="compute dtype: auto (the checkpoint's on a GPU, float32 on a CPU), bfloat16, float16, float32")
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     plan = plan_evaluation(args.suite, tasks=args.tasks, data_dir=args.data, limit=args.limit,
                            include_path=args.include_path, baseline=args.baseline)
-    check_output(args.out, args.overwrite)
+    check_output(args.out, args.overwrite, inputs=[args.checkpoint, args.data, args.baseline, *(args.include_path or [])])
     for name, value in (("--batch-size", args.batch_size), ("--mc-batch-size", args.mc_batch_size),
                         ("--seq-len", args.seq_len)):
         if value is not None and value < 1:
@@ -69,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
             datasets.disable_progress_bars()
         except ImportError:
             pass
+    from ..modeling.loading import load_config
+
+    load_config(args.checkpoint)  # a missing or broken checkpoint is one line, before any progress output
     log(f"loading {args.checkpoint}")
     from ..modeling.devices import compute_dtype, resolve_device
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import _tokens
+from .common import _tokens, fraction, non_negative_int, positive_int
 from .core import add_device_options
 
 # Mirrors of moe_slim.experts.merge.methods constants (a test keeps them equal), so the parser needs no torch.
@@ -35,13 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="merge experts (REAM, HC-SMoE, M-SMoE, average) into a smaller checkpoint")
     p.add_argument("model")
     p.add_argument("--method", default="ream", help=f"one of: {', '.join(METHODS)} (default: ream)")
-    p.add_argument("--ratio", type=float, help="share of experts removed per layer, in (0, 1)")
+    p.add_argument("--ratio", type=fraction, help="share of experts removed per layer, in (0, 1)")
     p.add_argument("--stats", help="stats directory observed with --samples")
     p.add_argument("--calib", help="calibration text, observed here (same SPEC forms as observe)")
     p.add_argument("--plan", help="replay a saved merge plan.json (its permutations file beside it); no stats needed")
     p.add_argument("--data", default="data", help="built data directory for mix specs (default: data)")
     p.add_argument("--mix", help="calibration mix, e.g. translation=3,general=1 (default: all domains)")
-    p.add_argument("--group-size", type=int, default=16, help="REAM's C: most experts in one group (default 16)")
+    p.add_argument("--group-size", type=positive_int, default=16, help="REAM's C: most experts in one group (default 16)")
     p.add_argument("--max-tokens", default="32k", help="sample tokens per layer used for merging (default 32k)")
     p.add_argument("--align-tokens", default=str(DEFAULT_ALIGN_TOKENS),
                    help=f"tokens whose activations align neurons (default {DEFAULT_ALIGN_TOKENS})")
@@ -49,9 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grouping", help=f"override the method's grouping: {', '.join(GROUPINGS)}")
     p.add_argument("--sequential", action="store_true",
                    help="merge layer by layer, re-gathering each layer's inputs through the merged layers (needs --calib)")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seq-len", type=positive_int, default=512)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--dtype", default="auto",

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 
 from ..reference import REFERENCE_DIR
+from .common import non_negative_int, positive_int
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -35,8 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-reference", help="train the reference MoE from the built data (GPU if present)")
     p.add_argument("--out", default=str(REFERENCE_DIR))
     p.add_argument("--data", default="data")
-    p.add_argument("--steps", type=int, help="override the recipe's step count")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=positive_int, help="override the recipe's step count")
+    p.add_argument("--seed", type=non_negative_int)
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_train)
@@ -45,6 +46,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", nargs="?", default=str(REFERENCE_DIR))
     p.add_argument("--data", default="data")
     p.add_argument("--suite", default="quick")
-    p.add_argument("--translation-per-pair", type=int, default=0,
+    p.add_argument("--translation-per-pair", type=non_negative_int, default=0,
                    help="test sentences per pair for the chrF-vs-copy table (default 0: the whole test split)")
     p.set_defaults(func=cmd_card)

@@ -6,6 +6,13 @@ import argparse
 
 from ..recover.loop import SCHEDULERS
 from ..recover.modes import MODES
+from .common import (
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
 from .core import add_device_options
 
 
@@ -51,31 +58,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="checkpoint directory")
     p.add_argument("--data", required=True,
                    help="mix over the built data's train split, e.g. translation=0.8,general=0.2 (or a YAML mix)")
-    p.add_argument("--steps", type=int, required=True, help="optimizer steps (at most; early stopping may end sooner)")
+    p.add_argument("--steps", type=positive_int, required=True, help="optimizer steps (at most; early stopping may end sooner)")
     p.add_argument("--out", required=True)
     p.add_argument("--mode", default="experts", choices=MODES,
                    help="full | experts (experts and routers only; default) | lora (attention/MLP linears)")
     p.add_argument("--merge-lora", action="store_true", help="lora: write merged weights instead of an adapter")
     p.add_argument("--data-dir", default="data", help="built data directory (default: data)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: full 5e-5, experts 1e-4, lora 2e-4)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=positive_float, help="peak learning rate (default: full 5e-5, experts 1e-4, lora 2e-4)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--seq-len", type=positive_int, default=256)
     p.add_argument("--warmup", type=_warmup, default=0.1, help="warm-up steps, or a fraction of --steps (default 0.1)")
     p.add_argument("--scheduler", default="cosine", choices=SCHEDULERS)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--eval-every", type=int, help="validation interval in steps (default: steps/10)")
-    p.add_argument("--val-examples", type=int, default=64, help="validation examples (default 64)")
-    p.add_argument("--patience", type=int, default=3, help="evaluations without improvement before stopping (0: never)")
-    p.add_argument("--chrf-limit", type=int, default=25,
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.0)
+    p.add_argument("--eval-every", type=positive_int, help="validation interval in steps (default: steps/10)")
+    p.add_argument("--val-examples", type=positive_int, default=64, help="validation examples (default 64)")
+    p.add_argument("--patience", type=non_negative_int, default=3, help="evaluations without improvement before stopping (0: never)")
+    p.add_argument("--chrf-limit", type=non_negative_int, default=25,
                    help="sentences per pair for chrF before/after when translation is in the mix (0: skip)")
-    p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (wall clock)")
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--lora-alpha", type=int, default=32)
-    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--max-minutes", type=positive_float, help="stop training after this many minutes (wall clock)")
+    p.add_argument("--lora-r", type=positive_int, default=16)
+    p.add_argument("--lora-alpha", type=positive_int, default=32)
+    p.add_argument("--lora-dropout", type=probability, default=0.0)
     p.add_argument("--lora-experts", action="store_true",
                    help="lora: also adapt fused 3-D expert weights (one low-rank update per expert)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device-map", help="passed to accelerate when loading (e.g. auto)")
     p.add_argument("--dtype", default="auto",
                    help="dtype of the written weights: auto (the source's; training runs in float32 on CPUs), "

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .common import positive_int
+
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from ..sweep.report import write_report
@@ -53,8 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="evaluate a grid of calibration mixes x methods x ratios (resumable, SQLite)")
     p.add_argument("spec", help="sweep spec (YAML); see moe_slim.sweep.spec for the schema")
     p.add_argument("--out", help="sweep directory (results.db, stats/, report/); default runs/sweep-<spec name>")
-    p.add_argument("--jobs", type=int, default=1, help="points evaluated in parallel processes (default 1)")
-    p.add_argument("--max-points", type=int, help="stop after this many new points (re-run to continue)")
+    p.add_argument("--jobs", type=positive_int, default=1, help="points evaluated in parallel processes (default 1)")
+    p.add_argument("--max-points", type=positive_int, help="stop after this many new points (re-run to continue)")
     p.add_argument("--write-best", metavar="TARGET",
                    help="after the sweep, write the checkpoint of the best point for TARGET to OUT/best")
     p.add_argument("--target", help="target for the report's best configuration (default chrf>=0.98*baseline "

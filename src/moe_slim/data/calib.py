@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import MoeSlimError
 from .jsonl import MANIFEST, read_jsonl
@@ -244,3 +245,13 @@ def calibration_texts(calib: str | dict[str, list[str]], data_dir: str | os.Path
         total = sum(weights.values())
         budget = {d: int(cal.tokens * w / total) for d, w in weights.items()}
     return cal.texts, budget
+
+
+def calibration_inputs(calib: Any) -> list[str]:
+    """The files and directories a calibration spec reads (for the output guard): ``a.jsonl``,
+    ``general=a.jsonl,code=b.jsonl``, a directory of ``<domain>.jsonl`` or a YAML mix."""
+    if not isinstance(calib, str):
+        return []
+    text = calib.strip()
+    candidates = [text] + [part.partition("=")[2] or part for part in text.partition("@")[0].split(",")]
+    return [c for c in dict.fromkeys(candidates) if c and not c.startswith("hf:") and Path(c).exists()]

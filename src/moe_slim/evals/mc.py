@@ -115,16 +115,30 @@ def task_config(task: str, data_path: str | os.PathLike) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _quiet_lm_eval() -> Iterator[None]:
+    """lm-eval without its log chatter and without the environment report it adds to every result:
+    ``git describe`` in the working directory (which prints ``fatal: not a git repository`` outside a
+    repository) and torch's ``collect_env`` (subprocesses, seconds per call). Our results record the
+    library versions themselves."""
+    import lm_eval.evaluator as evaluator
+
     names = ("lm_eval", "lm-eval", "datasets", "accelerate")
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
+    patched = {"get_git_commit_hash": lambda: None, "add_env_info": lambda storage: None}
+    saved = {name: getattr(evaluator, name, None) for name in patched}
     for lg in loggers:
         lg.setLevel(logging.ERROR)
+    for name, fn in patched.items():
+        if saved[name] is not None:
+            setattr(evaluator, name, fn)
     try:
         yield
     finally:
         for lg, lvl in zip(loggers, levels):
             lg.setLevel(lvl)
+        for name, fn in saved.items():
+            if fn is not None:
+                setattr(evaluator, name, fn)
 
 
 class TaskResolver:

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import MoeSlimError
-from ..outputs import atomic_dir
+from ..outputs import atomic_dir, pause_point
 from .samples import SAMPLES_FILE, SAMPLES_FORMAT, Samples
 
 FORMAT = "moe_slim.stats/1"
@@ -200,6 +200,7 @@ class RouterStats:
         flat = {f"{d}/{f}": t.contiguous() for d, ts in self.domains.items() for f, t in ts.items()}
         with atomic_dir(path, overwrite=overwrite) as tmp:
             save_file(flat, str(tmp / "stats.safetensors"), metadata={"format": FORMAT})
+            pause_point("after-first-file")
             meta = dict(self.meta, format=FORMAT, domains=list(self.domains))
             if self.samples is not None:
                 self.samples.save(tmp / SAMPLES_FILE)

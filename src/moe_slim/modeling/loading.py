@@ -56,6 +56,22 @@ def output_dtype(requested: str | torch.dtype | None, source: str | os.PathLike)
     return parse_dtype(requested) or source_dtype(source)
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def require_safetensors(path: str | os.PathLike) -> None:
+    """A one-line error when a checkpoint directory holds only pickled weights (unpickling runs code)."""
+    p = Path(path)
+    if not p.is_dir() or any(p.glob("*.safetensors")) or any(p.glob("*.gguf")):
+        return
+    pickled = sorted(f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise MoeSlimError(
+            f"{p} holds only pickled weights ({pickled[0]}); moe_slim reads safetensors only, since unpickling a file "
+            "can run code. If you trust it, convert it once: python -c \"from transformers import AutoModel; "
+            f"AutoModel.from_pretrained('{p}', use_safetensors=False).save_pretrained('{p}-safetensors')\"")
+
+
 def load_model(
     path: str | os.PathLike,
     *,
@@ -72,11 +88,12 @@ def load_model(
     run slowly and less exactly there) and the checkpoint's own dtype otherwise.
     """
     config = load_config(path)
+    require_safetensors(path)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     dtype = parse_dtype(dtype)
     if dtype is None and not torch.cuda.is_available():
         dtype = torch.float32
-    kwargs: dict[str, Any] = {"dtype": dtype or "auto"}
+    kwargs: dict[str, Any] = {"dtype": dtype or "auto", "use_safetensors": True}
     if device_map is None and device is not None and torch.device(device).type != "cpu":
         device_map = {"": str(device)}
     if device_map is not None:

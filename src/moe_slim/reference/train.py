@@ -46,7 +46,7 @@ def train_reference(
     from ..outputs import atomic_dir, check_output
 
     recipe = recipe or Recipe()
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=[data_dir])
     data = Path(data_dir)
     texts = {d: _read_texts(data, d, "train", recipe.max_docs_per_domain) for d in DOMAINS}
     texts["translation"] += copied_pairs(data, recipe.copy_fraction, recipe.seed)
@@ -59,7 +59,7 @@ def train_reference(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if resume_from:  # phase 1 already trained by this recipe: continue from its checkpoint
         tok = PreTrainedTokenizerFast.from_pretrained(str(resume_from))
-        model = Qwen3MoeForCausalLM.from_pretrained(str(resume_from), dtype=torch.float32).to(dev)
+        model = Qwen3MoeForCausalLM.from_pretrained(str(resume_from), dtype=torch.float32, use_safetensors=True).to(dev)
     else:
         model = build_model(recipe, tok).to(dev)
     streams = {d: _stream(tok, texts[d], recipe.seed + i, recipe.target_only_loss and d == "translation")

@@ -177,7 +177,7 @@ def _finish_plot(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title:
 def write_report(db: str | os.PathLike, out: str | os.PathLike | None = None, *, target: str | None = None,
                  plots: bool = True) -> dict[str, Any]:
     """Write ``report.md`` and the front PNGs for a results DB; return paths, the table and the best point."""
-    from ..outputs import atomic_dir
+    from ..outputs import atomic_dir, refuse_overlap
     from .store import read_rows
 
     if target is not None:
@@ -187,6 +187,7 @@ def write_report(db: str | os.PathLike, out: str | os.PathLike | None = None, *,
         raise MoeSlimError(f"{db} holds no results yet (run the sweep)")
     dbp = Path(db)
     out = Path(out) if out is not None else (dbp if dbp.is_dir() else dbp.parent) / "report"
+    refuse_overlap(out, [dbp / "results.db" if dbp.is_dir() else dbp])
     fr = fronts(rows)
     best = best_for_target(rows, target, writable_only=True) if target else None
     best_any = best_for_target(rows, target) if target else None

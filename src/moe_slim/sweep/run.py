@@ -24,6 +24,7 @@ from typing import Any
 
 from ..errors import MoeSlimError
 from ..evals.data import file_sha256
+from ..outputs import pause_point, refuse_overlap
 from .best import write_best
 from .grid import Point, _canonical, _hash, point_key
 from .spec import SWEEP_FORMAT, SweepSpec, parse_spec
@@ -248,6 +249,7 @@ def run_sweep(
     if jobs < 1:
         raise MoeSlimError(f"--jobs must be at least 1 (got {jobs})")
     out = Path(out)
+    refuse_overlap(out, [spec.model, spec.data_dir, spec.path])
     model_hash = model_content_hash(spec.model)
     model, tok = load_spec_model(spec)
     out.mkdir(parents=True, exist_ok=True)
@@ -277,6 +279,7 @@ def run_sweep(
         nonlocal ran
         insert_row(conn, row)
         ran += 1
+        pause_point("after-first-point")
         bar.update(1)
         bar.set_postfix_str(f"{row['method']} {row['ratio']:g} {row['mix']}"[:40])
         if on_point is not None:

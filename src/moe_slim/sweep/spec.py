@@ -73,6 +73,7 @@ class SweepSpec:
     device: str = "auto"  # where points run (cpu, cuda, cuda:N, auto)
     dtype: str = "auto"  # compute dtype (auto: the checkpoint's on a GPU, float32 on a CPU)
     raw: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None  # the spec file, when read from one
     mix_names: dict[str, str] = field(default_factory=dict)  # weights label -> name
 
     @property
@@ -301,4 +302,6 @@ def load_spec(path: str | os.PathLike, **overrides: Any) -> SweepSpec:
         raise MoeSlimError(f"sweep spec {p} is not valid YAML: {str(exc).splitlines()[0]}") from exc
     if isinstance(raw, dict):
         raw.update({k: v for k, v in overrides.items() if v is not None})
-    return parse_spec(raw)
+    spec = parse_spec(raw)
+    spec.path = str(p)
+    return spec

@@ -1,0 +1,185 @@
+"""Every command, every kind of bad input: one ``moe-slim:`` line on stderr, exit status 2, nothing written,
+the inputs unchanged (hashed before and after)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from eval_fixtures import write_fixture_data
+
+from moe_slim.cli import main
+from moe_slim.experts.plan import ExpertPlan, LayerPlan
+from moe_slim.families import moe_layers
+from moe_slim.modeling.tiny import save_tiny, tiny_model, tiny_tokenizer
+
+
+def tree_hash(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and "mc" not in p.relative_to(root).parts:  # eval caches derived MC items under data/mc
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def w(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("bad")
+    model = save_tiny("qwen3_moe", root / "model", seed=1, max_position_embeddings=1024)
+    other = save_tiny("mixtral", root / "other", seed=1)
+    calib = root / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"text": f"some words, number {i}"}) + "\n" for i in range(12)))
+    (root / "empty.jsonl").write_text("")
+    assert main(["observe", str(model), "--calib", f"general={calib}", "--out", str(root / "stats"), "--seq-len", "16",
+                 "--quiet", "--no-layerwise"]) == 0
+    assert main(["observe", str(other), "--calib", f"general={calib}", "--out", str(root / "other-stats"),
+                 "--seq-len", "16", "--quiet", "--no-layerwise"]) == 0
+    layers = moe_layers(tiny_model("qwen3_moe"))
+    ExpertPlan("qwen3_moe", 8, 2, [LayerPlan(l.name, [0, 1, 2, 3]) for l in layers]).save(root / "plan.json")
+    ExpertPlan("mixtral", 8, 2, [LayerPlan(l.name, [0, 1, 2, 3]) for l in layers]).save(root / "mixtral-plan.json")
+    (root / "garbage.json").write_text("{not json")
+    corrupt = root / "corrupt-stats"
+    shutil.copytree(root / "stats", corrupt)
+    (corrupt / "meta.json").write_text("{")
+    truncated = root / "truncated"
+    shutil.copytree(model, truncated)
+    st = truncated / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:-64])
+    pickled = root / "pickled"
+    tiny_model("qwen3_moe").config.save_pretrained(str(pickled))
+    tiny_tokenizer().save_pretrained(str(pickled))
+    torch.save({}, pickled / "pytorch_model.bin")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dense = root / "dense"
+    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(str(dense))
+    data = write_fixture_data(root / "data", n_per_domain=4, splits=("test", "calibration", "train", "validation"))
+    spec = {"model": str(model), "data_dir": str(data), "calibration": {"domains": ["general"], "texts_per_domain": 2,
+            "seq_len": 16}, "mixes": [{"general": 1}], "methods": ["reap"], "ratios": [0.5],
+            "eval": {"tasks": ["perplexity"], "limit": 1}}
+    (root / "spec.yaml").write_text(yaml.safe_dump(spec))
+    (root / "badspec.yaml").write_text(yaml.safe_dump({**spec, "colour": "red"}))
+    (root / "afile").write_text("I am a file")
+    mine = root / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("do not delete")
+    names = ("model", "other", "calib", "stats", "other-stats", "corrupt-stats", "plan.json", "mixtral-plan.json",
+             "garbage.json", "truncated", "pickled", "dense", "data", "spec.yaml", "badspec.yaml", "afile", "mine")
+    return {"root": str(root), **{n.replace("-", "_").replace(".", "_"): str(root / n) for n in names},
+            "empty": str(root / "empty.jsonl"), "calib": str(calib)}
+
+
+# (command line with {placeholders}, what the one line must say); {out} is a fresh path that must stay absent
+CASES: list[tuple[str, str]] = [
+    # observe
+    ("observe {root}/nothing --calib general={calib} --out {out}", "does not exist"),
+    ("observe {data} --calib general={calib} --out {out}", "has no config.json"),
+    ("observe {model} --calib general={empty} --out {out}", "is empty"),
+    ("observe {model} --calib general={root}/missing.jsonl --out {out}", "not found"),
+    ("observe {model} --calib general={calib} --out {out} --seq-len 0", "argument --seq-len: must be a positive integer"),
+    ("observe {model} --calib general={calib} --out {out} --batch-size x", "argument --batch-size: 'x' is not"),
+    ("observe {model} --calib general={calib} --out {model}/stats", "lies inside the input"),
+    ("observe {model} --calib general={calib} --out {model} --overwrite", "is the input"),
+    ("observe {model} --calib general={calib} --out {afile}/stats", "is a file, not a directory"),
+    ("observe {model} --calib general={calib} --out {stats}", "already exists"),
+    ("observe {model} --calib general={calib} --out {mine} --overwrite", "is not a moe_slim output"),
+    ("observe {dense} --calib general={calib} --out {out}", "is not a supported MoE family"),
+    ("observe {model} --calib general={calib} --out {out} --device cuda", "no CUDA GPU"),
+    ("observe {model} --calib general={calib} --out {out} --dtype int4", "unknown dtype"),
+    ("observe {pickled} --calib general={calib} --out {out} --no-layerwise", "holds only pickled weights"),
+    ("observe {model} --calib general={calib} --out {out} --max-tokens lots", "is not a token count"),
+    # prune
+    ("prune {model} --stats {stats} --ratio 1.5 --out {out}", "argument --ratio: must be a share strictly between"),
+    ("prune {model} --stats {stats} --ratio abc --out {out}", "argument --ratio: 'abc' is not"),
+    ("prune {model} --stats {stats} --ratio 0.5 --criterion magic --out {out}", "unknown criterion"),
+    ("prune {model} --stats {other_stats} --ratio 0.5 --out {out}", "stats were gathered on"),
+    ("prune {model} --stats {corrupt_stats} --ratio 0.5 --out {out}", "are corrupt"),
+    ("prune {model} --stats {root}/nowhere --ratio 0.5 --out {out}", "is not a stats directory"),
+    ("prune {model} --stats {stats} --ratio 0.5 --out {model} --overwrite", "is the input"),
+    ("prune {model} --stats {stats} --ratio 0.5 --out {stats}/pruned", "lies inside the input"),
+    ("prune {model} --stats {stats} --ratio 0.5 --budget {root}/counts.yaml --out {out}", "budget file"),
+    ("prune {model} --stats {stats} --ratio 0.5 --dtype int8 --out {out}", "unknown dtype"),
+    ("prune {model} --stats {stats} --ratio 0.5 --max-shard-size big --out {out}", "is not a size"),
+    ("prune {model} --stats {stats} --ratio 0.9 --out {out}", "fewer than top-k"),
+    # apply
+    ("apply {model} --plan {root}/noplan.json --out {out}", "does not exist"),
+    ("apply {model} --plan {garbage_json} --out {out}", "not valid JSON"),
+    ("apply {model} --plan {mixtral_plan_json} --out {out}", "plan is for family mixtral"),
+    ("apply {truncated} --plan {plan_json} --out {out}", "is truncated"),
+    ("apply {model} --plan {plan_json} --out {root}", "contains the input"),
+    ("apply {other} --plan {plan_json} --out {out}", "plan is for family qwen3_moe"),
+    # merge
+    ("merge {model} --stats {stats} --out {out}", "needs --ratio"),
+    ("merge {model} --stats {stats} --ratio 0.5 --method blend --out {out}", "unknown merge method"),
+    ("merge {model} --stats {stats} --ratio 0.5 --out {out}", "no token samples"),
+    ("merge {model} --stats {stats} --ratio 0.5 --group-size 0 --out {out}", "argument --group-size"),
+    ("merge {model} --plan {plan_json} --out {out}", "not a moe_slim merge plan"),
+    # eval
+    ("eval {model} --suite gigantic --data {data} --out {out}.json", "unknown suite"),
+    ("eval {model} --tasks nonsense_task --data {data} --out {out}.json", "nonsense_task"),
+    ("eval {root}/nothing --data {data} --out {out}.json", "does not exist"),
+    ("eval {model} --tasks perplexity --limit 0 --data {data} --out {out}.json", "argument --limit"),
+    ("eval {model} --tasks perplexity --data {data} --out {model}/results.json", "lies inside the input"),
+    ("eval {model} --tasks perplexity --data {root}/nodata --out {out}.json", "does not exist"),
+    # sft
+    ("sft {model} --data translation=1 --steps 0 --out {out}", "argument --steps"),
+    ("sft {model} --data translation=1 --steps 2 --mode everything --out {out}", "argument --mode"),
+    ("sft {model} --data translation=1 --steps 2 --lora-dropout 1.5 --out {out}", "argument --lora-dropout"),
+    ("sft {model} --data translation=1 --steps 2 --out {model} --overwrite", "is the input"),
+    # sweep and report
+    ("sweep {root}/nospec.yaml --out {out}", "does not exist"),
+    ("sweep {badspec_yaml} --out {out}", "colour"),
+    ("sweep {spec_yaml} --jobs 0 --out {out}", "argument --jobs"),
+    ("sweep {spec_yaml} --out {model}", "is the input"),
+    ("sweep {spec_yaml} --out {data}/sweep", "lies inside the input"),
+    ("report {root}/noresults.db --out {out}", "results"),
+    # data, stats, reference, verbs
+    ("data build --out {out} --domains poetry", "poetry"),
+    ("data build --out {model} --overwrite", "is not a moe_slim output"),
+    ("stats {root}/nowhere", "is not a stats directory"),
+    ("train-reference --out {out} --steps 0", "argument --steps"),
+    ("train-reference --out {out} --data {root}/nodata", "no "),
+    ("reference-card {root}/nothing", "does not exist"),
+    ("frobnicate", "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("line, says", CASES, ids=[f"{i:02d}-{c[0].split()[0]}" for i, c in enumerate(CASES)])
+def test_bad_input_is_one_line_exit_2_nothing_written(w, tmp_path, capsys, line: str, says: str) -> None:
+    out = tmp_path / "out"
+    argv = line.format(**w, out=out).split()
+    before = tree_hash(Path(w["root"]))
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, (line, err)
+    assert len(err) == 1 and err[0].startswith("moe-slim: "), err
+    assert says in err[0], err[0]
+    assert not list(tmp_path.iterdir()), f"something was written: {list(tmp_path.iterdir())}"
+    assert tree_hash(Path(w["root"])) == before, "an input changed"
+    assert not [p for p in Path(w["root"]).rglob(".*.tmp-*")], "a temporary file was left"
+
+
+@pytest.mark.parametrize("line", [
+    "prune {model} --stats {stats} --ratio abc --out {out}",
+    "prune {model} --stats {stats} --ratio 0.5 --out {model} --overwrite",
+    "observe {model} --calib general={calib} --out {afile}/stats",
+    "sweep {spec_yaml} --out {model}",
+])
+def test_real_processes_print_one_line_too(w, tmp_path, line: str) -> None:
+    """The same, through the console entry point in a fresh process (no library chatter on stderr)."""
+    argv = line.format(**w, out=tmp_path / "out").split()
+    proc = subprocess.run([sys.executable, "-m", "moe_slim", *argv], capture_output=True, text=True,
+                          env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("moe-slim: "), proc.stderr
