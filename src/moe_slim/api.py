@@ -46,6 +46,7 @@ from .modeling.loading import (
     output_dtype,
     parse_dtype,
 )
+from .modeling.hub import resolve_model
 from .modeling.ondisk import meta_model
 from .modeling.shards import ITEMSIZE, ShardedCheckpoint, has_safetensors, source_dtype
 from .outputs import atomic_dir, check_output
@@ -88,6 +89,7 @@ def observe_checkpoint(
     precision the model runs (default: the GPU in the checkpoint's dtype, or float32 on a CPU).
     Under torchrun/accelerate with several processes each observes its share and rank 0 writes.
     """
+    model_path = resolve_model(model_path)  # a local directory, or a Hugging Face Hub id
     check_output(out, overwrite, inputs=[model_path, data_dir, work_dir, *calibration_inputs(calib)])
     config = load_config(model_path)
     family_of(config)  # unsupported family: fail before loading weights
@@ -185,6 +187,7 @@ def prune_checkpoint(
     the model is never built, every tensor keeps its dtype); ``in_memory=True`` loads the model,
     slices it and saves it instead. ``dtype`` converts the weights (default: keep the source's).
     """
+    model_path = resolve_model(model_path)  # a local directory, or a Hugging Face Hub id
     check_output(out, overwrite, inputs=[model_path, stats_path])
     if criterion not in ALL_CRITERIA:
         raise MoeSlimError(f"unknown criterion '{criterion}' (choose from: {', '.join(ALL_CRITERIA)})")
@@ -226,6 +229,7 @@ def apply_checkpoint(
     A merge plan (kind ``merge``) is replayed by :func:`merge_checkpoint`, with the
     neuron permutations saved beside it.
     """
+    model_path = resolve_model(model_path)  # a local directory, or a Hugging Face Hub id
     check_output(out, overwrite, inputs=[model_path, plan_path])
     plan = ExpertPlan.load(plan_path)
     if plan.kind == "merge":
@@ -320,6 +324,7 @@ def merge_checkpoint(
     here (``calib``; ``samples`` tokens per domain, default ``max_tokens``), or from a saved merge plan
     (``plan_path``, replayed without statistics).
     """
+    model_path = resolve_model(model_path)  # a local directory, or a Hugging Face Hub id
     check_output(out, overwrite, inputs=[model_path, stats_path, plan_path, data_dir, *calibration_inputs(calib)])
     family_of(load_config(model_path))
     save_dtype = output_dtype(dtype, model_path)  # merging computes in float32 on CPUs; the output keeps the source dtype
@@ -388,6 +393,7 @@ def sft_checkpoint(
 
     Training runs in float32 on CPUs; the checkpoint is written in the source's dtype (or ``dtype``).
     """
+    model_path = resolve_model(model_path)  # a local directory, or a Hugging Face Hub id
     check_output(out, overwrite, inputs=[model_path, kwargs.get("data_dir", "data")])
     mode = check_mode(mode)
     if not isinstance(steps, int) or steps <= 0:

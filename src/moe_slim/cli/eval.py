@@ -27,6 +27,9 @@ def register(subparsers: Any) -> None:
                         f"{', '.join(TASK_ALIASES)}, or lm-eval task names found with --include-path")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="at most N items per task (per language pair for translation, per domain for perplexity)")
+    p.add_argument("--translation-testset", metavar="NAME:SRC-TGT",
+                   help="translate a standard test set instead of the built data's split: wmt22:en-de (sacrebleu's "
+                        "WMT sets) or flores200:en-de (FLORES+ on the hub); downloaded once, needs the network")
     p.add_argument("--baseline", default=None,
                    help="results JSON of another system: paired-bootstrap intervals of the translation scores")
     p.add_argument("--include-path", action="append", default=None, metavar="DIR",
@@ -50,7 +53,11 @@ def run(args: argparse.Namespace) -> int:
     from ..modeling.loading import load_model
     from ..outputs import check_output
 
+    from ..modeling.hub import resolve_model
+
+    args.checkpoint = str(resolve_model(args.checkpoint))  # a local directory, or a Hugging Face Hub id
     plan = plan_evaluation(args.suite, tasks=args.tasks, data_dir=args.data, limit=args.limit,
+                           translation_testset=args.translation_testset,
                            include_path=args.include_path, baseline=args.baseline)
     check_output(args.out, args.overwrite, inputs=[args.checkpoint, args.data, args.baseline, *(args.include_path or [])])
     for name, value in (("--batch-size", args.batch_size), ("--mc-batch-size", args.mc_batch_size),

@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from ..errors import MoeSlimError
+from ..modeling.hub import offline as hub_offline
 from .data import file_sha256, read_jsonl
 from .mc_items import BUILDER_VERSION, BUILDERS, MC_SEED, MC_TASKS
 
@@ -160,15 +161,9 @@ class TaskResolver:
     def manager(self, names: Sequence[str] = ()) -> Any:
         """A TaskManager that knows every name in ``names`` (MoeSlimError naming the first it does not).
 
-        Names are looked up in ``include_path``; lm-eval's own tasks are indexed (slow: ~20 s) only
-        when an include path is given and a name is not in it.
+        Names are looked up in ``include_path`` first; lm-eval's own registry (arc_easy, hellaswag,
+        mmlu, ...) is indexed (slow: ~20 s) only when a name is not found there.
         """
-        missing = list(names)
-        if missing and not self.include_path:
-            raise MoeSlimError(
-                f"unknown task {missing[0]!r}: ours are {', '.join(MC_TASKS)} (and translation, math_gen, "
-                "perplexity, mc); for an lm-eval task pass --include-path DIR with its YAML"
-            )
         with _quiet_lm_eval():
             from lm_eval.tasks import TaskManager
 
@@ -182,7 +177,7 @@ class TaskResolver:
         if missing:
             raise MoeSlimError(
                 f"unknown task {missing[0]!r}: not one of ours ({', '.join(MC_TASKS)}) nor an lm-eval task "
-                f"in {', '.join(self.include_path)} or lm-eval's own"
+                + (f"in {', '.join(self.include_path)} or " if self.include_path else "") + "in lm-eval's registry"
             )
         return self._manager
 
@@ -245,7 +240,12 @@ def run_mc(
         except Exception as exc:  # dataset problems surface here with lm-eval's many exception types
             if isinstance(exc, MoeSlimError):
                 raise
-            raise MoeSlimError(f"lm-eval failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            if others and hub_offline():
+                raise MoeSlimError(f"lm-eval task(s) {', '.join(others)} need their datasets from the Hugging Face "
+                                   "hub, which is offline here (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE); run online once "
+                                   f"to cache them ({type(exc).__name__}: {first})") from exc
+            raise MoeSlimError(f"lm-eval failed: {type(exc).__name__}: {first}") from exc
     if was_training:
         model.train()
     results: dict[str, Any] = {}

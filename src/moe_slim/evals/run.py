@@ -48,6 +48,8 @@ class EvalPlan:
     data_dir: Path
     external: list[str] = field(default_factory=list)
     resolver: TaskResolver | None = None
+    testset: Any = None  # a resolved moe_slim.evals.testsets.TestSet replacing data/translation/test.jsonl
+    testset_records: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def mc_tasks(self) -> list[str]:
@@ -62,8 +64,13 @@ def plan_evaluation(
     limit: int | None = None,
     include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     baseline: Any = None,
+    translation_testset: str | None = None,
 ) -> EvalPlan:
-    """Check a request (suite, task names, data files, baseline) and say what will run; MoeSlimError if it cannot."""
+    """Check a request (suite, task names, data files, baseline) and say what will run; MoeSlimError if it cannot.
+
+    ``translation_testset`` (``wmt22:en-de``, ``flores200:en-de``) translates a standard test set
+    instead of the built data's translation test split.
+    """
     base = get_suite(suite).with_limit(limit)
     names = expand_tasks(tasks.split(",") if isinstance(tasks, str) else tasks) if tasks is not None \
         else list(base.tasks)
@@ -75,15 +82,24 @@ def plan_evaluation(
     if not data.is_dir():
         raise MoeSlimError(f"data directory {data} does not exist (build it with `moe-slim data build --out {data}` "
                            "or point --data at one)")
+    testset, testset_records = None, []
+    if translation_testset is not None:
+        from .testsets import load_testset, resolve_testset
+
+        if "translation" not in names:
+            names.append("translation")
+        testset = resolve_testset(translation_testset)
+        testset_records = load_testset(testset)  # downloads (once) now: an unreachable set fails before model work
     for t in names:
         for domain in _TASK_DOMAINS.get(t, ()):
-            data_file(data, domain, "test")
+            if not (t == "translation" and testset is not None):
+                data_file(data, domain, "test")
     if baseline is not None and "translation" not in names:
         raise MoeSlimError("a baseline compares translations, but this run has no translation task "
                            "(add translation to --tasks or drop --baseline)")
     if isinstance(baseline, (str, os.PathLike)) and not Path(baseline).is_file():
         raise MoeSlimError(f"baseline {baseline} does not exist (give a results JSON written by `moe-slim eval`)")
-    return EvalPlan(base, names, data, external, resolver)
+    return EvalPlan(base, names, data, external, resolver, testset, testset_records)
 
 
 def _model_info(model: Any, hash_weights: bool | None) -> dict[str, Any]:
@@ -211,10 +227,13 @@ def run_plan(
     try:
         if "translation" in plan.tasks:
             t0 = time.perf_counter()
-            records = ledger.load("translation")
-            require_fields(records, TRANSLATION_FIELDS, plan.data_dir / "translation" / "test.jsonl")
-            records = select_records(records, suite.translation_per_pair)
-            say(f"translation: {len(records)} sentences")
+            if plan.testset is not None:
+                records = select_records(plan.testset_records, suite.translation_per_pair)
+            else:
+                records = ledger.load("translation")
+                require_fields(records, TRANSLATION_FIELDS, plan.data_dir / "translation" / "test.jsonl")
+                records = select_records(records, suite.translation_per_pair)
+            say(f"translation: {len(records)} sentences" + (f" of {plan.testset.label}" if plan.testset else ""))
             results["translation"] = evaluate_translation(
                 model, tokenizer, records, batch_size=gen_batch, baseline=baseline,
                 bootstrap_samples=bootstrap_samples, seed=seed)

@@ -20,9 +20,9 @@ from ..errors import MoeSlimError
 
 def load_config(path: str | os.PathLike) -> Any:
     """The transformers config of a checkpoint directory, or a one-line error."""
-    p = Path(path)
-    if not p.exists():
-        raise MoeSlimError(f"model {p} does not exist (give a checkpoint directory with config.json)")
+    from .hub import resolve_model
+
+    p = resolve_model(path)
     if p.is_dir() and not (p / "config.json").exists():
         raise MoeSlimError(f"{p} is not a model checkpoint: it has no config.json")
     try:
@@ -87,6 +87,9 @@ def load_model(
     the whole model on one device. ``dtype``: ``auto``/None is float32 on CPU-only machines (bf16/fp16
     run slowly and less exactly there) and the checkpoint's own dtype otherwise.
     """
+    from .hub import resolve_model
+
+    path = resolve_model(path)
     config = load_config(path)
     require_safetensors(path)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
