@@ -21,6 +21,7 @@ from .checkpoint.rewrite import check_quantization, rewrite_pruned
 from .checkpoint.save import save_checkpoint
 from .checkpoint.shard_writer import DEFAULT_MAX_SHARD_BYTES, parse_size
 from .data.calib import calibration_inputs, calibration_texts
+from .data.paths import data_dir_or_default
 from .errors import MoeSlimError
 from .experts import distributed
 from .experts.criteria import ALL_CRITERIA, score
@@ -51,6 +52,7 @@ from .modeling.ondisk import meta_model
 from .modeling.shards import ITEMSIZE, ShardedCheckpoint, has_safetensors, source_dtype
 from .outputs import atomic_dir, check_output
 from .recover.loop import SftResult, sft
+from .recover.data import load_sft_data
 from .recover.modes import check_mode
 
 __all__ = [
@@ -70,7 +72,7 @@ def observe_checkpoint(
     max_tokens: int | dict[str, int] | None = None,
     pack: bool = True,
     device_map: str | None = None,
-    data_dir: str = "data",
+    data_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = True,
     samples: int = 0,
@@ -90,6 +92,7 @@ def observe_checkpoint(
     Under torchrun/accelerate with several processes each observes its share and rank 0 writes.
     """
     model_path = resolve_model(model_path)  # a local directory, or a Hugging Face Hub id
+    data_dir = data_dir_or_default(data_dir)
     check_output(out, overwrite, inputs=[model_path, data_dir, work_dir, *calibration_inputs(calib)])
     config = load_config(model_path)
     family_of(config)  # unsupported family: fail before loading weights
@@ -310,7 +313,7 @@ def merge_checkpoint(
     sequential: bool = False,
     seq_len: int = 512,
     batch_size: int = 8,
-    data_dir: str = "data",
+    data_dir: str | os.PathLike | None = None,
     seed: int = 0,
     overwrite: bool = False,
     dtype: str | torch.dtype | None = None,
@@ -325,6 +328,7 @@ def merge_checkpoint(
     (``plan_path``, replayed without statistics).
     """
     model_path = resolve_model(model_path)  # a local directory, or a Hugging Face Hub id
+    data_dir = data_dir_or_default(data_dir)
     check_output(out, overwrite, inputs=[model_path, stats_path, plan_path, data_dir, *calibration_inputs(calib)])
     family_of(load_config(model_path))
     save_dtype = output_dtype(dtype, model_path)  # merging computes in float32 on CPUs; the output keeps the source dtype
@@ -394,11 +398,14 @@ def sft_checkpoint(
     Training runs in float32 on CPUs; the checkpoint is written in the source's dtype (or ``dtype``).
     """
     model_path = resolve_model(model_path)  # a local directory, or a Hugging Face Hub id
-    check_output(out, overwrite, inputs=[model_path, kwargs.get("data_dir", "data")])
+    kwargs["data_dir"] = data_dir_or_default(kwargs.get("data_dir"))
+    check_output(out, overwrite, inputs=[model_path, kwargs["data_dir"]])
     mode = check_mode(mode)
     if not isinstance(steps, int) or steps <= 0:
         raise MoeSlimError(f"--steps must be a positive integer (got {steps!r})")
     save_dtype = output_dtype(dtype, model_path)
+    data = load_sft_data(data, data_dir=kwargs["data_dir"], val_data=kwargs.pop("val_data", None),
+                         seed=kwargs.get("seed", 0))  # bad data fails before the model is loaded
     dev = devices.resolve_device(device)
     model, tok = load_model(model_path, device_map=device_map, dtype=devices.compute_dtype(compute_dtype, dev, model_path),
                             device=None if device_map else dev)

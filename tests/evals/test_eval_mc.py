@@ -79,11 +79,28 @@ def test_cache_reused_and_rebuilt(tmp_path):
 
 def test_yaml_definitions():
     for task in MC_TASKS:
-        cfg = yaml.safe_load((evals_dir() / f"{TASK_PREFIX}{task}.yaml").read_text())
-        assert cfg["task"] == TASK_PREFIX + task and cfg["dataset_path"] == "json"
-        assert cfg["dataset_kwargs"]["data_files"]["test"] == f"data/mc/{task}.jsonl"
+        text = (evals_dir() / f"{TASK_PREFIX}{task}.yaml").read_text()
+        assert f"custom_dataset: !function moe_slim_tasks.{task}\n" in text
+        cfg = task_config(task, "/x.jsonl")
+        assert cfg["task"] == TASK_PREFIX + task and cfg["dataset_path"] == "json" and "custom_dataset" not in cfg
+        assert cfg["dataset_kwargs"]["data_files"] == {"test": "/x.jsonl"}
         assert {m["metric"] for m in cfg["metric_list"]} == {"acc", "acc_norm"}
-        assert task_config(task, "/x.jsonl")["dataset_kwargs"]["data_files"] == {"test": "/x.jsonl"}
+
+
+def test_lm_eval_loads_our_tasks_from_any_directory(tmp_path, monkeypatch):
+    """lm-eval's own TaskManager, started elsewhere, builds the items through moe_slim_tasks.py."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    data = write_fixture_data(tmp_path / "data", 12)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    manager = TaskManager(include_path=str(evals_dir()), include_defaults=False,
+                          metadata={"data_dir": str(data)})
+    task = get_task_dict([f"{TASK_PREFIX}translation_choice"], manager)[f"{TASK_PREFIX}translation_choice"]
+    docs = list(task.test_docs())
+    assert len(docs) == 36 and {"query", "choices", "gold"} <= set(docs[0])
+    assert (data / "mc" / "translation_choice.jsonl").is_file()
 
 
 def test_lm_eval_runs_offline_on_in_memory_model(tmp_path):

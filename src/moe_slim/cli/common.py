@@ -57,3 +57,10 @@ def fraction(text: str) -> float:
 
 def probability(text: str) -> float:
     return _number(float, text, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def add_data_dir(p: argparse.ArgumentParser, what: str = "built data directory") -> None:
+    """``--data-dir``, the one name of the data directory option (``--data`` still works, unlisted)."""
+    p.add_argument("--data-dir", dest="data_dir", default=None,
+                   help=f"{what} (default: $MOE_SLIM_DATA, else ./data, else the moe_slim checkout's data/)")
+    p.add_argument("--data", dest="data_dir", help=argparse.SUPPRESS)

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from .common import _tokens, fraction, non_negative_int, positive_int
+from .common import _tokens, add_data_dir, fraction, non_negative_int, positive_int
 
 # Heavy modules (transformers) are imported inside the commands, so `moe-slim --help` and
 # one-line errors come fast.
@@ -20,7 +20,7 @@ def cmd_observe(args: argparse.Namespace) -> int:
     stats = api.observe_checkpoint(
         args.model, args.calib, args.out, seq_len=args.seq_len, batch_size=args.batch_size,
         max_tokens=_tokens(args.max_tokens) if args.max_tokens else None, pack=not args.no_pack,
-        device_map=args.device_map, data_dir=args.data, overwrite=args.overwrite, progress=not args.quiet,
+        device_map=args.device_map, data_dir=args.data_dir, overwrite=args.overwrite, progress=not args.quiet,
         samples=_tokens(args.samples) if args.samples else 0, layerwise=args.layerwise, device=args.device,
         dtype=args.dtype, work_dir=args.work_dir,
         **({"cache_bytes": parse_size(args.cache_max)} if args.cache_max else {}),
@@ -106,7 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", required=True,
                    help="general=a.jsonl,translation=b.jsonl | a directory | a mix over --data (translation=3,general=1@200k)")
     p.add_argument("--out", required=True, help="stats directory to write")
-    p.add_argument("--data", default="data", help="built data directory for mix specs (default: data)")
+    add_data_dir(p)
     p.add_argument("--seq-len", type=positive_int, default=512)
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--max-tokens", help="token budget per domain, e.g. 50k")

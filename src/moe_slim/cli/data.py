@@ -7,7 +7,8 @@ import sys
 import time
 from typing import Any
 
-from .common import non_negative_int
+from ..data.paths import data_dir_or_default
+from .common import add_data_dir, non_negative_int
 
 
 def register(subparsers: Any) -> None:
@@ -32,7 +33,7 @@ def register(subparsers: Any) -> None:
     b.set_defaults(func=run_build)
 
     i = sub.add_parser("info", help="print record counts per domain and split from the manifest")
-    i.add_argument("--data", default="data", help="data directory (default: data)")
+    add_data_dir(i, "data directory")
     i.set_defaults(func=run_info)
 
 
@@ -75,7 +76,7 @@ def _print_counts(manifest: dict, show_warnings: bool = True) -> None:
 def run_info(args: argparse.Namespace) -> int:
     from ..data.jsonl import read_manifest
 
-    manifest = read_manifest(args.data)
-    print(f"{args.data}: {manifest.get('format', '?')}, seed {manifest.get('seed')}")
+    manifest = read_manifest(data_dir_or_default(args.data_dir))
+    print(f"{data_dir_or_default(args.data_dir)}: {manifest.get('format', '?')}, seed {manifest.get('seed')}")
     _print_counts(manifest)
     return 0

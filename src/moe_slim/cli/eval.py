@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..evals.suites import BUILTIN_TASKS, SUITES, TASK_ALIASES
-from .common import positive_int
+from .common import add_data_dir, positive_int
 
 
 def register(subparsers: Any) -> None:
@@ -21,7 +21,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("checkpoint", help="model checkpoint directory (config.json, weights, tokenizer)")
     p.add_argument("--suite", default="quick", help=f"named preset: {', '.join(SUITES)} (default: quick)")
     p.add_argument("--out", required=True, help="results JSON to write (refused if it exists, see --overwrite)")
-    p.add_argument("--data", default="data", help="data directory with <domain>/test.jsonl (default: data)")
+    add_data_dir(p)
     p.add_argument("--tasks", default=None,
                    help=f"comma-separated tasks instead of the suite's: {', '.join(BUILTIN_TASKS)}, aliases "
                         f"{', '.join(TASK_ALIASES)}, or lm-eval task names found with --include-path")
@@ -55,11 +55,11 @@ def run(args: argparse.Namespace) -> int:
 
     from ..modeling.hub import resolve_model
 
-    args.checkpoint = str(resolve_model(args.checkpoint))  # a local directory, or a Hugging Face Hub id
-    plan = plan_evaluation(args.suite, tasks=args.tasks, data_dir=args.data, limit=args.limit,
+    plan = plan_evaluation(args.suite, tasks=args.tasks, data_dir=args.data_dir, limit=args.limit,
                            translation_testset=args.translation_testset,
                            include_path=args.include_path, baseline=args.baseline)
-    check_output(args.out, args.overwrite, inputs=[args.checkpoint, args.data, args.baseline, *(args.include_path or [])])
+    args.checkpoint = str(resolve_model(args.checkpoint))  # a local directory, or a Hugging Face Hub id
+    check_output(args.out, args.overwrite, inputs=[args.checkpoint, args.data_dir, args.baseline, *(args.include_path or [])])
     for name, value in (("--batch-size", args.batch_size), ("--mc-batch-size", args.mc_batch_size),
                         ("--seq-len", args.seq_len)):
         if value is not None and value < 1:

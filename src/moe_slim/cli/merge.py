@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import _tokens, fraction, non_negative_int, positive_int
+from .common import _tokens, add_data_dir, fraction, non_negative_int, positive_int
 from .core import add_device_options
 
 # Mirrors of moe_slim.experts.merge.methods constants (a test keeps them equal), so the parser needs no torch.
@@ -21,7 +21,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         plan_path=args.plan, mix=parse_weights(args.mix), group_size=args.group_size,
         max_tokens=_tokens(args.max_tokens), align_tokens=_tokens(args.align_tokens),
         samples=_tokens(args.samples) if args.samples else None, grouping=args.grouping,
-        sequential=args.sequential, seq_len=args.seq_len, batch_size=args.batch_size, data_dir=args.data,
+        sequential=args.sequential, seq_len=args.seq_len, batch_size=args.batch_size, data_dir=args.data_dir,
         seed=args.seed, overwrite=args.overwrite, dtype=args.dtype, device=args.device,
         compute_dtype=args.compute_dtype, log=None if args.quiet else print,
     )
@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stats", help="stats directory observed with --samples")
     p.add_argument("--calib", help="calibration text, observed here (same SPEC forms as observe)")
     p.add_argument("--plan", help="replay a saved merge plan.json (its permutations file beside it); no stats needed")
-    p.add_argument("--data", default="data", help="built data directory for mix specs (default: data)")
+    add_data_dir(p)
     p.add_argument("--mix", help="calibration mix, e.g. translation=3,general=1 (default: all domains)")
     p.add_argument("--group-size", type=positive_int, default=16, help="REAM's C: most experts in one group (default 16)")
     p.add_argument("--max-tokens", default="32k", help="sample tokens per layer used for merging (default 32k)")

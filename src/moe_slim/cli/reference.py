@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 
 from ..reference import REFERENCE_DIR
-from .common import non_negative_int, positive_int
+from .common import add_data_dir, non_negative_int, positive_int
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -18,7 +18,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe = dataclasses.replace(recipe, steps=args.steps)
     if args.seed is not None:
         recipe = dataclasses.replace(recipe, seed=args.seed)
-    info = train_reference(args.out, data_dir=args.data, recipe=recipe, overwrite=args.overwrite, device=args.device)
+    info = train_reference(args.out, data_dir=args.data_dir, recipe=recipe, overwrite=args.overwrite, device=args.device)
     print(f"wrote {args.out}: {info['tokens_seen']:,} tokens in {info['train_seconds'] / 60:.1f} min on {info['device']}")
     return 0
 
@@ -26,7 +26,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_card(args: argparse.Namespace) -> int:
     from ..reference.card import write_card
 
-    m = write_card(args.model, data_dir=args.data, suite=args.suite, translation_per_pair=args.translation_per_pair or None)
+    m = write_card(args.model, data_dir=args.data_dir, suite=args.suite, translation_per_pair=args.translation_per_pair or None)
     vs = ", ".join(f"{p} {e['chrf']:.1f} (copy {e['copy_chrf']:.1f})" for p, e in sorted(m["translation_vs_copy"].items()))
     print(f"wrote {args.model}/README.md and metrics.json; chrF {vs}")
     return 0
@@ -35,7 +35,7 @@ def cmd_card(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-reference", help="train the reference MoE from the built data (GPU if present)")
     p.add_argument("--out", default=str(REFERENCE_DIR))
-    p.add_argument("--data", default="data")
+    add_data_dir(p)
     p.add_argument("--steps", type=positive_int, help="override the recipe's step count")
     p.add_argument("--seed", type=non_negative_int)
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("reference-card", help="measure the reference model and write its model card")
     p.add_argument("model", nargs="?", default=str(REFERENCE_DIR))
-    p.add_argument("--data", default="data")
+    add_data_dir(p)
     p.add_argument("--suite", default="quick")
     p.add_argument("--translation-per-pair", type=non_negative_int, default=0,
                    help="test sentences per pair for the chrF-vs-copy table (default 0: the whole test split)")

@@ -29,9 +29,13 @@ def _warmup(text: str) -> int | float:
 def cmd_sft(args: argparse.Namespace) -> int:
     warmup = args.warmup
     from ..api import sft_checkpoint
+    from ..errors import MoeSlimError
+
+    if args.mix is None:
+        raise MoeSlimError("sft needs --mix, e.g. --mix translation=0.8,general=0.2 (see moe-slim sft --help)")
 
     result = sft_checkpoint(
-        args.model, args.out, data=args.data, steps=args.steps, mode=args.mode, merge_lora=args.merge_lora,
+        args.model, args.out, data=args.mix, steps=args.steps, mode=args.mode, merge_lora=args.merge_lora,
         overwrite=args.overwrite, device_map=args.device_map, data_dir=args.data_dir, lr=args.lr,
         batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len, warmup=warmup,
         scheduler=args.scheduler, weight_decay=args.weight_decay, eval_every=args.eval_every,
@@ -56,14 +60,16 @@ def cmd_sft(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sft", help="short supervised fine-tune that heals a pruned or merged model")
     p.add_argument("model", help="checkpoint directory")
-    p.add_argument("--data", required=True,
-                   help="mix over the built data's train split, e.g. translation=0.8,general=0.2 (or a YAML mix)")
+    p.add_argument("--mix", help="(required) mix over the built data's train split, e.g. translation=0.8,general=0.2 "
+                                 "(or a YAML mix)")
+    p.add_argument("--data", dest="mix", help=argparse.SUPPRESS)  # its name before --data-dir meant the data directory
     p.add_argument("--steps", type=positive_int, required=True, help="optimizer steps (at most; early stopping may end sooner)")
     p.add_argument("--out", required=True)
     p.add_argument("--mode", default="experts", choices=MODES,
                    help="full | experts (experts and routers only; default) | lora (attention/MLP linears)")
     p.add_argument("--merge-lora", action="store_true", help="lora: write merged weights instead of an adapter")
-    p.add_argument("--data-dir", default="data", help="built data directory (default: data)")
+    p.add_argument("--data-dir", dest="data_dir", default=None,
+                   help="built data directory (default: $MOE_SLIM_DATA, else ./data, else the checkout's data/)")
     p.add_argument("--lr", type=positive_float, help="peak learning rate (default: full 5e-5, experts 1e-4, lora 2e-4)")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")

@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from ..data.paths import data_dir_or_default
 from ..errors import MoeSlimError
 from ..modeling.hub import offline as hub_offline
 from .data import file_sha256, read_jsonl
@@ -108,10 +109,18 @@ def evals_dir() -> Path:
 def task_config(task: str, data_path: str | os.PathLike) -> dict[str, Any]:
     """Our task's lm-eval config (from its YAML), reading ``data_path``."""
     path = evals_dir() / f"{TASK_PREFIX}{task}.yaml"
-    cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
-    cfg = copy.deepcopy(cfg)
-    cfg.setdefault("dataset_kwargs", {})["data_files"] = {cfg.get("test_split", "test"): str(data_path)}
+    cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_TaskYamlLoader)  # noqa: S506 (safe loader + one tag)
+    cfg.pop("custom_dataset", None)  # the YAML's own loader (for lm-eval's CLI); here the items are built already
+    cfg["dataset_path"] = "json"
+    cfg["dataset_kwargs"] = {"data_files": {cfg.get("test_split", "test"): str(data_path)}}
     return cfg
+
+
+class _TaskYamlLoader(yaml.SafeLoader):
+    """A safe YAML loader that reads lm-eval's ``!function module.name`` tags as plain strings."""
+
+
+_TaskYamlLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
 
 
 @contextlib.contextmanager
@@ -197,7 +206,7 @@ def run_mc(
     tokenizer: Any,
     tasks: Sequence[str],
     *,
-    data_dir: str | os.PathLike = "data",
+    data_dir: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
     limit: int | None = None,
     batch_size: int = 16,
@@ -216,6 +225,7 @@ def run_mc(
     ours = [t for t in tasks if t in BUILDERS]
     others = [t for t in tasks if t not in BUILDERS]
     manager = resolver.manager(others)
+    data_dir = data_dir_or_default(data_dir)
     data_info = {t: prepare_mc_data(t, data_dir, cache_dir) for t in ours}
     specs: list[Any] = [task_config(t, data_info[t]["path"]) for t in ours] + list(others)
     names = {f"{TASK_PREFIX}{t}": t for t in ours}

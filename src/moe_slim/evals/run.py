@@ -1,6 +1,6 @@
 """Evaluate a model held in memory: named suites of translation, multiple-choice, math and perplexity.
 
-    >>> results = evaluate(model, tokenizer, suite="quick", data_dir="data")
+    >>> results = evaluate(model, tokenizer, suite="quick")
     >>> results["metrics"]["translation/chrf"]
 
 The model is never reloaded or written: pruned and merged variants are scored as they are. The
@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.paths import data_dir_or_default
 from ..errors import MoeSlimError
 from ..fingerprint import library_versions, model_fingerprint, weights_hash
 from ..outputs import atomic_file
@@ -60,7 +61,7 @@ def plan_evaluation(
     suite: str = "quick",
     *,
     tasks: Sequence[str] | str | None = None,
-    data_dir: str | os.PathLike = "data",
+    data_dir: str | os.PathLike | None = None,
     limit: int | None = None,
     include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     baseline: Any = None,
@@ -78,10 +79,10 @@ def plan_evaluation(
     resolver = TaskResolver(include_path)
     if external:
         resolver.manager(external)  # unknown names fail here, before any model work
-    data = Path(data_dir)
+    data = data_dir_or_default(data_dir)
     if not data.is_dir():
         raise MoeSlimError(f"data directory {data} does not exist (build it with `moe-slim data build --out {data}` "
-                           "or point --data at one)")
+                           "or point --data-dir at one)")
     testset, testset_records = None, []
     if translation_testset is not None:
         from .testsets import load_testset, resolve_testset
@@ -162,7 +163,7 @@ def evaluate(
     tokenizer: Any,
     suite: str = "quick",
     *,
-    data_dir: str | os.PathLike = "data",
+    data_dir: str | os.PathLike | None = None,
     tasks: Sequence[str] | str | None = None,
     limit: int | None = None,
     baseline: str | os.PathLike | Sequence[str] | Mapping[str, Any] | None = None,

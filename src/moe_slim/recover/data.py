@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..data.paths import data_dir_or_default
 from ..errors import MoeSlimError
 
 IGNORE = -100
@@ -49,7 +50,7 @@ def _check_records(records: Any, where: str) -> list[dict]:
     return out
 
 
-def load_sft_data(data: Any, *, data_dir: str | os.PathLike = "data", val_data: Any = None,
+def load_sft_data(data: Any, *, data_dir: str | os.PathLike | None = None, val_data: Any = None,
                   seed: int = 0) -> SftData:
     """Resolve ``data`` into train/validation records per domain.
 
@@ -58,6 +59,9 @@ def load_sft_data(data: Any, *, data_dir: str | os.PathLike = "data", val_data: 
     of records; or ``{domain: [records]}`` (equal weights). Without a spec, validation records come
     from ``val_data`` or, failing that, a held-out tenth (at most 64) of the records.
     """
+    if isinstance(data, SftData):
+        return data
+    data_dir = data_dir_or_default(data_dir)
     from ..data.jsonl import load_split
     from ..data.mixspec import MixSpec, parse_mix
 

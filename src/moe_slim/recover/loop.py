@@ -1,6 +1,6 @@
 """Short supervised fine-tuning that heals a pruned or merged MoE (``moe-slim sft``).
 
-    >>> result = sft(model, tok, "translation=0.8,general=0.2", steps=200, mode="experts", data_dir="data")
+    >>> result = sft(model, tok, "translation=0.8,general=0.2", steps=200, mode="experts", data_dir=None)
     >>> result.metrics_before["val_loss"], result.metrics_after["val_loss"]
 
 Data is a mix spec over the built data's ``train`` split (the target domain plus optional general
@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.paths import data_dir_or_default
 from ..errors import MoeSlimError
 from .data import MixSampler, _pad_id, load_sft_data, validation_batches
 from .loss import _is_encdec, _to_encdec, batch_loss, validation_loss
@@ -113,7 +114,7 @@ def sft(
     *,
     steps: int,
     mode: str = "experts",
-    data_dir: str | os.PathLike = "data",
+    data_dir: str | os.PathLike | None = None,
     val_data: Any = None,
     lr: float | None = None,
     batch_size: int = 8,
@@ -179,6 +180,7 @@ def sft(
             import peft  # noqa: F401
         except ImportError:
             raise MoeSlimError("LoRA mode needs the peft package (pip install peft)") from None
+    data_dir = data_dir_or_default(data_dir)
     sft_data = load_sft_data(data, data_dir=data_dir, val_data=val_data, seed=seed)
     lr = float(lr if lr is not None else DEFAULT_LR[mode])
     warm = int(round(warmup * steps)) if isinstance(warmup, float) and warmup < 1 else int(warmup)

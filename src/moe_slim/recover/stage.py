@@ -21,7 +21,7 @@ RECOVER_KEYS = {"steps", "data", "mode", "lr", "batch_size", "grad_accum", "seq_
 DEFAULT_RECOVER_DATA = "translation=0.8,general=0.2"
 
 
-def recover(model: nn.Module, tok: Any, spec: Mapping[str, Any] | None, data_dir: str | os.PathLike = "data"
+def recover(model: nn.Module, tok: Any, spec: Mapping[str, Any] | None, data_dir: str | os.PathLike | None = None
             ) -> dict[str, float]:
     """The sweep stage ``recover: {sft: {...}}``: fine-tune ``model`` in place, return flat metrics.
 
