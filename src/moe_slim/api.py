@@ -172,7 +172,7 @@ def prune_checkpoint(
     out: str | os.PathLike,
     *,
     criterion: str = "reap",
-    ratio: float = 0.5,
+    ratio: float | None = None,
     mix: dict[str, float] | None = None,
     reference: dict[str, float] | None = None,
     budget: str = "uniform",
@@ -183,8 +183,13 @@ def prune_checkpoint(
     dtype: str | torch.dtype | None = None,
     max_shard_size: str | int | None = None,
     progress: bool = True,
+    plan_only: bool = False,
 ) -> ExpertPlan:
     """Prune a checkpoint with saved statistics and write the result (plan.json and card beside it).
+
+    ``plan_only`` writes just ``OUT/plan.json``, for any budget (different counts per layer too):
+    evaluate it in memory with ``moe-slim eval MODEL --plan OUT/plan.json``. ``ratio`` is the share
+    of experts removed (uniform and global budgets); a counts file needs none.
 
     A safetensors checkpoint is rewritten by streaming its shards (:mod:`moe_slim.checkpoint.rewrite`:
     the model is never built, every tensor keeps its dtype); ``in_memory=True`` loads the model,
@@ -194,13 +199,14 @@ def prune_checkpoint(
     check_output(out, overwrite, inputs=[model_path, stats_path])
     if criterion not in ALL_CRITERIA:
         raise MoeSlimError(f"unknown criterion '{criterion}' (choose from: {', '.join(ALL_CRITERIA)})")
-    check_ratio(ratio)
+    if ratio is not None:
+        check_ratio(ratio)
     config = load_config(model_path)
     family_of(config)
     want = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else DEFAULT_MAX_SHARD_BYTES
     stats = RouterStats.load(stats_path)
-    streaming = not in_memory and has_safetensors(model_path)
+    streaming = plan_only or not in_memory and has_safetensors(model_path)
     if streaming:
         check_quantization(config, str(model_path))
         model, tok = meta_model(config), None
@@ -209,7 +215,9 @@ def prune_checkpoint(
     plan = plan_for(model, stats, criterion=criterion, ratio=ratio, mix=mix, reference=reference, budget=budget,
                     floor=floor, seed=seed)
     plan.info["stats_path"] = str(stats_path)
-    if streaming:
+    if plan_only:
+        write_plan(plan, out, overwrite=overwrite)
+    elif streaming:
         _stream(model_path, out, plan, stats.meta, want, shard_bytes, overwrite, progress)
     else:
         _write(model, tok, plan, model_path, out, overwrite, stats.meta, want, shard_bytes)
@@ -247,6 +255,29 @@ def apply_checkpoint(
         return plan
     model, tok = load_model(model_path, dtype=want or source_dtype(model_path))
     _write(model, tok, plan, model_path, out, overwrite, None, want, shard_bytes)
+    return plan
+
+
+def write_plan(plan: ExpertPlan, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """A plan without a checkpoint: ``OUT/plan.json`` (and a merge plan's permutations beside it)."""
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        plan.write_files(tmp)
+    return Path(out) / "plan.json"
+
+
+def load_plan(path: str | os.PathLike) -> ExpertPlan:
+    """A prune or merge plan file (a merge plan with its permutations)."""
+    plan = ExpertPlan.load(path)
+    return MergePlan.load(path) if plan.kind == "merge" else plan
+
+
+def apply_plan_file(model: nn.Module, path: str | os.PathLike) -> ExpertPlan:
+    """Apply a saved prune or merge plan to ``model`` in memory (any counts per layer); return it."""
+    plan = load_plan(path)
+    if plan.kind == "merge":
+        apply_merge_plan(model, plan)
+    else:
+        apply_plan(model, plan)
     return plan
 
 
@@ -320,6 +351,7 @@ def merge_checkpoint(
     device: str | torch.device | None = "auto",
     compute_dtype: str | torch.dtype | None = None,
     log: Callable[[str], None] | None = None,
+    plan_only: bool = False,
 ) -> MergePlan:
     """Merge a checkpoint's experts and write the smaller checkpoint (plan, permutations and card beside it).
 
@@ -373,7 +405,10 @@ def merge_checkpoint(
     plan.info.update(params_before=before, params_after=after, source=str(model_path))
     card = merge_card(source=str(model_path), plan=plan, params_before=before, params_after=after, model=model,
                       stats_info=stats.meta if stats is not None else None)
-    save_checkpoint(model, tok, out, card=card, plan=plan, overwrite=overwrite, dtype=save_dtype)
+    if plan_only:  # the decisions without the checkpoint (they replay with apply/eval --plan)
+        write_plan(plan, out, overwrite=overwrite)
+    else:
+        save_checkpoint(model, tok, out, card=card, plan=plan, overwrite=overwrite, dtype=save_dtype)
     return plan
 
 

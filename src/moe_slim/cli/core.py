@@ -39,8 +39,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     plan = api.prune_checkpoint(
         args.model, args.stats, args.out, criterion=args.criterion, ratio=args.ratio, mix=api.parse_weights(args.mix),
         reference=api.parse_weights(args.reference), budget=args.budget, floor=args.floor, seed=args.seed,
-        overwrite=args.overwrite, **_write_options(args),
+        overwrite=args.overwrite, plan_only=args.plan_only, **_write_options(args),
     )
+    if args.plan_only:
+        print(f"wrote {args.out}/plan.json: keeps {plan.kept_counts} experts per layer of {plan.num_experts} "
+              f"(evaluate it with: moe-slim eval {args.model} --plan {args.out}/plan.json --out results.json)")
+        return 0
     _print_plan(plan, args.out)
     return 0
 
@@ -133,10 +137,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model")
     p.add_argument("--stats", required=True)
     p.add_argument("--criterion", default="reap", help=f"one of: {CRITERIA_HELP}")
-    p.add_argument("--ratio", type=fraction, required=True, help="share of experts to remove, in (0, 1)")
+    p.add_argument("--ratio", type=fraction,
+                   help="share of experts to remove, in (0, 1); needed by the uniform and global budgets")
     p.add_argument("--mix", help="calibration mix to score on, e.g. translation=3,general=1 (default: all domains)")
     p.add_argument("--reference", help="reference mix for task_contrast (default: the domains the mix leaves out)")
-    p.add_argument("--budget", default="uniform", help="uniform | global | FILE with per-layer counts")
+    p.add_argument("--budget", default="uniform",
+                   help="uniform | global (one ranking across layers) | FILE: per-layer counts, a JSON/YAML list with "
+                        "one integer per MoE layer or a map {layer name: count}")
+    p.add_argument("--plan-only", action="store_true",
+                   help="write only OUT/plan.json (any budget), no checkpoint; evaluate it with eval --plan")
     p.add_argument("--floor", type=positive_int, help="per-layer minimum for --budget global (never below top-k)")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--out", required=True)

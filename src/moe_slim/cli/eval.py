@@ -27,6 +27,8 @@ def register(subparsers: Any) -> None:
                         f"{', '.join(TASK_ALIASES)}, or lm-eval task names found with --include-path")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="at most N items per task (per language pair for translation, per domain for perplexity)")
+    p.add_argument("--plan", help="apply this plan.json (prune or merge, written by prune/merge --plan-only or beside "
+                                   "a checkpoint) to the model in memory first: any counts per layer")
     p.add_argument("--translation-testset", metavar="NAME:SRC-TGT",
                    help="translate a standard test set instead of the built data's split: wmt22:en-de (sacrebleu's "
                         "WMT sets) or flores200:en-de (FLORES+ on the hub); downloaded once, needs the network")
@@ -59,7 +61,12 @@ def run(args: argparse.Namespace) -> int:
                            translation_testset=args.translation_testset,
                            include_path=args.include_path, baseline=args.baseline)
     args.checkpoint = str(resolve_model(args.checkpoint))  # a local directory, or a Hugging Face Hub id
-    check_output(args.out, args.overwrite, inputs=[args.checkpoint, args.data_dir, args.baseline, *(args.include_path or [])])
+    check_output(args.out, args.overwrite, inputs=[args.checkpoint, args.data_dir, args.baseline, args.plan,
+                                                   *(args.include_path or [])])
+    if args.plan is not None:
+        from ..api import load_plan
+
+        load_plan(args.plan)  # a missing or malformed plan is one line, before the model loads
     for name, value in (("--batch-size", args.batch_size), ("--mc-batch-size", args.mc_batch_size),
                         ("--seq-len", args.seq_len)):
         if value is not None and value < 1:
@@ -88,10 +95,20 @@ def run(args: argparse.Namespace) -> int:
                                   device_map=args.device_map, device=None if args.device_map else device)
     if tokenizer is None:
         raise MoeSlimError(f"{args.checkpoint} has no tokenizer; evaluation needs one (save it with the checkpoint)")
+    plan_info = None
+    if args.plan is not None:
+        from ..api import apply_plan_file
+
+        applied = apply_plan_file(model, args.plan)
+        plan_info = {"path": str(args.plan), "kind": applied.kind, "kept_per_layer": applied.kept_counts,
+                     "info": applied.info}
+        log(f"applied {applied.kind} plan {args.plan}: {applied.kept_counts} experts per layer")
     results = run_plan(model, tokenizer, plan, baseline=args.baseline, batch_size=args.batch_size,
                        mc_batch_size=args.mc_batch_size, seq_len=args.seq_len, mc_cache_dir=args.mc_cache,
                        log=log, limit=args.limit)
     results["model"]["checkpoint"] = str(Path(args.checkpoint))
+    if plan_info is not None:
+        results["plan"] = plan_info
     write_results(results, args.out, overwrite=args.overwrite)
     for key, value in results["metrics"].items():
         if key.count("/") == 1:

@@ -22,7 +22,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         max_tokens=_tokens(args.max_tokens), align_tokens=_tokens(args.align_tokens),
         samples=_tokens(args.samples) if args.samples else None, grouping=args.grouping,
         sequential=args.sequential, seq_len=args.seq_len, batch_size=args.batch_size, data_dir=args.data_dir,
-        seed=args.seed, overwrite=args.overwrite, dtype=args.dtype, device=args.device,
+        seed=args.seed, overwrite=args.overwrite, dtype=args.dtype, device=args.device, plan_only=args.plan_only,
         compute_dtype=args.compute_dtype, log=None if args.quiet else print,
     )
     i = plan.info
@@ -57,6 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto",
                    help="dtype of the written weights: auto (the source's; merging computes in float32), bfloat16, "
                         "float16, float32")
+    p.add_argument("--plan-only", action="store_true",
+                   help="write only OUT/plan.json and the permutations, no checkpoint (replay: apply or eval --plan)")
     add_device_options(p, "--compute-dtype")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_merge)
