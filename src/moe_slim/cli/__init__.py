@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "moe_slim.cli.reference",
     "moe_slim.cli.sweep",
     "moe_slim.cli.sft",
+    "moe_slim.cli.recipe",
 )
 
 

@@ -52,10 +52,9 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..errors import MoeSlimError
     from ..evals.run import plan_evaluation, run_plan, write_results
+    from ..modeling.hub import resolve_model
     from ..modeling.loading import load_model
     from ..outputs import check_output
-
-    from ..modeling.hub import resolve_model
 
     plan = plan_evaluation(args.suite, tasks=args.tasks, data_dir=args.data_dir, limit=args.limit,
                            translation_testset=args.translation_testset,

@@ -176,6 +176,7 @@ def evaluate(
     seed: int = 12345,
     hash_weights: bool | None = None,
     log: Callable[[str], None] | None = None,
+    translation_testset: str | None = None,
 ) -> dict[str, Any]:
     """Run a suite (or the named ``tasks``, with the suite's limits) on the in-memory ``model``.
 
@@ -189,7 +190,7 @@ def evaluate(
     Unknown suites or tasks, missing data and bad baselines raise MoeSlimError before any model work.
     """
     plan = plan_evaluation(suite, tasks=tasks, data_dir=data_dir, limit=limit, include_path=include_path,
-                           baseline=baseline)
+                           baseline=baseline, translation_testset=translation_testset)
     return run_plan(model, tokenizer, plan, baseline=baseline, batch_size=batch_size, mc_batch_size=mc_batch_size,
                     seq_len=seq_len, mc_cache_dir=mc_cache_dir, bootstrap_samples=bootstrap_samples, seed=seed,
                     hash_weights=hash_weights, log=log, limit=limit)

@@ -1,44 +1,68 @@
-"""The sweep stage ``recover: {sft: {...}}``: fine-tune a pruned or merged model in memory.
+"""The recovery stage ``recover: {sft: {...}}`` of sweeps and recipes: fine-tune a pruned or merged model
+in memory, with the stage's keys checked by a pydantic model before any work.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import AliasChoices, Field
 from torch import nn
 
-from ..errors import MoeSlimError
-from .loop import sft
+from ..schema import NonNegativeInt, PositiveInt, Strict, validate
+from .loop import SCHEDULERS, sft
+from .modes import MODES
 
-# --------------------------------------------------------------------------------------- sweeps
-
-
-RECOVER_KEYS = {"steps", "data", "mode", "lr", "batch_size", "grad_accum", "seq_len", "warmup", "scheduler",
-                "weight_decay", "eval_every", "val_examples", "patience", "seed", "lora_r", "lora_alpha",
-                "lora_dropout", "lora_experts", "chrf_limit", "max_minutes"}
 DEFAULT_RECOVER_DATA = "translation=0.8,general=0.2"
+
+
+class SftStage(Strict):
+    """The keys of ``recover: {sft: ...}``: :func:`~moe_slim.recover.loop.sft`'s keyword names."""
+
+    steps: PositiveInt
+    data: str | dict[str, float] = Field(DEFAULT_RECOVER_DATA, validation_alias=AliasChoices("mix", "data"))
+    mode: Literal[MODES] = "experts"  # type: ignore[valid-type]
+    lr: float | None = Field(None, gt=0)
+    batch_size: PositiveInt = 8
+    grad_accum: PositiveInt = 1
+    seq_len: PositiveInt = 256
+    warmup: float = Field(0.1, ge=0)
+    scheduler: Literal[SCHEDULERS] = "cosine"  # type: ignore[valid-type]
+    weight_decay: float = Field(0.0, ge=0)
+    eval_every: PositiveInt | None = None
+    val_examples: PositiveInt = 64
+    patience: PositiveInt | None = 3
+    seed: NonNegativeInt = 0
+    lora_r: PositiveInt = 16
+    lora_alpha: PositiveInt = 32
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_experts: bool = False
+    chrf_limit: NonNegativeInt | None = None
+    max_minutes: float | None = Field(None, gt=0)
+
+    def sft_kwargs(self) -> dict[str, Any]:
+        """The keys set in the spec, as :func:`sft` keywords (the rest keep sft's own defaults)."""
+        out = self.model_dump(exclude_unset=True, exclude={"data"})
+        if "warmup" in out and out["warmup"] >= 1:
+            out["warmup"] = int(out["warmup"])
+        return out
+
+
 
 
 def recover(model: nn.Module, tok: Any, spec: Mapping[str, Any] | None, data_dir: str | os.PathLike | None = None
             ) -> dict[str, float]:
-    """The sweep stage ``recover: {sft: {...}}``: fine-tune ``model`` in place, return flat metrics.
-
-    ``spec`` takes :func:`sft`'s keyword names (``steps`` required; ``data`` defaults to
-    ``translation=0.8,general=0.2``, ``mode`` to ``experts``). A LoRA run is always merged into
-    the weights, so ``model`` stays a plain transformers model. No progress bar.
+    """Fine-tune ``model`` in place as ``spec`` says (``{sft: {steps: N, ...}}`` or its inner mapping) and
+    return flat metrics. A LoRA run is always merged into the weights, so ``model`` stays a plain
+    transformers model. No progress bar.
     """
-    spec = dict(spec or {})
-    if "sft" in spec and isinstance(spec["sft"], Mapping):
-        spec = dict(spec["sft"])
-    unknown = sorted(set(spec) - RECOVER_KEYS)
-    if unknown:
-        raise MoeSlimError(f"unknown key(s) {', '.join(unknown)} in recover.sft (known: {', '.join(sorted(RECOVER_KEYS))})")
-    if "steps" not in spec:
-        raise MoeSlimError("recover.sft needs steps (e.g. recover: {sft: {steps: 200}})")
-    data = spec.pop("data", DEFAULT_RECOVER_DATA)
-    result = sft(model, tok, data, data_dir=data_dir, progress=False, merge_lora=True, **spec)
+    raw = dict(spec or {})
+    if "sft" in raw and isinstance(raw["sft"], Mapping):
+        raw = dict(raw["sft"])
+    stage = validate(SftStage, raw, "recover.sft")
+    result = sft(model, tok, stage.data, data_dir=data_dir, progress=False, merge_lora=True, **stage.sft_kwargs())
     if result.model is not model:  # merge_and_unload hands back the same base module; be safe anyway
         model.load_state_dict(result.model.state_dict())
     return result.metrics()

@@ -40,18 +40,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import Field, field_validator
 
+from ..data.paths import data_dir_or_default
 from ..errors import MoeSlimError
+from ..recover.stage import SftStage
+from ..schema import EvalSettings, NonNegativeInt, PositiveInt, Strict, Tokens, validate
 from .grid import Point, _normalise_mix, mix_label, simplex_grid
 
 DOMAINS: tuple[str, ...] = ("general", "math", "code", "translation")
 BUDGETS: tuple[str, ...] = ("uniform", "global")
 SWEEP_FORMAT = "moe_slim.sweep/1"
-TOP_KEYS = {"model", "data_dir", "calibration", "mixes", "methods", "ratios", "budgets", "floor", "merge", "eval",
-            "recover", "write_best", "seed", "name", "device", "dtype"}
-CALIB_KEYS = {"domains", "split", "texts_per_domain", "max_tokens", "seq_len", "batch_size", "samples"}
-MERGE_KEYS = {"max_tokens", "group_size", "align_tokens"}
-EVAL_KEYS = {"suite", "tasks", "limit", "batch_size"}
 
 
 @dataclass
@@ -101,75 +100,117 @@ class SweepSpec:
                 **({"recover": self.recover} if self.recover else {})}
 
 
-def parse_tokens(value: Any, where: str) -> int:
-    """``32k`` / ``1.5m`` / ``4096`` -> int (positive)."""
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        if isinstance(value, (int, float)):
-            n = int(value)
-        else:
-            t = str(value).strip().lower()
-            mult = {"k": 1_000, "m": 1_000_000}.get(t[-1:], 1)
-            n = int(float(t[:-1] if mult > 1 else t) * mult)
-    except ValueError:
-        raise MoeSlimError(f"spec: {where} must be a token count like 4096 or 32k (got {value!r})") from None
-    if n < 1:
-        raise MoeSlimError(f"spec: {where} must be positive (got {value!r})")
-    return n
+class CalibrationSettings(Strict):
+    domains: list[str] = Field(default_factory=lambda: list(DOMAINS), min_length=1)
+    split: str = "calibration"
+    texts_per_domain: PositiveInt = 128
+    max_tokens: Tokens | None = None
+    seq_len: PositiveInt = 256
+    batch_size: PositiveInt = 8
+    samples: Tokens = 4096
+
+    @field_validator("domains")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"calibration.domains lists a domain twice ({v})")
+        return v
 
 
-def _need(cond: bool, msg: str) -> None:
-    if not cond:
-        raise MoeSlimError(f"spec: {msg}")
+class MergeSettings(Strict):
+    max_tokens: Tokens = 4096
+    group_size: PositiveInt = 16
+    align_tokens: Tokens = 2048
 
 
-def _unknown(keys: Iterable[str], allowed: set[str], where: str) -> None:
-    bad = sorted(set(keys) - allowed)
-    _need(not bad, f"unknown key '{bad[0] if bad else ''}' in {where} (allowed: {', '.join(sorted(allowed))})")
+class SpecModel(Strict):
+    """The sweep spec as read from YAML (see the module docstring); turned into :class:`SweepSpec`."""
+
+    model: str
+    data_dir: str | None = None
+    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
+    mixes: list[dict[str, Any]] = Field(min_length=1)
+    methods: list[str] = Field(min_length=1)
+    ratios: list[float] = Field(default_factory=lambda: [0.5], min_length=1)
+    budgets: list[str] | str = Field(default_factory=lambda: ["uniform"])
+    floor: PositiveInt | None = None
+    merge: MergeSettings = Field(default_factory=MergeSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    recover: dict[str, SftStage] | None = None
+    write_best: bool | str | None = None
+    seed: NonNegativeInt = 0
+    name: str = "sweep"
+    device: str = "auto"
+    dtype: str = "auto"
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        from ..experts.criteria import ALL_CRITERIA
+        from ..experts.merge.methods import METHODS
+
+        for m in v:
+            if m not in (*ALL_CRITERIA, *METHODS):
+                raise ValueError(f"unknown method '{m}' (criteria: {', '.join(ALL_CRITERIA)}; merges: {', '.join(METHODS)})")
+        return v
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        for r in v:
+            if not 0 < r < 1:
+                raise ValueError(f"ratio {r!r} must be a number in (0, 1) (the share of experts removed)")
+        return v
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, v: list[str] | str) -> list[str]:
+        v = [v] if isinstance(v, str) else v
+        for b in v:
+            if b not in BUDGETS:
+                raise ValueError(f"unknown budget '{b}' (choose from: {', '.join(BUDGETS)})")
+        return v
+
+    @field_validator("recover")
+    @classmethod
+    def _recover(cls, v: dict[str, SftStage] | None) -> dict[str, SftStage] | None:
+        if v is not None and set(v) != {"sft"}:
+            raise ValueError(f"recover must be {{sft: {{steps: N, ...}}}} (got keys {sorted(v)})")
+        return v
+
+    @field_validator("write_best")
+    @classmethod
+    def _target(cls, v: bool | str | None) -> str | None:
+        if v is True:
+            return "chrf>=0.98*baseline"
+        if v is False or v is None:
+            return None
+        from .targets import parse_target
+
+        try:
+            parse_target(v)
+        except MoeSlimError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        from ..modeling.loading import parse_dtype
+
+        try:
+            parse_dtype(v)
+        except MoeSlimError as exc:
+            raise ValueError(str(exc)) from None
+        return v
 
 
-def _int(value: Any, where: str, minimum: int = 1) -> int:
-    _need(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
-          f"{where} must be an integer >= {minimum} (got {value!r})")
-    return value
-
-
-def parse_spec(raw: Any, *, check_files: bool = True) -> SweepSpec:
-    """Check a spec (a dict from YAML) completely and return it; MoeSlimError naming the first bad key or value."""
-    from ..experts.criteria import ALL_CRITERIA
-    from ..experts.merge.methods import METHODS
-
-    _need(isinstance(raw, dict), "a sweep spec is a YAML mapping with at least 'model' and 'methods'")
-    _unknown(raw, TOP_KEYS, "the spec")
-    _need("model" in raw and isinstance(raw["model"], str), "'model' (a checkpoint directory) is required")
-    data_dir = raw.get("data_dir", "data")
-    _need(isinstance(data_dir, str), f"data_dir must be a path (got {data_dir!r})")
-
-    cal_raw = raw.get("calibration") or {}
-    _need(isinstance(cal_raw, dict), "calibration must be a mapping")
-    _unknown(cal_raw, CALIB_KEYS, "calibration")
-    domains = cal_raw.get("domains", list(DOMAINS))
-    _need(isinstance(domains, list) and domains and all(isinstance(d, str) for d in domains),
-          f"calibration.domains must be a non-empty list of domain names (got {domains!r})")
-    _need(len(set(domains)) == len(domains), f"calibration.domains lists a domain twice ({domains})")
-    cal = {
-        "domains": list(domains),
-        "split": str(cal_raw.get("split", "calibration")),
-        "texts_per_domain": _int(cal_raw.get("texts_per_domain", 128), "calibration.texts_per_domain"),
-        "max_tokens": parse_tokens(cal_raw["max_tokens"], "calibration.max_tokens") if cal_raw.get("max_tokens")
-        is not None else None,
-        "seq_len": _int(cal_raw.get("seq_len", 256), "calibration.seq_len"),
-        "batch_size": _int(cal_raw.get("batch_size", 8), "calibration.batch_size"),
-        "samples": parse_tokens(cal_raw.get("samples", 4096), "calibration.samples"),
-    }
-
-    mixes_raw = raw.get("mixes")
-    _need(isinstance(mixes_raw, list) and mixes_raw, "mixes must be a non-empty list of weight dicts or grids")
+def _mixes(entries: list[dict[str, Any]], domains: list[str]) -> tuple[list[dict[str, float]], dict[str, str]]:
+    """Weight dicts, named mixes and simplex grids -> distinct normalised mixes, and their names."""
     mixes: list[dict[str, float]] = []
-    mix_names: dict[str, str] = {}
-    for i, m in enumerate(mixes_raw):
-        _need(isinstance(m, dict) and m, f"mixes[{i}] must be a mapping like {{translation: 1}} or {{grid: ...}}")
+    names: dict[str, str] = {}
+    for i, m in enumerate(entries):
+        _need(bool(m), f"mixes[{i}] must be a mapping like {{translation: 1}} or {{grid: ...}}")
         if "grid" in m:
             g = m["grid"]
             _need(len(m) == 1 and isinstance(g, dict), f"mixes[{i}]: a grid entry is {{grid: {{domains: [...], step: S}}}}")
@@ -198,79 +239,36 @@ def parse_spec(raw: Any, *, check_files: bool = True) -> SweepSpec:
         _need(sum(m.values()) > 0, f"mixes[{i}] has no positive weight")
         mixes.append(_normalise_mix({d: float(w) for d, w in m.items()}))
         if name:
-            mix_names[mix_label(mixes[-1])] = name
+            names[mix_label(mixes[-1])] = name
     unique: list[dict[str, float]] = []
     for m in mixes:
         if m not in unique:
             unique.append(m)
+    return unique, names
 
-    methods = raw.get("methods")
-    _need(isinstance(methods, list) and methods, "methods must be a non-empty list")
-    allowed = [*ALL_CRITERIA, *METHODS]
-    for m in methods:
-        _need(m in allowed, f"unknown method '{m}' (criteria: {', '.join(ALL_CRITERIA)}; merges: {', '.join(METHODS)})")
-    ratios = raw.get("ratios", [0.5])
-    _need(isinstance(ratios, list) and ratios, "ratios must be a non-empty list")
-    for r in ratios:
-        _need(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r < 1,
-              f"ratio {r!r} must be a number in (0, 1) (the share of experts removed)")
-    budgets = raw.get("budgets", ["uniform"])
-    budgets = [budgets] if isinstance(budgets, str) else budgets
-    _need(isinstance(budgets, list) and budgets, "budgets must be a list of uniform/global")
-    for b in budgets:
-        _need(b in BUDGETS, f"unknown budget '{b}' (choose from: {', '.join(BUDGETS)})")
-    floor = raw.get("floor")
-    if floor is not None:
-        _int(floor, "floor")
 
-    merge_raw = raw.get("merge") or {}
-    _need(isinstance(merge_raw, dict), "merge must be a mapping")
-    _unknown(merge_raw, MERGE_KEYS, "merge")
-    merge = {"max_tokens": parse_tokens(merge_raw.get("max_tokens", 4096), "merge.max_tokens"),
-             "group_size": _int(merge_raw.get("group_size", 16), "merge.group_size"),
-             "align_tokens": parse_tokens(merge_raw.get("align_tokens", 2048), "merge.align_tokens")}
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise MoeSlimError(f"spec: {msg}")
 
-    ev_raw = raw.get("eval") or {}
-    _need(isinstance(ev_raw, dict), "eval must be a mapping like {suite: quick, limit: 20}")
-    _unknown(ev_raw, EVAL_KEYS, "eval")
-    tasks = ev_raw.get("tasks")
-    if isinstance(tasks, str):
-        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
-    _need(tasks is None or (isinstance(tasks, list) and tasks), "eval.tasks must be a list of task names")
-    ev = {"suite": str(ev_raw.get("suite", "quick")), "tasks": tasks,
-          "limit": _int(ev_raw["limit"], "eval.limit") if ev_raw.get("limit") is not None else None,
-          "batch_size": _int(ev_raw["batch_size"], "eval.batch_size") if ev_raw.get("batch_size") else None}
 
-    recover = raw.get("recover") or None
-    if recover is not None:
-        _need(isinstance(recover, dict) and set(recover) == {"sft"} and isinstance(recover["sft"], dict),
-              f"recover must be {{sft: {{steps: N, ...}}}} (got {recover!r})")
-        from ..recover.stage import RECOVER_KEYS
+def _unknown(keys: Iterable[str], allowed: set[str], where: str) -> None:
+    bad = sorted(set(keys) - allowed)
+    _need(not bad, f"unknown key '{bad[0] if bad else ''}' in {where} (allowed: {', '.join(sorted(allowed))})")
 
-        _unknown(recover["sft"], set(RECOVER_KEYS), "recover.sft")
-        _int(recover["sft"].get("steps"), "recover.sft.steps")
-        recover = {"sft": dict(recover["sft"])}
-    seed = raw.get("seed", 0)
-    _int(seed, "seed", minimum=0)
-    write_best = raw.get("write_best")
-    if write_best is True:
-        write_best = "chrf>=0.98*baseline"
-    if write_best is False:
-        write_best = None
-    if write_best is not None:
-        _need(isinstance(write_best, str), "write_best must be true or a target like 'chrf>=0.98*baseline'")
-        from .targets import parse_target
 
-        parse_target(write_best)
-    device, dtype = str(raw.get("device", "auto")), str(raw.get("dtype", "auto"))
-    from ..modeling.loading import parse_dtype
-
-    parse_dtype(dtype)
-
-    spec = SweepSpec(model=raw["model"], data_dir=data_dir, calibration=cal, mixes=unique, methods=list(methods),
-                     ratios=[float(r) for r in ratios], budgets=list(budgets), floor=floor, merge=merge, eval=ev,
-                     seed=seed, name=str(raw.get("name", "sweep")), write_best=write_best, recover=recover, device=device, dtype=dtype, raw=raw,
-                     mix_names=mix_names)
+def parse_spec(raw: Any, *, check_files: bool = True) -> SweepSpec:
+    """Check a spec (a dict from YAML) completely and return it; MoeSlimError naming the first bad key or value."""
+    m = validate(SpecModel, raw, "spec")
+    cal = m.calibration.model_dump()
+    mixes, mix_names = _mixes(m.mixes, cal["domains"])
+    ev = {"suite": m.eval.suite, "tasks": m.eval.tasks, "limit": m.eval.limit, "batch_size": m.eval.batch_size}
+    recover = {"sft": {**m.recover["sft"].sft_kwargs(), "data": m.recover["sft"].data}} if m.recover else None
+    data_dir = str(data_dir_or_default(m.data_dir))
+    spec = SweepSpec(model=m.model, data_dir=data_dir, calibration=cal, mixes=mixes, methods=list(m.methods),
+                     ratios=[float(r) for r in m.ratios], budgets=list(m.budgets), floor=m.floor,
+                     merge=m.merge.model_dump(), eval=ev, seed=m.seed, name=m.name, write_best=m.write_best,
+                     recover=recover, device=m.device, dtype=m.dtype, raw=raw, mix_names=mix_names)
     if check_files:
         check_inputs(spec)
     return spec

@@ -1,0 +1,90 @@
+"""The recipe schema: a YAML mapping checked completely (pydantic) before any work.
+
+    model: models/reference            # a checkpoint directory or a Hugging Face Hub id
+    data_dir: data                     # built data (default: $MOE_SLIM_DATA, ./data, the checkout's data/)
+    stats: runs/stats                  # reuse saved statistics ... or observe them:
+    observe: {calib: "translation=1,general=1@64k", seq_len: 256, batch_size: 8, samples: 32k}
+    prune: {criterion: reap, ratio: 0.5, mix: {translation: 1}}     # exactly one of prune and merge
+    merge: {method: ream, ratio: 0.5, mix: {translation: 1}}
+    recover: {sft: {steps: 200, mix: "translation=0.8,general=0.2", mode: experts}}   # optional
+    eval: {suite: quick, limit: 100}                                 # optional
+    dtype: auto                        # of the written weights (auto: the source's)
+    device: auto                       # where models run
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, model_validator
+
+from ..errors import MoeSlimError
+from ..recover.stage import SftStage
+from ..schema import EvalSettings, NonNegativeInt, PositiveInt, Strict, Tokens, validate
+
+
+class ObserveStep(Strict):
+    calib: str
+    seq_len: PositiveInt = 512
+    batch_size: PositiveInt = 8
+    max_tokens: Tokens | None = None
+    samples: Tokens | None = None
+    layerwise: bool | None = None
+
+
+class PruneStep(Strict):
+    criterion: str = "reap"
+    ratio: float | None = Field(None, gt=0, lt=1)
+    mix: dict[str, float] | None = None
+    reference: dict[str, float] | None = None
+    budget: str = "uniform"
+    floor: PositiveInt | None = None
+    seed: NonNegativeInt = 0
+
+
+class MergeStep(Strict):
+    method: str = "ream"
+    ratio: float = Field(gt=0, lt=1)
+    mix: dict[str, float] | None = None
+    group_size: PositiveInt = 16
+    max_tokens: Tokens = 32_000
+    align_tokens: Tokens = 8192
+    sequential: bool = False
+    seed: NonNegativeInt = 0
+
+
+class Recipe(Strict):
+    model: str
+    data_dir: str | None = None
+    stats: str | None = None
+    observe: ObserveStep | None = None
+    prune: PruneStep | None = None
+    merge: MergeStep | None = None
+    recover: dict[str, SftStage] | None = None
+    eval: EvalSettings | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> Recipe:
+        if (self.prune is None) == (self.merge is None):
+            raise ValueError("a recipe has exactly one of 'prune' and 'merge'")
+        if self.stats is None and self.observe is None and not (self.merge and self.merge.sequential):
+            raise ValueError("give 'stats' (a saved statistics directory) or an 'observe' step")
+        if self.recover is not None and set(self.recover) != {"sft"}:
+            raise ValueError(f"recover must be {{sft: {{steps: N, ...}}}} (got keys {sorted(self.recover)})")
+        return self
+
+
+def load_recipe(path: str | Path) -> tuple[Recipe, dict[str, Any]]:
+    """The checked recipe and the mapping it was read from; one-line errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise MoeSlimError(f"recipe {p} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise MoeSlimError(f"recipe {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return validate(Recipe, raw, "recipe"), raw
