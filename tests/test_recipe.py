@@ -48,6 +48,10 @@ def test_recipe_observes_prunes_heals_evaluates_and_records_itself(w, tmp_path, 
     assert yaml.safe_load((out / "recipe.yaml").read_text())["prune"]["ratio"] == 0.5
     card = (out / "README.md").read_text()
     assert "## Recipe" in card and "criterion: reap" in card and "## Evaluation" in card
+    from huggingface_hub import ModelCard
+
+    scores = {r.metric_type: r.metric_value for r in ModelCard.load(out / "README.md").data.eval_results}
+    assert scores["ppl"] == pytest.approx(steps["metrics"]["perplexity/ppl"])
     results = json.loads((out / "results.json").read_text())
     assert results["metrics"]["perplexity/ppl"] == steps["metrics"]["perplexity/ppl"]
     model, _ = load_model(out)

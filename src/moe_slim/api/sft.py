@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..checkpoint.cards import sft_card
-from ..checkpoint.save import save_checkpoint
+from ..checkpoint.save import save_checkpoint, tidy_checkpoint_files
 from ..data.paths import data_dir_or_default
 from ..errors import MoeSlimError
 from ..experts.plan import ExpertPlan
@@ -68,6 +68,7 @@ def sft_checkpoint(
             result.model.peft_config["default"].base_model_name_or_path = os.path.abspath(source)
             result.model.save_pretrained(str(tmp))
             tok.save_pretrained(str(tmp))
+            tidy_checkpoint_files(tmp)
             (tmp / "sft.json").write_text(json.dumps(log_json, indent=2, sort_keys=True))
             (tmp / "README.md").write_text(card)
         return result

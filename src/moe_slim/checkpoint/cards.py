@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,72 @@ from torch import nn
 from ..experts.merge.plan import PERMUTATIONS_FILE, MergePlan
 from ..experts.plan import ExpertPlan
 from ..fingerprint import library_versions, model_fingerprint
+from ..prompts import END_TAG
 from ..recover.loop import SftResult
+
+
+def where(source: str | os.PathLike) -> str:
+    """How a card names its source: the Hub id it came from, else its absolute path."""
+    return base_model_of(source) or str(Path(source).resolve())
+
+
+def base_model_of(source: str | os.PathLike) -> str | None:
+    """The Hugging Face Hub id a checkpoint derives from: its own (a hub-cache snapshot), else the
+    ``base_model`` its card names (a local checkpoint made from a hub model)."""
+    for part in Path(source).resolve().parts:
+        if part.startswith("models--"):
+            return part[len("models--"):].replace("--", "/")
+    data = _source_card(source)
+    base = getattr(data, "base_model", None) if data is not None else None
+    return base if isinstance(base, str) else (base[0] if isinstance(base, list) and base else None)
+
+
+def _source_card(source: str | os.PathLike) -> Any:
+    card = Path(source) / "README.md"
+    if not card.is_file():
+        return None
+    try:
+        from huggingface_hub import ModelCard
+
+        return ModelCard.load(card).data
+    except Exception:  # a README without front matter, or with front matter huggingface_hub rejects
+        return None
+
+
+def front_matter(source: str | os.PathLike, tags: list[str], library: str = "transformers") -> list[str]:
+    """The card's metadata block (huggingface_hub ``ModelCardData``): library, tags, the Hub model it
+    derives from and the licence inherited from its source's card."""
+    from huggingface_hub import ModelCardData
+
+    src = _source_card(source)
+    data = ModelCardData(library_name=library, tags=["moe_slim", *tags], base_model=base_model_of(source),
+                         license=getattr(src, "license", None) if src is not None else None)
+    return ["---", data.to_yaml(), "---"]
+
+
+def usage(out_name: str = "OUT", prompt_format: bool = True) -> list[str]:
+    """How to run the checkpoint with plain transformers (the prompt format when the tokenizer has its tags)."""
+    lines = ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+             f'tok = AutoTokenizer.from_pretrained("{out_name}")',
+             f'model = AutoModelForCausalLM.from_pretrained("{out_name}")']
+    if prompt_format:
+        lines += ['prompt = "<|en|>Open the file<|de|>"  # translation prompt: <|en|>SOURCE<|de|> (or <|fr|>, <|es|>)',
+                  'ids = tok(prompt, return_tensors="pt").input_ids',
+                  "out = model.generate(ids, max_new_tokens=64)  # generation_config.json stops at <|end|>",
+                  "print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))"]
+    else:
+        lines += ['ids = tok("Hello", return_tensors="pt").input_ids',
+                  "print(tok.decode(model.generate(ids, max_new_tokens=32)[0]))"]
+    return lines + ["```", ""]
+
+
+def has_prompt_tags(directory: str | os.PathLike) -> bool:
+    """Whether a checkpoint's tokenizer has moe_slim's translation-prompt tags."""
+    tj = Path(directory) / "tokenizer.json"
+    try:
+        return END_TAG in tj.read_text(errors="replace") and "<|en|>" in tj.read_text(errors="replace")
+    except OSError:
+        return False
 
 
 def merge_card(*, source: str, plan: MergePlan, params_before: int, params_after: int, model: nn.Module,
@@ -20,9 +86,9 @@ def merge_card(*, source: str, plan: MergePlan, params_before: int, params_after
     i = plan.info
     k = len(plan.layers[0].groups)
     lines = [
-        "---", "library_name: transformers", "tags: [moe_slim, expert-merging, mixture-of-experts]", "---",
+        *front_matter(source, ["expert-merging", "mixture-of-experts"]),
         f"# {Path(str(source)).name} — experts merged with moe_slim ({i.get('method')})", "",
-        f"Source checkpoint: `{source}` ({plan.family}, {plan.num_experts} experts per layer, top-{plan.top_k}); "
+        f"Source checkpoint: `{where(source)}` ({plan.family}, {plan.num_experts} experts per layer, top-{plan.top_k}); "
         f"now {k} experts per layer.", "",
         "## How",
         f"- Method `{i.get('method')}`: grouping `{i.get('grouping')}`, alignment `{i.get('alignment')}`, "
@@ -46,7 +112,7 @@ def merge_card(*, source: str, plan: MergePlan, params_before: int, params_after
         "weights, so it applies to the source checkpoint, not to this one).",
         "", f"Fingerprint of this checkpoint: `{model_fingerprint(model)}`.", f"Libraries: `{library_versions()}`.", "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + usage(prompt_format=has_prompt_tags(source)))
 
 
 
@@ -56,14 +122,10 @@ def sft_card(*, source: str, result: SftResult, adapter: bool) -> str:
     s = result.settings
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = [
-        "---",
-        "library_name: " + ("peft" if adapter else "transformers"),
-        "tags: [moe_slim, sft, recovery, mixture-of-experts]",
-        f"base_model: {source}" if adapter else None,
-        "---",
+        *front_matter(source, ["sft", "recovery", "mixture-of-experts"], library="peft" if adapter else "transformers"),
         f"# {Path(str(source)).name} — SFT recovery with moe_slim",
         "",
-        f"Source checkpoint: `{source}`.",
+        f"Source checkpoint: `{where(source)}`.",
         "",
         "## Training",
         f"- Mode: `{result.mode}` ({result.trainable_params:,} trainable parameters)"
@@ -99,6 +161,8 @@ def sft_card(*, source: str, result: SftResult, adapter: bool) -> str:
                   "```",
                   "or rerun with `--merge-lora` to write merged weights."]
     lines += ["", "Training log: `sft.json` beside this card.", f"Libraries: `{library_versions()}`.", ""]
+    if not adapter:
+        lines += usage(prompt_format=has_prompt_tags(source))
     return "\n".join(l for l in lines if l is not None)
 
 
@@ -117,13 +181,10 @@ def prune_card(
     fmt = lambda m: ",".join(f"{k}={v:g}" for k, v in m.items()) if isinstance(m, dict) else m  # noqa: E731
     removed = [sorted(set(range(plan.num_experts)) - set(l.keep)) for l in plan.layers]
     lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [moe_slim, expert-pruning, mixture-of-experts]",
-        "---",
+        *front_matter(source, ["expert-pruning", "mixture-of-experts"]),
         f"# {Path(str(source)).name} — {plan.kind}d with moe_slim",
         "",
-        f"Source checkpoint: `{source}` ({plan.family}, {plan.num_experts} experts per layer, top-{plan.top_k}).",
+        f"Source checkpoint: `{where(source)}` ({plan.family}, {plan.num_experts} experts per layer, top-{plan.top_k}).",
         "",
         "## What was removed",
         f"- Criterion: `{info.get('criterion', 'explicit plan')}`; budget: `{info.get('budget')}`; "
@@ -157,4 +218,4 @@ def prune_card(
         f"Libraries: `{library_versions()}`.",
         "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + usage(prompt_format=has_prompt_tags(source)))

@@ -43,6 +43,7 @@ from ..modeling.shards import (
     ShardedCheckpoint,
 )
 from ..outputs import atomic_dir
+from .save import tidy_checkpoint_files
 from .shard_writer import DEFAULT_MAX_SHARD_BYTES, OutTensor, write_shards
 
 #: files of a checkpoint directory that are weights (never copied: the rewrite writes its own)
@@ -196,6 +197,7 @@ def rewrite_pruned(
         write_shards(tmp, tensors, max_shard_bytes=max_shard_bytes, on_bytes=bar.update)
         new_config.save_pretrained(str(tmp))
         copy_small_files(src, tmp)
+        tidy_checkpoint_files(tmp)
         plan.info.update(params_before=before, params_after=after)
         plan.write_files(tmp)
         (tmp / "README.md").write_text(card(out_model, before, after))

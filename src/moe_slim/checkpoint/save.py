@@ -12,6 +12,42 @@ import torch
 from torch import nn
 
 from ..outputs import atomic_dir, pause_point
+from ..prompts import END_TAG
+
+#: keys transformers writes into tokenizer_config.json that only describe the machine that saved it
+MACHINE_LOCAL_KEYS = ("is_local", "local_files_only", "_commit_hash")
+
+
+def tidy_checkpoint_files(directory: str | os.PathLike) -> None:
+    """Make a written checkpoint portable and complete: drop machine-local keys from
+    ``tokenizer_config.json``, and when the tokenizer has moe_slim's ``<|end|>`` tag, make
+    ``generation_config.json`` stop there too (plain ``generate`` would otherwise run past it)."""
+    d = Path(directory)
+    tc = d / "tokenizer_config.json"
+    if tc.is_file():
+        cfg = json.loads(tc.read_text())
+        if any(k in cfg for k in MACHINE_LOCAL_KEYS):
+            tc.write_text(json.dumps({k: v for k, v in cfg.items() if k not in MACHINE_LOCAL_KEYS}, indent=2,
+                                     ensure_ascii=False) + "\n")
+    end_id = _token_id(d / "tokenizer.json", END_TAG)
+    gc = d / "generation_config.json"
+    if end_id is not None and gc.is_file():
+        cfg = json.loads(gc.read_text())
+        eos = cfg.get("eos_token_id")
+        ids = [] if eos is None else (list(eos) if isinstance(eos, list) else [eos])
+        if end_id not in ids:
+            cfg["eos_token_id"] = ids + [end_id]
+            gc.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _token_id(tokenizer_json: Path, token: str) -> int | None:
+    if not tokenizer_json.is_file():
+        return None
+    try:
+        added = json.loads(tokenizer_json.read_text()).get("added_tokens", [])
+    except ValueError:
+        return None
+    return next((int(t["id"]) for t in added if t.get("content") == token), None)
 
 
 def save_checkpoint(
@@ -44,6 +80,7 @@ def save_checkpoint(
             tokenizer.save_pretrained(str(tmp))
         if plan is not None:
             plan.write_files(tmp)
+        tidy_checkpoint_files(tmp)
         for name, obj in (extra_json or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True))
         (tmp / "README.md").write_text(card)

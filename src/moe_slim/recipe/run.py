@@ -112,8 +112,24 @@ def run_recipe(recipe: Recipe, raw: dict[str, Any], out: str | os.PathLike, *, r
             (tmp / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
         card = (tmp / "README.md").read_text() if (tmp / "README.md").is_file() else ""
         (tmp / "README.md").write_text(card.rstrip("\n") + "\n\n" + recipe_section(raw, steps))
+        if results is not None:
+            add_eval_results(tmp / "README.md", out.name, results["metrics"])
     shutil.rmtree(work, ignore_errors=True)
     return steps
+
+
+def add_eval_results(card_path: Path, name: str, metrics: dict[str, Any]) -> None:
+    """The scores in the card's metadata too (``model-index``), as the Hub shows them."""
+    from huggingface_hub import EvalResult, ModelCard
+
+    card = ModelCard.load(card_path)
+    card.data.model_name = name
+    card.data.eval_results = [
+        EvalResult(task_type="text-generation", dataset_type=f"moe_slim/{task}", dataset_name=f"moe_slim {task}",
+                   metric_type=metric, metric_value=float(v))
+        for key, v in sorted(metrics.items()) if key.count("/") == 1 and isinstance(v, (int, float))
+        for task, metric in [key.split("/")]]
+    card.save(card_path)
 
 
 def recipe_section(raw: dict[str, Any], steps: dict[str, Any]) -> str:
