@@ -179,3 +179,18 @@ def test_token_counts_parse_or_fail_in_one_line() -> None:
     for bad in ("3x", "", "-5k", "0"):
         with pytest.raises(MoeSlimError):
             _tokens(bad)
+
+
+def test_json_output_and_version(workdir: Path, tmp_path: Path, capsys) -> None:
+    import json as _json
+
+    capsys.readouterr()
+    assert main(["prune", str(workdir / "model"), "--stats", str(workdir / "stats"), "--ratio", "0.5",
+                 "--out", str(tmp_path / "p"), "--quiet", "--json"]) == 0
+    out = _json.loads(capsys.readouterr().out)
+    assert out["kept_per_layer"] == [4, 4] and out["params_after"] < out["params_before"]
+    assert main(["families", "--json"]) == 0
+    names = [f["name"] for f in _json.loads(capsys.readouterr().out)["families"]]
+    assert "qwen3_moe" in names and "nllb_moe" in names
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("moe-slim ")

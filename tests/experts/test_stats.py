@@ -134,3 +134,15 @@ def test_observation_through_accelerate_offload_matches(tmp_path) -> None:
     got = _obs(off, tok, {"g": TEXTS_A})
     assert torch.equal(got.domains["g"]["count"], ref.domains["g"]["count"])
     torch.testing.assert_close(got.domains["g"]["wnorm_sum"], ref.domains["g"]["wnorm_sum"])
+
+
+def test_task_contrast_warns_when_its_reference_is_its_target(setup, capsys) -> None:
+    from moe_slim.experts.criteria import score
+
+    model, tok = setup
+    stats = _obs(model, tok, {"general": TEXTS_A, "code": TEXTS_B})
+    domains = list(stats.domains)
+    score(stats, "task_contrast", mix={d: 1.0 for d in domains})
+    assert "task_contrast: the reference" in capsys.readouterr().err
+    score(stats, "task_contrast", mix={domains[0]: 1.0})
+    assert capsys.readouterr().err == ""

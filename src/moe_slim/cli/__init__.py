@@ -64,6 +64,12 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "--quiet" in (sys.argv[1:] if argv is None else argv):
+        # tqdm reads TQDM_DISABLE when it is imported (lm-eval's, datasets' and transformers' bars use it),
+        # so this must happen before any library loads
+        os.environ["TQDM_DISABLE"] = "1"
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     _quiet_libraries()
     parser = build_parser()
     try:

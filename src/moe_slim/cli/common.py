@@ -64,3 +64,14 @@ def add_data_dir(p: argparse.ArgumentParser, what: str = "built data directory")
     p.add_argument("--data-dir", dest="data_dir", default=None,
                    help=f"{what} (default: $MOE_SLIM_DATA, else ./data, else the moe_slim checkout's data/)")
     p.add_argument("--data", dest="data_dir", help=argparse.SUPPRESS)
+
+
+def add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object (nothing else on stdout)")
+
+
+def emit(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
+    """The command's results: ``text`` for people, or ``result`` as JSON with ``--json``."""
+    import json
+
+    print(json.dumps(result, indent=2, sort_keys=True, default=str) if getattr(args, "json", False) else text)

@@ -6,7 +6,15 @@ import argparse
 import json
 import os
 
-from .common import _tokens, add_data_dir, fraction, non_negative_int, positive_int
+from .common import (
+    _tokens,
+    add_data_dir,
+    add_json,
+    emit,
+    fraction,
+    non_negative_int,
+    positive_int,
+)
 
 # Heavy modules (transformers) are imported inside the commands, so `moe-slim --help` and
 # one-line errors come fast.
@@ -28,8 +36,10 @@ def cmd_observe(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 wrote, and only it reports
         return 0
     how = f", layer-wise on {stats.meta['layerwise']['device']}" if "layerwise" in stats.meta else ""
-    print(f"wrote {args.out}: {stats.n_layers} MoE layers x {stats.n_experts} experts; tokens per domain "
-          f"{ {d: int(v) for d, v in stats.meta['tokens_per_domain'].items()} }{how}")
+    tokens = {d: int(v) for d, v in stats.meta["tokens_per_domain"].items()}
+    emit(args, {"out": args.out, "moe_layers": stats.n_layers, "experts": stats.n_experts, "tokens_per_domain": tokens,
+                "layerwise": stats.meta.get("layerwise"), "seconds": stats.meta.get("seconds")},
+         f"wrote {args.out}: {stats.n_layers} MoE layers x {stats.n_experts} experts; tokens per domain {tokens}{how}")
     return 0
 
 
@@ -42,10 +52,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, plan_only=args.plan_only, **_write_options(args),
     )
     if args.plan_only:
-        print(f"wrote {args.out}/plan.json: keeps {plan.kept_counts} experts per layer of {plan.num_experts} "
-              f"(evaluate it with: moe-slim eval {args.model} --plan {args.out}/plan.json --out results.json)")
+        emit(args, {"plan": f"{args.out}/plan.json", "kept_per_layer": plan.kept_counts, "num_experts": plan.num_experts},
+             f"wrote {args.out}/plan.json: keeps {plan.kept_counts} experts per layer of {plan.num_experts} "
+             f"(evaluate it with: moe-slim eval {args.model} --plan {args.out}/plan.json --out results.json)")
         return 0
-    _print_plan(plan, args.out)
+    _print_plan(args, plan, args.out)
     return 0
 
 
@@ -53,7 +64,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from .. import api
 
     plan = api.apply_checkpoint(args.model, args.plan, args.out, overwrite=args.overwrite, **_write_options(args))
-    _print_plan(plan, args.out)
+    _print_plan(args, plan, args.out)
     return 0
 
 
@@ -80,10 +91,12 @@ def add_device_options(p: argparse.ArgumentParser, dtype_flag: str = "--dtype") 
                    help="compute dtype: auto (the checkpoint's on a GPU, float32 on a CPU), bfloat16, float16, float32")
 
 
-def _print_plan(plan, out) -> None:
+def _print_plan(args: argparse.Namespace, plan, out) -> None:
     i = plan.info
-    print(f"wrote {out}: kept {plan.kept_counts} experts per layer of {plan.num_experts}; parameters "
-          f"{i.get('params_before', 0):,} -> {i.get('params_after', 0):,}")
+    emit(args, {"out": str(out), "kind": plan.kind, "kept_per_layer": plan.kept_counts, "num_experts": plan.num_experts,
+                "params_before": i.get("params_before"), "params_after": i.get("params_after")},
+         f"wrote {out}: kept {plan.kept_counts} experts per layer of {plan.num_experts}; parameters "
+         f"{i.get('params_before', 0):,} -> {i.get('params_after', 0):,}")
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -99,8 +112,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_families(args: argparse.Namespace) -> int:
     from ..families import FAMILIES
 
-    for f in FAMILIES:
-        print(f"{f.name:20s} {f.layout:8s} router={f.scoring:8s} {f.notes}")
+    emit(args, {"families": [{"name": f.name, "model_types": list(f.model_types), "layout": f.layout,
+                               "router": f.scoring, "notes": f.notes} for f in FAMILIES]},
+         "\n".join(f"{f.name:20s} {f.layout:8s} router={f.scoring:8s} {f.notes}" for f in FAMILIES))
     return 0
 
 
@@ -131,6 +145,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                        "(default 2GiB)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    add_json(p)
     p.set_defaults(func=cmd_observe)
 
     p = sub.add_parser("prune", help="remove the lowest-scoring experts and write a checkpoint")
@@ -151,6 +166,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     add_write_options(p)
+    add_json(p)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("apply", help="apply a saved plan.json to a checkpoint (no statistics needed)")
@@ -159,6 +175,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     add_write_options(p)
+    add_json(p)
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("stats", help="summarise a stats directory")
@@ -166,4 +183,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("families", help="list the supported MoE families")
+    add_json(p)
     p.set_defaults(func=cmd_families)

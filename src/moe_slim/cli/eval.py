@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..evals.suites import BUILTIN_TASKS, SUITES, TASK_ALIASES
-from .common import add_data_dir, positive_int
+from .common import add_data_dir, add_json, emit, positive_int
 
 
 def register(subparsers: Any) -> None:
@@ -46,6 +46,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device-map", default=None, help="accelerate device map, e.g. auto")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    add_json(p)
     p.set_defaults(func=run)
 
 
@@ -109,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
     if plan_info is not None:
         results["plan"] = plan_info
     write_results(results, args.out, overwrite=args.overwrite)
-    for key, value in results["metrics"].items():
-        if key.count("/") == 1:
-            print(f"{key}\t{value:.4f}" if isinstance(value, float) else f"{key}\t{value}")
-    print(f"wrote {args.out} ({results['timings_s']['total']:.1f} s)")
+    lines = [f"{k}\t{v:.4f}" if isinstance(v, float) else f"{k}\t{v}" for k, v in results["metrics"].items()
+             if k.count("/") == 1]
+    emit(args, {"out": args.out, "metrics": results["metrics"], "seconds": results["timings_s"]["total"]},
+         "\n".join(lines + [f"wrote {args.out} ({results['timings_s']['total']:.1f} s)"]))
     return 0

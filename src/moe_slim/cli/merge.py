@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from .common import _tokens, add_data_dir, fraction, non_negative_int, positive_int
+from .common import (
+    _tokens,
+    add_data_dir,
+    add_json,
+    emit,
+    fraction,
+    non_negative_int,
+    positive_int,
+)
 from .core import add_device_options
 
 # Mirrors of moe_slim.experts.merge.methods constants (a test keeps them equal), so the parser needs no torch.
@@ -26,8 +34,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
         compute_dtype=args.compute_dtype, log=None if args.quiet else print,
     )
     i = plan.info
-    print(f"wrote {args.out}: merged {plan.num_experts} -> {len(plan.layers[0].groups)} experts per layer "
-          f"({i.get('method')}); parameters {i.get('params_before', 0):,} -> {i.get('params_after', 0):,}")
+    emit(args, {"out": args.out, "method": i.get("method"), "num_experts": plan.num_experts,
+                "kept": len(plan.layers[0].groups), "params_before": i.get("params_before"),
+                "params_after": i.get("params_after"), "plan_only": args.plan_only},
+         f"wrote {args.out}: merged {plan.num_experts} -> {len(plan.layers[0].groups)} experts per layer "
+         f"({i.get('method')}); parameters {i.get('params_before', 0):,} -> {i.get('params_after', 0):,}")
     return 0
 
 
@@ -61,4 +72,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="write only OUT/plan.json and the permutations, no checkpoint (replay: apply or eval --plan)")
     add_device_options(p, "--compute-dtype")
     p.add_argument("--quiet", action="store_true")
+    add_json(p)
     p.set_defaults(func=cmd_merge)

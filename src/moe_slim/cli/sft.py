@@ -7,6 +7,8 @@ import argparse
 from ..recover.loop import SCHEDULERS
 from ..recover.modes import MODES
 from .common import (
+    add_json,
+    emit,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -52,8 +54,10 @@ def cmd_sft(args: argparse.Namespace) -> int:
     if "chrf" in a:
         parts.append(f"chrF {b['chrf']:.2f} -> {a['chrf']:.2f}")
     what = "LoRA adapter" if result.mode == "lora" and not result.merged else "checkpoint"
-    print(f"wrote {what} {args.out}: {result.mode} SFT, {result.steps} steps (best {result.best_step}); "
-          + "; ".join(parts))
+    emit(args, {"out": args.out, "mode": result.mode, "steps": result.steps, "best_step": result.best_step,
+                "before": result.metrics_before, "after": result.metrics_after},
+         f"wrote {what} {args.out}: {result.mode} SFT, {result.steps} steps (best {result.best_step}); "
+         + "; ".join(parts))
     return 0
 
 
@@ -96,4 +100,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_device_options(p, "--compute-dtype")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    add_json(p)
     p.set_defaults(func=cmd_sft)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import positive_int
+from .common import add_json, emit, positive_int
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -22,32 +22,42 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"moe-slim: sweep interrupted; every finished point is in {Path(out) / 'results.db'} "
               "(run the same command again to resume)", file=sys.stderr)
         return 130
-    print(f"{summary['ran']} points run, {summary['already_done']} already done, {summary['remaining']} remaining "
-          f"({summary['seconds']:.0f}s); results in {summary['db']}")
+    text = (f"{summary['ran']} points run, {summary['already_done']} already done, {summary['remaining']} remaining "
+            f"({summary['seconds']:.0f}s); results in {summary['db']}")
     if not args.no_report:
         target = spec.write_best or args.target
         if target is None and spec.eval["tasks"] in (None, []) or "translation" in (spec.eval["tasks"] or []):
             target = "chrf>=0.98*baseline"
         rep = write_report(summary["db"], target=target)
-        print(rep["table"])
-        print(f"report: {rep['report']}")
+        text += f"\n{rep['table']}\nreport: {rep['report']}"
+        summary["report"] = _report_json(rep, target)
+    emit(args, summary, text)
     return 0
 
 
+def _report_json(rep: dict, target: str | None) -> dict:
+    best = rep["best"]
+    keep = ("key", "method", "kind", "mix", "ratio", "budget", "experts_kept", "experts_total", "params", "chrf",
+            "mc_acc", "ppl", "target_threshold", "target_metric", "basis")
+    return {"report": rep["report"], "target": target, "command": rep["command"],
+            "best": {k: best.get(k) for k in keep} if best else None}
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    from ..sweep.report import write_report
+    from ..sweep.report import target_line, write_report
 
     rep = write_report(args.results, args.out, target=args.target, plots=not args.no_plots)
-    print(rep["table"])
+    lines = [rep["table"]]
     if args.target:
         best = rep["best"]
         if best is None:
-            print(f"\nno point meets {args.target}")
+            lines.append(f"\nno point's 95% interval clears {args.target}")
         else:
-            print(f"\nbest for {args.target}: {best['method']} ratio {best['ratio']:g} mix {best['mix']} "
-                  f"({best['experts_kept']}/{best['experts_total']} experts, chrF {best['chrf']})")
-            print(f"  {rep['command']}")
-    print(f"\nreport: {rep['report']}")
+            lines += [f"\nbest for {args.target}: {best['method']} ratio {best['ratio']:g} mix {best['mix']} "
+                      f"({best['experts_kept']}/{best['experts_total']} experts): {target_line(best)}",
+                      f"  {rep['command']}"]
+    lines.append(f"\nreport: {rep['report']}")
+    emit(args, _report_json(rep, args.target), "\n".join(lines))
     return 0
 
 
@@ -63,6 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "when the sweep evaluates translation)")
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_json(p)
     p.set_defaults(func=cmd_sweep)
 
     r = sub.add_parser("report", help="Pareto fronts (PNG), tables (Markdown) and the best point of a sweep")
@@ -70,4 +81,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", help="report directory (default: report/ beside the database)")
     r.add_argument("--target", help='e.g. "chrf>=0.98*baseline" or "ppl<=1.1*baseline"')
     r.add_argument("--no-plots", action="store_true")
+    add_json(r)
     r.set_defaults(func=cmd_report)

@@ -141,9 +141,14 @@ def _quiet_lm_eval() -> Iterator[None]:
     for name, fn in patched.items():
         if saved[name] is not None:
             setattr(evaluator, name, fn)
+    # lm-eval passes disable=False to some of its bars, over TQDM_DISABLE: under --quiet, stderr goes nowhere
+    hush = open(os.devnull, "w") if os.environ.get("TQDM_DISABLE") == "1" else None  # noqa: SIM115
     try:
-        yield
+        with contextlib.redirect_stderr(hush) if hush else contextlib.nullcontext():
+            yield
     finally:
+        if hush:
+            hush.close()
         for lg, lvl in zip(loggers, levels):
             lg.setLevel(lvl)
         for name, fn in saved.items():

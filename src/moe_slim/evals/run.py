@@ -139,20 +139,27 @@ def summary_metrics(tasks: Mapping[str, Any]) -> dict[str, float]:
             for metric in ("bleu", "chrf", "chrf++", "copy_chrf"):
                 if metric in entry:
                     out[f"translation/{pair}/{metric}"] = entry[metric]
-        if "baseline" in tr:
-            out["translation/chrf_delta_vs_baseline"] = tr["baseline"]["overall"]["chrf"]["delta"]
+        out["translation/n"] = float(tr["overall"]["n"])
+        if "baseline" in tr:  # paired bootstrap against another system's hypotheses on the same sentences
+            c = tr["baseline"]["overall"]["chrf"]
+            out["translation/chrf_delta_vs_baseline"] = c["delta"]
+            out["translation/chrf_delta_lo"], out["translation/chrf_delta_hi"] = c["delta_ci95"]
+            out["translation/chrf_lo"], out["translation/chrf_hi"] = c["system_ci95"]
+            out["translation/chrf_delta_p"] = c["p_value"]
     for name, entry in tasks.items():
         if name in ("translation", "math_gen", "perplexity") or not isinstance(entry, Mapping):
             continue
         for key, value in entry.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "n" \
-                    and not key.endswith("_stderr"):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not key.endswith("_stderr"):
                 out[f"{name}/{key}"] = float(value)
     if "math_gen" in tasks:
         out["math_gen/exact_match"] = tasks["math_gen"]["exact_match"]
+        if "n" in tasks["math_gen"]:
+            out["math_gen/n"] = float(tasks["math_gen"]["n"])
     ppl = tasks.get("perplexity")
     if ppl and "overall" in ppl:
         out["perplexity/ppl"] = ppl["overall"]["ppl"]
+        out["perplexity/tokens"] = float(ppl["overall"].get("tokens", 0))
         for domain, entry in ppl["domains"].items():
             out[f"perplexity/{domain}/ppl"] = entry["ppl"]
     return out

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import MoeSlimError
+from ..outputs import note
 from .stats import DomainStats, RouterStats
 
 
@@ -109,5 +110,9 @@ def score(
         if reference is None:
             others = [d for d in stats.domains if mix.get(d, 0) <= 0]
             reference = {d: 1.0 for d in (others or stats.domains)}
+        if {d for d, w in reference.items() if w > 0} == {d for d, w in mix.items() if w > 0}:
+            note(f"task_contrast: the reference ({', '.join(sorted(reference))}) is the target itself, so nothing is "
+                 "contrasted and experts rank by plain saliency (reap_mass); give a --reference of other domains or "
+                 "a target that leaves some observed domain out")
         return task_contrast(target, stats.mix(reference), base=base)
     return CRITERIA[criterion](target)

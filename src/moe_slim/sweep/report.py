@@ -28,6 +28,8 @@ from .targets import (
     baseline_row,
     best_for_target,
     command_for,
+    delta_interval,
+    interval,
     metric_value,
     parse_target,
 )
@@ -69,20 +71,56 @@ def _fmt(v: Any, nd: int = 3) -> str:
     return str(v)
 
 
+def _n(row: dict[str, Any], key: str) -> str:
+    v = (row.get("metrics") or {}).get(key)
+    return f" (n={int(v)})" if isinstance(v, (int, float)) else ""
+
+
+def _mc_n(row: dict[str, Any]) -> str:
+    m = row.get("metrics") or {}
+    ns = [int(v) for k, v in m.items() if k.endswith("/n") and k.count("/") == 1 and f"{k[:-2]}/acc" in m]
+    return f" (n={sum(ns)})" if ns else ""
+
+
+def _ci(ci: tuple[float, float] | None, nd: int = 2, signed: bool = False) -> str:
+    if ci is None:
+        return ""
+    f = f"{{:+.{nd}f}}" if signed else f"{{:.{nd}f}}"
+    return f" [{f.format(ci[0])}, {f.format(ci[1])}]"
+
+
+def delta_cell(row: dict[str, Any]) -> str:
+    """chrF minus the baseline's, with its 95% paired-bootstrap interval; '~' marks a tie (interval spans 0)."""
+    d, ci = metric_value(row, "translation/chrf_delta_vs_baseline"), delta_interval(row, "chrf")
+    if d is None:
+        return "-"
+    tie = ci is not None and ci[0] <= 0 <= ci[1]
+    return f"{'~' if tie else ''}{d:+.2f}{_ci(ci, 2, signed=True)}"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    """The headline table (Markdown), baseline first, then by mix, method and ratio."""
+    """The headline table (Markdown), baseline first, then by mix, method and ratio; every score with its n,
+    chrF with its 95% interval and its difference from the baseline (paired bootstrap)."""
     base = baseline_row(rows)
     bp = base["params"] if base else None
-    lines = ["| method | mix | ratio | budget | experts kept | params (share) | chrF | MC acc | math EM | ppl | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | mix | ratio | budget | experts kept | params (share) | chrF [95% CI] | Δ chrF vs baseline "
+             "[95% CI] | MC acc [95% CI] | math EM | ppl | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = sorted(rows, key=lambda r: (r["kind"] != "baseline", r["mix"], r["method"], r["ratio"], r["budget"]))
     for r in order:
         share = f"{r['params']:,} ({r['params'] / bp:.2f})" if bp else f"{r['params']:,}"
         secs = (r.get("timings") or {}).get("total_s")
         lines.append(f"| {r['method']} | {r['mix']} | {r['ratio']:g} | {r['budget']} | {r['experts_kept']}/"
-                     f"{r['experts_total']} | {share} | {_fmt(r['chrf'], 2)} | {_fmt(r['mc_acc'])} | "
-                     f"{_fmt(r['math_em'])} | {_fmt(r['ppl'], 2)} | {_fmt(secs, 1)} |")
-    return "\n".join(lines)
+                     f"{r['experts_total']} | {share} | {_fmt(r['chrf'], 2)}{_ci(interval(r, 'chrf'))}"
+                     f"{_n(r, 'translation/n')} | {delta_cell(r)} | {_fmt(r['mc_acc'])}{_ci(interval(r, 'mc_acc'), 3)}"
+                     f"{_mc_n(r)} | {_fmt(r['math_em'])}{_n(r, 'math_gen/n')} | {_fmt(r['ppl'], 2)}"
+                     f"{_n(r, 'perplexity/tokens').replace('n=', 'tokens=')} | {_fmt(secs, 1)} |")
+    notes = ["", "Intervals: chrF and its difference from the baseline by a paired bootstrap over the same "
+             "sentences (1000 resamples); '~' marks a difference whose interval contains 0 (a tie, not a loss or "
+             "a win). MC accuracy: normal approximation over the items of each task."]
+    if any((r.get("metrics") or {}).get("before_sft/translation/chrf") is not None for r in rows):
+        notes.append("Points were healed with SFT; 'before SFT' scores are in the per-point metrics (before_sft/...).")
+    return "\n".join(lines + notes)
 
 
 def pivot(rows: list[dict[str, Any]], metric: str = "chrf", nd: int = 2) -> str:
@@ -138,11 +176,14 @@ def _plot(rows: list[dict[str, Any]], fr: dict[str, Any], out: Path) -> list[str
         color = f"C{i % 10}"
         pts = [r for r in rows if r["method"] == method and r["chrf"] is not None]
         ax.scatter([r["params"] / bp for r in pts], [r["chrf"] for r in pts], color=color, alpha=0.35, s=14)
+        _error_bars(ax, [r["params"] / bp for r in pts], pts, "chrf", color, vertical=True)
         ax.plot([r["params"] / bp for r in front], [r["chrf"] for r in front], "-o", color=color, label=method, ms=4)
     if base and base["chrf"] is not None:
         ax.scatter([1.0], [base["chrf"]], marker="*", s=120, color="k", label="baseline", zorder=5)
+    n_tr = _n(base or rows[0], "translation/n").strip(" ()")
     written.append(_finish_plot(fig, ax, out / "params_vs_chrf.png", "retained parameters (share of baseline)",
-                                "chrF", "Pareto fronts per method: parameters vs chrF", legend_size=8))
+                                f"chrF ({n_tr} sentences; bars: 95% CI)" if n_tr else "chrF",
+                                "Pareto fronts per method: parameters vs chrF", legend_size=8))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     gen_name = "chrF" if any(r["chrf"] is not None for r in rows) else "math exact match"
@@ -150,13 +191,29 @@ def _plot(rows: list[dict[str, Any]], fr: dict[str, Any], out: Path) -> list[str
         color = f"C{i % 10}"
         pts = [r for r in rows if r["mix"] == mix and r["mc_acc"] is not None and r["gen_score"] is not None]
         ax.scatter([r["mc_acc"] for r in pts], [r["gen_score"] for r in pts], color=color, alpha=0.35, s=14)
+        _error_bars(ax, [r["gen_score"] for r in pts], pts, "mc_acc", color, vertical=False)
         ax.plot([r["mc_acc"] for r in front], [r["gen_score"] for r in front], "-o", color=color, label=mix, ms=4)
     if base and base["mc_acc"] is not None and base["gen_score"] is not None:
         ax.scatter([base["mc_acc"]], [base["gen_score"]], marker="*", s=120, color="k", label="baseline", zorder=5)
-    written.append(_finish_plot(fig, ax, out / "mc_vs_generative.png", "multiple-choice accuracy (mean over tasks)",
+    n_mc = _mc_n(base or rows[0]).strip(" ()")
+    written.append(_finish_plot(fig, ax, out / "mc_vs_generative.png",
+                                "multiple-choice accuracy (mean over tasks" + (f"; {n_mc} items" if n_mc else "")
+                                + "; bars: 95% CI)",
                                 gen_name, "Pareto fronts per calibration mix: multiple choice vs generative",
                                 legend_size=7))
     return written
+
+
+def _error_bars(ax: Any, other: list[float], pts: list[dict[str, Any]], metric: str, color: str, *,
+                vertical: bool) -> None:
+    """95% interval bars of ``metric`` at the points (vertical: the metric is on the y axis)."""
+    for o, r in zip(other, pts):
+        ci = interval(r, metric)
+        if ci is not None:
+            if vertical:
+                ax.plot([o, o], list(ci), color=color, alpha=0.35, lw=1)
+            else:
+                ax.plot(list(ci), [o, o], color=color, alpha=0.35, lw=1)
 
 
 def _finish_plot(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str, *, legend_size: int) -> str:
@@ -172,6 +229,18 @@ def _finish_plot(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path.name
+
+
+def target_line(best: dict[str, Any]) -> str:
+    """The targeted metric of the best point, with its interval, n and the threshold it clears."""
+    metric = best["target_metric"]
+    v = metric_value(best, metric)
+    text = f"{metric} {_fmt(v, 3)}"
+    if metric in ("chrf", "translation/chrf"):
+        text += f"{_ci(interval(best, 'chrf'))}{_n(best, 'translation/n')}, vs baseline {delta_cell(best)}"
+    elif metric == "mc_acc":
+        text += f"{_ci(interval(best, 'mc_acc'), 3)}{_mc_n(best)}"
+    return f"{text}; threshold {best['target_threshold']:.3f} (decided on the {best['basis']})"
 
 
 def write_report(db: str | os.PathLike, out: str | os.PathLike | None = None, *, target: str | None = None,
@@ -211,12 +280,12 @@ def write_report(db: str | os.PathLike, out: str | os.PathLike | None = None, *,
     if target:
         md += ["", f"## Best configuration for `{target}`", ""]
         if best is None:
-            md.append("No point meets the target.")
+            md.append("No point's 95% interval clears the target (a point estimate above it is not enough).")
         else:
             command = command_for(best, meta)
             md += [f"{best['method']} ({best['kind']}), ratio {best['ratio']:g}, budget {best['budget']}, mix "
                    f"{best['mix']}: {best['experts_kept']}/{best['experts_total']} experts, {best['params']:,} "
-                   f"parameters, chrF {_fmt(best['chrf'], 2)} (threshold {best['target_threshold']:.3f}).", "",
+                   f"parameters; {target_line(best)}.", "",
                    "Write its checkpoint with:", "", "```bash", command, "```"]
         if best_any is not None and (best is None or best_any["key"] != best["key"]):
             md += ["", f"In memory only (different expert counts per layer, not writable as a checkpoint): "

@@ -28,7 +28,7 @@ from ..outputs import pause_point, refuse_overlap
 from .best import write_best
 from .grid import Point, _canonical, _hash, point_key
 from .spec import SWEEP_FORMAT, SweepSpec, parse_spec
-from .store import DB_NAME, done_keys, headline, insert_row, open_db
+from .store import DB_NAME, done_keys, headline, hypotheses, insert_row, open_db
 
 Evaluator = Callable[[Any, Any, dict[str, Any]], dict[str, Any]]
 
@@ -81,7 +81,13 @@ def default_evaluator(model: Any, tok: Any, ev: dict[str, Any]) -> dict[str, Any
     from ..evals.run import evaluate
 
     return evaluate(model, tok, ev["suite"], data_dir=ev["data_dir"], tasks=ev.get("tasks"), limit=ev.get("limit"),
-                    batch_size=ev.get("batch_size"), hash_weights=False)
+                    batch_size=ev.get("batch_size"), baseline=ev.get("baseline"), hash_weights=False)
+
+
+def translation_hypotheses(result: dict[str, Any]) -> dict[str, str] | None:
+    """A point's translations by sentence id, from evaluate's result (None when it did not translate)."""
+    hyps = ((result.get("tasks") or {}).get("translation") or {}).get("hypotheses")
+    return {str(h["id"]): str(h["hyp"]) for h in hyps} if hyps else None
 
 
 # -- running points -----------------------------------------------------------------------------
@@ -107,6 +113,16 @@ class PointRunner:
         self.params_baseline = count_parameters(self.model)
         self.versions = library_versions()
         self.quiet_eval = False
+        # the baseline point's translations: every other point's chrF is compared with them (paired bootstrap)
+        self.baseline_hyps: dict[str, str] | None = None
+
+    def _evaluate(self, m: Any, ev: dict[str, Any]) -> dict[str, Any]:
+        if self.quiet_eval:  # library progress bars (lm-eval, generation) would bury the sweep's own bar
+            import contextlib
+
+            with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+                return self.evaluator(m, self.tok, ev)
+        return self.evaluator(m, self.tok, ev)
 
     def run(self, point: Point, key: str) -> dict[str, Any]:
         from ..api import plan_for
@@ -135,25 +151,30 @@ class PointRunner:
                                    group_size=mc["group_size"], seed=spec.seed)
             kept = plan.kept_counts
         timings["apply_s"] = time.perf_counter() - t0
+        ev = dict(spec.eval, data_dir=spec.data_dir)
+        if point.kind != "baseline" and self.baseline_hyps:
+            ev["baseline"] = self.baseline_hyps
         recovered: dict[str, float] = {}
+        before: dict[str, Any] = {}
         if spec.recover and point.kind != "baseline":
             from ..recover.stage import recover
 
+            t1 = time.perf_counter()
+            res_before = self._evaluate(m, ev)  # the point as pruned/merged, before healing
+            before = dict(res_before["metrics"]) if "metrics" in res_before else dict(res_before)
+            timings["eval_before_s"] = time.perf_counter() - t1
             t1 = time.perf_counter()
             recovered = recover(m, self.tok, spec.recover, data_dir=spec.data_dir)
             m.eval()
             timings["recover_s"] = time.perf_counter() - t1
         t1 = time.perf_counter()
-        ev = dict(spec.eval, data_dir=spec.data_dir)
-        if self.quiet_eval:  # library progress bars (lm-eval, generation) would bury the sweep's own bar
-            import contextlib
-
-            with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
-                result = self.evaluator(m, self.tok, ev)
-        else:
-            result = self.evaluator(m, self.tok, ev)
+        result = self._evaluate(m, ev)
         metrics = dict(result["metrics"]) if "metrics" in result else dict(result)
         metrics.update({k: float(v) for k, v in recovered.items() if isinstance(v, (int, float))})
+        metrics.update({f"before_sft/{k}": v for k, v in before.items() if isinstance(v, (int, float))})
+        hyps = translation_hypotheses(result)
+        if point.kind == "baseline" and hyps:
+            self.baseline_hyps = hyps
         timings["eval_s"] = time.perf_counter() - t1
         timings["total_s"] = time.perf_counter() - t0
         data_hashes = dict(self.calib_hashes)
@@ -167,7 +188,7 @@ class PointRunner:
             "kept_per_layer": list(kept), "timings": {k: round(v, 3) for k, v in timings.items()},
             "model_fingerprint": model_fingerprint(self.model), "model_hash": self.shared["model_hash"],
             "stats_fingerprint": self.shared.get("stats_key"), "data_hashes": data_hashes, "versions": self.versions,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "hypotheses": hyps,
         }
         return row
 
@@ -176,7 +197,7 @@ _WORKER: PointRunner | None = None
 
 
 def _worker_init(spec_raw: dict[str, Any], stats_dir: str, shared: dict[str, Any], calib_hashes: dict[str, str],
-                 evaluator: Evaluator | None, threads: int) -> None:
+                 evaluator: Evaluator | None, threads: int, baseline_hyps: dict[str, str] | None = None) -> None:
     global _WORKER
     import torch
 
@@ -188,6 +209,7 @@ def _worker_init(spec_raw: dict[str, Any], stats_dir: str, shared: dict[str, Any
     spec = parse_spec(spec_raw, check_files=False)
     _WORKER = PointRunner(spec, stats_dir, shared, calib_hashes, evaluator)
     _WORKER.quiet_eval = True
+    _WORKER.baseline_hyps = baseline_hyps
 
 
 def _worker_run(point: Point, key: str) -> dict[str, Any]:
@@ -286,22 +308,27 @@ def run_sweep(
             on_point(row)
 
     try:
+        runner = PointRunner(spec, stats_dir, shared_row, calib_hashes, evaluator, model=model, tok=tok, stats=stats)
+        runner.quiet_eval = progress
+        if todo and todo[0][0].kind == "baseline":  # every other point is compared with it: run it first, here
+            commit(runner.run(*todo[0]))
+            todo = todo[1:]
+        baseline_key = next(k for p, k in points if p.kind == "baseline")
+        runner.baseline_hyps = hypotheses(conn, baseline_key)
         if jobs == 1 or len(todo) <= 1:
-            runner = PointRunner(spec, stats_dir, shared_row, calib_hashes, evaluator, model=model, tok=tok,
-                                 stats=stats)
-            runner.quiet_eval = progress
             for p, k in todo:
                 commit(runner.run(p, k))
         else:
+            baseline_hyps = runner.baseline_hyps
             import multiprocessing as mp
             from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-            del model, stats
+            del model, stats, runner
             threads = max(1, (os.cpu_count() or 1) // jobs)
             ctx = mp.get_context("spawn")
             with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx, initializer=_worker_init,
                                      initargs=(spec.raw, str(stats_dir), shared_row, calib_hashes, evaluator,
-                                               threads)) as pool:
+                                               threads, baseline_hyps)) as pool:
                 pending = {pool.submit(_worker_run, p, k) for p, k in todo}
                 try:
                     while pending:

@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS points (
     versions TEXT, created TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS hypotheses (key TEXT PRIMARY KEY, data TEXT);
 """
 COLUMNS = ("key", "sweep", "kind", "method", "mix", "ratio", "budget", "config", "metrics", *HEADLINE, "params",
            "params_baseline", "experts_kept", "experts_total", "kept_per_layer", "timings", "model_fingerprint",
@@ -49,12 +50,21 @@ def done_keys(conn: sqlite3.Connection) -> set[str]:
 
 
 def insert_row(conn: sqlite3.Connection, row: dict[str, Any]) -> None:
-    """One point, one transaction: a row is either complete or absent."""
+    """One point, one transaction: a row (and its translation hypotheses) are either complete or absent."""
     vals = [row.get(c) for c in COLUMNS]
     vals = [_canonical(v) if isinstance(v, (dict, list)) else v for v in vals]
     with conn:
         conn.execute(f"INSERT OR REPLACE INTO points ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
                      vals)
+        if row.get("hypotheses"):
+            conn.execute("INSERT OR REPLACE INTO hypotheses (key, data) VALUES (?, ?)",
+                         (row["key"], _canonical(row["hypotheses"])))
+
+
+def hypotheses(conn: sqlite3.Connection, key: str) -> dict[str, str] | None:
+    """A point's translation hypotheses by sentence id (what paired comparisons with it need)."""
+    found = conn.execute("SELECT data FROM hypotheses WHERE key = ?", (key,)).fetchone()
+    return json.loads(found[0]) if found else None
 
 
 def read_rows(path: str | os.PathLike, *, stale: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:

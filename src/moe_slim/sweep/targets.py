@@ -47,26 +47,82 @@ def writable(row: dict[str, Any]) -> bool:
     return len(set(row.get("kept_per_layer") or [0])) == 1
 
 
+def mc_interval(row: dict[str, Any]) -> tuple[float, float] | None:
+    """95% interval of the mean multiple-choice accuracy over tasks (normal approximation, items per task)."""
+    m = row.get("metrics") or {}
+    tasks = [k[: -len("/acc")] for k in m if k.endswith("/acc") and k.count("/") == 1
+             and f"{k[: -len('/acc')]}/n" in m]
+    if not tasks:
+        return None
+    accs = [float(m[f"{t}/acc"]) for t in tasks]
+    var = sum(a * (1 - a) / max(float(m[f"{t}/n"]), 1.0) for a, t in zip(accs, tasks)) / len(tasks) ** 2
+    mean, half = sum(accs) / len(accs), 1.96 * var ** 0.5
+    return max(0.0, mean - half), min(1.0, mean + half)
+
+
+def interval(row: dict[str, Any], metric: str) -> tuple[float, float] | None:
+    """The row's 95% interval of ``metric`` when it has one (chrF: paired bootstrap; MC accuracy)."""
+    m = row.get("metrics") or {}
+    if metric in ("chrf", "translation/chrf") and "translation/chrf_lo" in m:
+        return float(m["translation/chrf_lo"]), float(m["translation/chrf_hi"])
+    if metric == "mc_acc":
+        return mc_interval(row)
+    return None
+
+
+def delta_interval(row: dict[str, Any], metric: str) -> tuple[float, float] | None:
+    """95% paired-bootstrap interval of the row's difference from the baseline (chrF)."""
+    m = row.get("metrics") or {}
+    if metric in ("chrf", "translation/chrf") and "translation/chrf_delta_lo" in m:
+        return float(m["translation/chrf_delta_lo"]), float(m["translation/chrf_delta_hi"])
+    return None
+
+
+def _clears(row: dict[str, Any], metric: str, op: str, threshold: float, base_value: float | None,
+            relative: bool) -> bool | None:
+    """Whether the row's interval lies on the right side of ``threshold`` (None: the row has no interval)."""
+    if row["kind"] == "baseline":
+        v = metric_value(row, metric)
+        return v is not None and (v >= threshold if op == ">=" else v <= threshold)
+    if relative and base_value is not None:
+        d = delta_interval(row, metric)
+        if d is not None:
+            return d[0] >= threshold - base_value if op == ">=" else d[1] <= threshold - base_value
+    ci = interval(row, metric)
+    if ci is None:
+        return None
+    return ci[0] >= threshold if op == ">=" else ci[1] <= threshold
+
+
 def best_for_target(rows: list[dict[str, Any]], target: str, *, writable_only: bool = False) -> dict[str, Any] | None:
     """The point meeting ``target`` with the fewest experts kept (ties: fewer parameters, better metric).
 
-    ``writable_only`` skips points with different expert counts per layer (global budgets), which
-    live in memory only.
+    A point meets the target only when its 95% interval clears it: for ``chrf>=F*baseline`` the
+    paired-bootstrap interval of its difference from the baseline, for absolute chrF and MC accuracy
+    targets its own interval. Only when no point has an interval of the metric (perplexity, or a
+    custom evaluator) are point estimates compared; ``best["basis"]`` says which. ``writable_only``
+    skips points with different expert counts per layer (global budgets), which live in memory only.
     """
     metric, op, value, relative = parse_target(target)
+    base = baseline_row(rows)
+    bv = metric_value(base, metric) if base else None
     if relative:
-        base = baseline_row(rows)
-        bv = metric_value(base, metric) if base else None
         if bv is None:
             raise MoeSlimError(f"target {target!r} is relative to the baseline, but the results have no baseline "
                                f"value of {metric}")
         value = value * bv
+    candidates = [r for r in rows if not (writable_only and not writable(r))]
+    verdicts = {id(r): _clears(r, metric, op, value, bv, relative) for r in candidates}
+    with_interval = any(v is not None for r, v in ((r, verdicts[id(r)]) for r in candidates) if r["kind"] != "baseline")
     ok = []
-    for r in rows:
-        if writable_only and not writable(r):
-            continue
+    for r in candidates:
         v = metric_value(r, metric)
-        if v is not None and (v >= value if op == ">=" else v <= value):
+        if v is None:
+            continue
+        verdict = verdicts[id(r)]
+        if verdict is None and with_interval:
+            continue  # others carry intervals: a bare estimate is no evidence
+        if verdict or (verdict is None and (v >= value if op == ">=" else v <= value)):
             ok.append((r, v))
     if not ok:
         return None
@@ -74,6 +130,8 @@ def best_for_target(rows: list[dict[str, Any]], target: str, *, writable_only: b
     ok.sort(key=lambda rv: (rv[0]["experts_kept"], rv[0]["params"], sign * rv[1]))
     best = dict(ok[0][0])
     best["target_threshold"] = value
+    best["target_metric"] = metric
+    best["basis"] = "95% interval" if with_interval else "point estimate (no interval for this metric)"
     return best
 
 
