@@ -17,10 +17,9 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
-from memory_common import build_model, run
+from memory_common import run, source_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,13 +37,7 @@ def main() -> int:
     from moe_slim.modeling.shards import ShardedCheckpoint
 
     work = Path(args.work)
-    src = work / "source"
-    if not (src / "config.json").is_file():
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        t0 = time.perf_counter()
-        build_model(src)
-        print(f"built {src} in {time.perf_counter() - t0:.0f}s")
+    src = source_model(work)
     ck = ShardedCheckpoint(src)
     layer0 = sum(e.nbytes for k, e in ck.entries.items() if k.startswith("model.layers.0."))
     print(f"source: {ck.total_bytes / 1e9:.2f} GB bf16 ({ck.total_bytes / 2 * 4 / 1e9:.2f} GB in float32); "

@@ -18,10 +18,9 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
-from memory_common import build_model, run
+from memory_common import run, source_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,13 +34,7 @@ def main() -> int:
     from moe_slim.modeling.shards import ShardedCheckpoint
 
     work = Path(args.work)
-    src = work / "source"
-    if not (src / "config.json").is_file():
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        t0 = time.perf_counter()
-        build_model(src)
-        print(f"built {src} in {time.perf_counter() - t0:.0f}s")
+    src = source_model(work)
     ck = ShardedCheckpoint(src)
     largest = max(ck.entries.values(), key=lambda e: e.nbytes)
     expert_bytes = sum(e.nbytes for k, e in ck.entries.items() if ".mlp.experts." in k)

@@ -35,3 +35,17 @@ def run(cmd: list[str]) -> tuple[float, float]:
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
     return int(proc.stderr.strip().splitlines()[-1]) / 1024, wall
+
+
+def source_model(work: Path) -> Path:
+    """The generated checkpoint under ``work/source``, built (once) when missing."""
+    src = work / "source"
+    if not (src / "config.json").is_file():
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        t0 = time.perf_counter()
+        build_model(src)
+        print(f"built {src} in {time.perf_counter() - t0:.0f}s")
+    return src

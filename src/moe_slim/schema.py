@@ -7,8 +7,11 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -116,6 +119,17 @@ def _model_in(annotation: Any) -> Any:
         if found is not None:
             return found
     return None
+
+
+def read_yaml(path: str | os.PathLike, what: str) -> Any:
+    """The mapping in a YAML file (safe loader); one-line errors for a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise MoeSlimError(f"{what} {p} does not exist")
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise MoeSlimError(f"{what} {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
 
 
 def validate(model: type[M], raw: Any, what: str) -> M:

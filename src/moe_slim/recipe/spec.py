@@ -17,12 +17,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, model_validator
 
-from ..errors import MoeSlimError
 from ..recover.stage import SftStage
-from ..schema import EvalSettings, NonNegativeInt, PositiveInt, Strict, Tokens, validate
+from ..schema import (
+    EvalSettings,
+    NonNegativeInt,
+    PositiveInt,
+    Strict,
+    Tokens,
+    read_yaml,
+    validate,
+)
 
 
 class ObserveStep(Strict):
@@ -80,11 +86,5 @@ class Recipe(Strict):
 
 def load_recipe(path: str | Path) -> tuple[Recipe, dict[str, Any]]:
     """The checked recipe and the mapping it was read from; one-line errors."""
-    p = Path(path)
-    if not p.is_file():
-        raise MoeSlimError(f"recipe {p} does not exist")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise MoeSlimError(f"recipe {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    raw = read_yaml(path, "recipe")
     return validate(Recipe, raw, "recipe"), raw

@@ -39,13 +39,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, field_validator
 
 from ..data.paths import data_dir_or_default
 from ..errors import MoeSlimError
 from ..recover.stage import SftStage
-from ..schema import EvalSettings, NonNegativeInt, PositiveInt, Strict, Tokens, validate
+from ..schema import (
+    EvalSettings,
+    NonNegativeInt,
+    PositiveInt,
+    Strict,
+    Tokens,
+    read_yaml,
+    validate,
+)
 from .grid import Point, _normalise_mix, mix_label, simplex_grid
 
 DOMAINS: tuple[str, ...] = ("general", "math", "code", "translation")
@@ -292,12 +299,7 @@ def check_inputs(spec: SweepSpec) -> None:
 def load_spec(path: str | os.PathLike, **overrides: Any) -> SweepSpec:
     """Read and check a YAML spec (``overrides`` replace top-level keys)."""
     p = Path(path)
-    if not p.is_file():
-        raise MoeSlimError(f"sweep spec {p} does not exist")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise MoeSlimError(f"sweep spec {p} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    raw = read_yaml(p, "sweep spec")
     if isinstance(raw, dict):
         raw.update({k: v for k, v in overrides.items() if v is not None})
     spec = parse_spec(raw)
