@@ -48,7 +48,7 @@ def merge_checkpoint(
     calib: str | dict[str, list[str]] | None = None,
     plan_path: str | os.PathLike | None = None,
     mix: dict[str, float] | None = None,
-    group_size: int = 16,
+    group_size: int | None = None,
     max_tokens: int = DEFAULT_SAMPLE_TOKENS,
     align_tokens: int = DEFAULT_ALIGN_TOKENS,
     samples: int | None = None,

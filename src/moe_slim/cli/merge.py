@@ -52,7 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plan", help="replay a saved merge plan.json (its permutations file beside it); no stats needed")
     add_data_dir(p)
     p.add_argument("--mix", help="calibration mix, e.g. translation=3,general=1 (default: all domains)")
-    p.add_argument("--group-size", type=positive_int, default=16, help="REAM's C: most experts in one group (default 16)")
+    p.add_argument("--group-size", type=positive_int, default=None,
+                   help="REAM's C: most experts in one group (default max(2, round(E/8)), at least ceil(E/E'))")
     p.add_argument("--max-tokens", default="32k", help="sample tokens per layer used for merging (default 32k)")
     p.add_argument("--align-tokens", default=str(DEFAULT_ALIGN_TOKENS),
                    help=f"tokens whose activations align neurons (default {DEFAULT_ALIGN_TOKENS})")

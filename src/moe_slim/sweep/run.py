@@ -148,7 +148,7 @@ class PointRunner:
                 mc = spec.merge
                 plan = merge_model(m, self.stats, point.method, point.ratio, mix=point.mix,
                                    max_tokens=mc["max_tokens"], align_tokens=mc["align_tokens"],
-                                   group_size=mc["group_size"], seed=spec.seed)
+                                   group_size=mc.get("group_size"), seed=spec.seed)
             kept = plan.kept_counts
         timings["apply_s"] = time.perf_counter() - t0
         ev = dict(spec.eval, data_dir=spec.data_dir)

@@ -161,7 +161,7 @@ def _slim_command(row: dict[str, Any], meta: dict[str, Any], out: str) -> str:
         mc = cfg.get("merge") or {}
         return (f"moe-slim merge {q(model)} --stats {q(stats)} --method {row['method']} --ratio {row['ratio']:g} "
                 f"--mix {q(mix)} --max-tokens {mc.get('max_tokens', 4096)} --align-tokens {mc.get('align_tokens', 2048)} "
-                f"--group-size {mc.get('group_size', 16)} --seed {cfg.get('seed', 0)} --out {q(out)}")
+                + (f"--group-size {mc['group_size']} " if mc.get("group_size") else "") + f"--seed {cfg.get('seed', 0)} --out {q(out)}")
     cmd = (f"moe-slim prune {q(model)} --stats {q(stats)} --criterion {row['method']} --ratio {row['ratio']:g} "
            f"--mix {q(mix)}")
     if row.get("budget") == "global":
