@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -64,12 +65,14 @@ def merge_checkpoint(
     compute_dtype: str | torch.dtype | None = None,
     log: Callable[[str], None] | None = None,
     plan_only: bool = False,
+    **choices: Any,
 ) -> MergePlan:
     """Merge a checkpoint's experts and write the smaller checkpoint (plan, permutations and card beside it).
 
     Decisions come from saved statistics with samples (``stats_path``), from calibration text observed
     here (``calib``; ``samples`` tokens per domain, default ``max_tokens``), or from a saved merge plan
-    (``plan_path``, replayed without statistics).
+    (``plan_path``, replayed without statistics). ``choices`` go to :func:`~moe_slim.experts.merge.driver.merge_model`
+    (``router_row``, ``tied``, ``align``, ``weighting``, ``pca_dims``, ``dominants``, ``global_dominants``).
     """
     model_path = resolve_model(model_path)  # a local directory, or a Hugging Face Hub id
     data_dir = data_dir_or_default(data_dir)
@@ -110,7 +113,7 @@ def merge_checkpoint(
                             samples=samples or max_tokens)
         plan = merge_model(model, stats, method, ratio, mix=mix, group_size=group_size, max_tokens=max_tokens,
                            align_tokens=align_tokens, grouping=grouping, sequential=sequential, calibration=texts,
-                           tokenizer=tok, seq_len=seq_len, batch_size=batch_size, seed=seed, log=log)
+                           tokenizer=tok, seq_len=seq_len, batch_size=batch_size, seed=seed, log=log, **choices)
         plan.info.update(stats_path=str(stats_path) if stats_path else None,
                          calibration=calib if isinstance(calib, str) else ("in-memory" if calib else None))
     after = count_parameters(model)

@@ -19,6 +19,7 @@ from .core import add_device_options
 METHODS: tuple[str, ...] = ("ream", "hc-smoe", "m-smoe", "average")
 GROUPINGS: tuple[str, ...] = ("ream", "hc", "msmoe")
 DEFAULT_ALIGN_TOKENS = 8192
+CHOICES = ("router_row", "tied", "align", "weighting", "pca_dims", "dominants", "global_dominants")
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -32,6 +33,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         sequential=args.sequential, seq_len=args.seq_len, batch_size=args.batch_size, data_dir=args.data_dir,
         seed=args.seed, overwrite=args.overwrite, dtype=args.dtype, device=args.device, plan_only=args.plan_only,
         compute_dtype=args.compute_dtype, log=None if args.quiet else print,
+        **{k: getattr(args, k) for k in CHOICES if getattr(args, k) is not None},
     )
     i = plan.info
     emit(args, {"out": args.out, "method": i.get("method"), "num_experts": plan.num_experts,
@@ -61,6 +63,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grouping", help=f"override the method's grouping: {', '.join(GROUPINGS)}")
     p.add_argument("--sequential", action="store_true",
                    help="merge layer by layer, re-gathering each layer's inputs through the merged layers (needs --calib)")
+    p.add_argument("--router-row", choices=("frequency", "saliency", "method"),
+                   help="whose router row a merged expert keeps: its group's most frequently routed member, most "
+                        "REAP-salient, or the method's own representative (default: saliency for ream/average, "
+                        "frequency for hc-smoe/m-smoe)")
+    p.add_argument("--tied", action="store_true", default=None,
+                   help="the papers' merge: every member bound to the merged weights, router untouched, no shrink "
+                        "(to compare with published numbers)")
+    p.add_argument("--align", choices=("ream", "weights", "none"), help="override the method's neuron alignment")
+    p.add_argument("--weighting", choices=("saliency", "ream-repo", "frequency", "uniform"),
+                   help="override the merge weights (ream-repo: p^2*||f|| as REAM's repository)")
+    p.add_argument("--pca-dims", type=non_negative_int, help="REAM alignment: PCA dims of weight features (default 64)")
+    p.add_argument("--dominants", choices=("frequency", "saliency"), help="M-SMoE dominants (default frequency)")
+    p.add_argument("--global-dominants", action="store_true", default=None,
+                   help="M-SMoE: rank dominants across layers (needs --tied)")
     p.add_argument("--seq-len", type=positive_int, default=512)
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--seed", type=non_negative_int, default=0)
