@@ -143,7 +143,12 @@ class PointRunner:
                 plan = plan_for(m, self.stats, criterion=point.method, ratio=point.ratio, mix=point.mix,
                                 budget=point.budget, floor=spec.floor, seed=spec.seed)
                 timings["plan_s"] = time.perf_counter() - t0
-                apply_plan(m, plan)
+                if point.method == "mone":  # MoNE: the others become novices (their mean output), not removed
+                    from ..experts.mone import install_novices, novice_plan
+
+                    install_novices(m, novice_plan(plan, self.stats, point.mix))
+                else:
+                    apply_plan(m, plan)
             else:
                 mc = spec.merge
                 plan = merge_model(m, self.stats, point.method, point.ratio, mix=point.mix,
