@@ -142,3 +142,21 @@ def test_pca_of_weight_features_keeps_distances_it_can() -> None:
     pa, pb = pca_rows(low[:6], low[6:], 8)
     assert pa.shape == (6, 8)
     torch.testing.assert_close(torch.cdist(pa, pb), torch.cdist(low[:6], low[6:]), rtol=1e-3, atol=1e-3)
+
+
+def test_super_experts_are_never_removed_nor_merged() -> None:
+    from moe_slim.api import plan_for
+    from moe_slim.experts.superexperts import super_experts
+
+    model, stats = _copies("qwen3_moe")
+    assert not super_experts(stats).any()  # a tiny random model has no outlier
+    for dom in stats.domains.values():  # expert 2 (a never-routed copy, saliency 0) once returned a huge output
+        dom["norm_max"][:, 2] = dom["norm_max"].max() * 1e4
+    sup = super_experts(stats)
+    assert sup[:, 2].all() and int(sup.sum()) == sup.shape[0]
+    assert 2 not in plan_for(model, stats, criterion="reap", ratio=0.5).layers[0].keep
+    assert all(2 in l.keep for l in plan_for(model, stats, criterion="reap", ratio=0.5, protect_super=True).layers)
+    for method in ("ream", "hc-smoe", "m-smoe"):
+        plan = merge_model(copy.deepcopy(model), stats, method, 0.5, protect_super=True)
+        assert all([2] in l.groups for l in plan.layers), (method, plan.layers[0].groups)
+        assert plan.info["protect_super"] is True

@@ -29,6 +29,7 @@ def mone_checkpoint(
     standard: bool = False,
     overwrite: bool = False,
     dtype: str | torch.dtype | None = None,
+    protect_super: bool = False,
 ) -> NovicePlan:
     """Keep the top ``1 - ratio`` experts of every layer by the ``mone`` criterion, replace the others by
     their mean outputs (novices) and write the checkpoint (see :mod:`moe_slim.checkpoint.substitution`)."""
@@ -38,7 +39,7 @@ def mone_checkpoint(
     stats = RouterStats.load(stats_path)
     save_dtype = output_dtype(dtype, model_path)
     model, tok = load_model(model_path, dtype=torch.float32)
-    plan = plan_for(model, stats, criterion="mone", ratio=ratio, mix=mix)
+    plan = plan_for(model, stats, criterion="mone", ratio=ratio, mix=mix, protect_super=protect_super)
     plan.info.update(method="mone", stats_path=str(stats_path), standard=standard)
     nplan = novice_plan(plan, stats, mix)
     before = count_parameters(model)

@@ -49,6 +49,7 @@ def prune_checkpoint(
     max_shard_size: str | int | None = None,
     progress: bool = True,
     plan_only: bool = False,
+    protect_super: bool = False,
 ) -> ExpertPlan:
     """Prune a checkpoint with saved statistics and write the result (plan.json and card beside it).
 
@@ -78,7 +79,7 @@ def prune_checkpoint(
     else:
         model, tok = load_model(model_path, dtype=want or source_dtype(model_path))
     plan = plan_for(model, stats, criterion=criterion, ratio=ratio, mix=mix, reference=reference, budget=budget,
-                    floor=floor, seed=seed)
+                    floor=floor, seed=seed, protect_super=protect_super)
     plan.info["stats_path"] = str(stats_path)
     if plan_only:
         write_plan(plan, out, overwrite=overwrite)

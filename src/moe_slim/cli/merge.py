@@ -19,7 +19,7 @@ from .core import add_device_options
 METHODS: tuple[str, ...] = ("ream", "hc-smoe", "m-smoe", "average")
 GROUPINGS: tuple[str, ...] = ("ream", "hc", "msmoe")
 DEFAULT_ALIGN_TOKENS = 8192
-CHOICES = ("router_row", "tied", "align", "weighting", "pca_dims", "dominants", "global_dominants")
+CHOICES = ("router_row", "tied", "align", "weighting", "pca_dims", "dominants", "global_dominants", "protect_super")
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -77,6 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dominants", choices=("frequency", "saliency"), help="M-SMoE dominants (default frequency)")
     p.add_argument("--global-dominants", action="store_true", default=None,
                    help="M-SMoE: rank dominants across layers (needs --tied)")
+    p.add_argument("--protect-super", action="store_true", default=None,
+                   help="never merge a super-expert (largest output norm a robust-z > 3.5 outlier) into another")
     p.add_argument("--seq-len", type=positive_int, default=512)
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--seed", type=non_negative_int, default=0)

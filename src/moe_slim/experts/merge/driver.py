@@ -47,6 +47,7 @@ from .methods import (
     method_spec,
     samples_hint,
 )
+from ..superexperts import super_experts
 from .options import (
     ALIGNS,
     ROUTER_ROWS,
@@ -92,6 +93,7 @@ def merge_model(
     pca_dims: int = 64,
     dominants: str = "frequency",
     global_dominants: bool = False,
+    protect_super: bool = False,
 ) -> MergePlan:
     """Merge the experts of ``model`` in place to ``round(E * (1 - ratio))`` per layer; return the plan.
 
@@ -109,7 +111,8 @@ def merge_model(
     (``frequency``, ``saliency``, ``method``; see :mod:`.options`). ``tied``: the papers' merge (every
     member bound to the merged weights, router untouched, no shrink). ``dominants``: M-SMoE's dominant
     experts by ``frequency`` (the paper) or ``saliency`` (REAP); ``global_dominants`` ranks them across
-    layers (as M-SMoE does; needs ``tied``, since layers then keep different counts).
+    layers (as M-SMoE does; needs ``tied``, since layers then keep different counts). ``protect_super``:
+    super-experts (:mod:`moe_slim.experts.superexperts`, from saved statistics) stay groups of their own.
     """
     say = log or (lambda msg: None)
     spec = method_spec(method, grouping)
@@ -173,6 +176,11 @@ def merge_model(
     else:
         sal_all = score(stats, "reap", mix=mix)
         freq_all = score(stats, "frequency", mix=mix)
+    supers = None
+    if protect_super:
+        if stats is None:
+            raise MoeSlimError("protecting super-experts needs saved statistics (their largest output norms)")
+        supers = super_experts(stats, mix)
     k_layers = [k] * len(layers)
     if global_dominants:
         k_layers = _global_counts(freq_all if dominants == "frequency" else sal_all, k)
@@ -199,12 +207,15 @@ def merge_model(
         kl = k_layers[li]
         if spec.grouping == "ream":
             sim = ream_similarity(feats["gated"], sample["logits"])
-            fn = lambda idx, kk: group_ream(saliency[idx], sim[idx][:, idx], kk, group_size)  # noqa: E731
+            fn = lambda idx, kk: group_ream(saliency[idx], sim[idx][:, idx], kk,  # noqa: E731
+                                            max(group_size, -(-len(idx) // max(kk, 1))))
         elif spec.grouping == "hc":
             fn = lambda idx, kk: group_hc(feats["mean"][idx], kk)  # noqa: E731
         else:
             dom = frequency if dominants == "frequency" else saliency
             fn = lambda idx, kk: group_msmoe(dom[idx], sample["logits"][:, idx], kk)  # noqa: E731
+        if supers is not None:
+            fn = _protecting(fn, set(supers[li].nonzero().flatten().tolist()))
         groups = order_groups(_within_router_groups(E, n_group, kl, fn), router_row, frequency, saliency)
         groups.sort(key=lambda g: g[0])
         weights = group_weights(groups, spec.weighting, frequency, saliency, feats.get("p2norm"))
@@ -246,6 +257,7 @@ def merge_model(
         "method": method, "grouping": spec.grouping, "alignment": spec.align, "weighting": spec.weighting,
         "router": spec.router, "router_row": router_row, "tied": tied, "pca_dims": pca_dims,
         "dominants": dominants if spec.grouping == "msmoe" else None, "global_dominants": global_dominants,
+        "protect_super": protect_super,
         "ratio": ratio, "mix": mix, "group_size": group_size if spec.grouping == "ream" else None,
         "max_tokens": max_tokens, "align_tokens": align_tokens if spec.align != "none" else None,
         "sequential": sequential, "seed": seed, "sample_tokens_per_layer": sample_tokens,
@@ -263,3 +275,16 @@ def _global_counts(scores: torch.Tensor, k: int) -> list[int]:
     top = share.flatten().argsort(descending=True)[: k * L]
     counts = torch.bincount(top // E, minlength=L).clamp_min(1)
     return [int(c) for c in counts]
+
+
+def _protecting(fn: Callable[[list[int], int], list[list[int]]], protected: set[int]
+                ) -> Callable[[list[int], int], list[list[int]]]:
+    """A grouping in which the ``protected`` experts stay alone (at most ``k - 1`` of them)."""
+
+    def run(idx: list[int], kk: int) -> list[list[int]]:
+        alone = [p for p, e in enumerate(idx) if e in protected][: max(kk - 1, 0)]
+        rest = [p for p in range(len(idx)) if p not in alone]
+        inner = fn([idx[p] for p in rest], kk - len(alone))
+        return [[p] for p in alone] + [[rest[q] for q in g] for g in inner]
+
+    return run
