@@ -3,8 +3,8 @@
 At each ratio (share of experts removed) every variant starts from the same model and the same
 calibration statistics (one ``observe`` with token samples and output sums):
 
-* ``reap-prune``, ``freq-prune``: REAP / frequency pruning; ``reap-prune+super``: REAP pruning that
-  never removes a super-expert (:mod:`moe_slim.experts.superexperts`);
+* ``reap-prune``, ``freq-prune``: REAP / frequency pruning; a ``+super`` suffix on any variant never
+  removes or merges a super-expert (:mod:`moe_slim.experts.superexperts`);
 * ``mone``: MoNE, the others replaced by their mean output (novices; router rows kept);
 * ``ream``: REAM with the default group size C = max(2, round(E/8)) (alignment tokens from every domain);
 * ``hc-smoe``: HC-SMoE, the merged expert keeping its most frequent member's router row;
@@ -53,8 +53,8 @@ from moe_slim.experts.superexperts import super_experts  # noqa: E402
 from moe_slim.families import moe_layers  # noqa: E402
 
 DOMAINS = ("general", "math", "code", "translation")
-VARIANTS = ("reap-prune", "reap-prune+super", "freq-prune", "mone", "ream", "hc-smoe", "hc-smoe-tied", "m-smoe",
-            "average")
+VARIANTS = ("reap-prune", "reap-prune+super", "freq-prune", "mone", "mone+super", "ream", "ream+super", "hc-smoe",
+            "hc-smoe-tied", "m-smoe", "average")
 
 
 def load_texts(data_dir: Path, split: str) -> dict[str, list[str]]:
@@ -68,20 +68,22 @@ def compress(variant: str, base: torch.nn.Module, stats, ratio: float, args) -> 
     t0 = time.perf_counter()
     tokens = args.samples * len(stats.domains)
     extra = 0
-    if variant in ("reap-prune", "reap-prune+super", "freq-prune"):
+    protect = variant.endswith("+super")  # any variant: never remove or merge a super-expert
+    variant = variant.removesuffix("+super")
+    if variant in ("reap-prune", "freq-prune"):
         crit = "frequency" if variant == "freq-prune" else "reap"
-        apply_plan(model, plan_for(model, stats, criterion=crit, ratio=ratio, protect_super=variant.endswith("super")))
+        apply_plan(model, plan_for(model, stats, criterion=crit, ratio=ratio, protect_super=protect))
     elif variant == "mone":
-        plan = plan_for(model, stats, criterion="mone", ratio=ratio)
+        plan = plan_for(model, stats, criterion="mone", ratio=ratio, protect_super=protect)
         install_novices(model, novice_plan(plan, stats))
         per = [sum(p.numel() for p in l.experts.parameters()) / l.num_experts for l in moe_layers(model)]
         novices = [plan.num_experts - len(l.keep) for l in plan.layers]
         hidden = moe_layers(model)[0].router_weight.shape[-1]
         extra = int(sum(n * (hidden - p) for n, p in zip(novices, per)))  # weights dropped, constants added
     elif variant == "hc-smoe-tied":
-        merge_model(model, stats, "hc-smoe", ratio, max_tokens=tokens, tied=True)
+        merge_model(model, stats, "hc-smoe", ratio, max_tokens=tokens, tied=True, protect_super=protect)
     else:
-        merge_model(model, stats, variant, ratio, max_tokens=tokens)
+        merge_model(model, stats, variant, ratio, max_tokens=tokens, protect_super=protect)
     secs = time.perf_counter() - t0
     return model, secs, (count_parameters(model) + extra) * args.bytes_per_param
 

@@ -160,3 +160,22 @@ def test_super_experts_are_never_removed_nor_merged() -> None:
         plan = merge_model(copy.deepcopy(model), stats, method, 0.5, protect_super=True)
         assert all([2] in l.groups for l in plan.layers), (method, plan.layers[0].groups)
         assert plan.info["protect_super"] is True
+
+
+def test_cli_tied_global_dominants_write_a_checkpoint_of_the_original_size(tmp_path) -> None:
+    import json
+
+    from moe_slim.cli import main
+    from moe_slim.modeling.tiny import save_tiny
+
+    src = tmp_path / "model"
+    save_tiny("qwen3_moe", src, seed=3)
+    assert main(["merge", str(src), "--calib", f"{tmp_path / 'c.jsonl'}", "--method", "m-smoe", "--ratio", "0.5",
+                 "--tied", "--global-dominants", "--samples", "64", "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in TEXTS["general"] + TEXTS["code"]))
+    assert main(["merge", str(src), "--calib", str(tmp_path / "c.jsonl"), "--method", "m-smoe", "--ratio", "0.5",
+                 "--tied", "--global-dominants", "--router-row", "saliency", "--samples", "64",
+                 "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg.get("num_experts", cfg.get("num_local_experts")) == 8
+    assert "tied" in (tmp_path / "out" / "README.md").read_text()

@@ -40,7 +40,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
                 "kept": len(plan.layers[0].groups), "params_before": i.get("params_before"),
                 "params_after": i.get("params_after"), "plan_only": args.plan_only},
          f"wrote {args.out}: merged {plan.num_experts} -> {len(plan.layers[0].groups)} experts per layer "
-         f"({i.get('method')}); parameters {i.get('params_before', 0):,} -> {i.get('params_after', 0):,}")
+         f"({i.get('method')}{', tied: every member keeps the merged weights, nothing shrinks' if i.get('tied') else ''}); "
+         f"parameters {i.get('params_before', 0):,} -> {i.get('params_after', 0):,}")
     return 0
 
 

@@ -51,6 +51,10 @@ class MergePlan(ExpertPlan):
     kind: str = "merge"
     permutations: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
+    def check_writable(self) -> None:
+        if not self.info.get("tied"):  # a tied merge keeps every expert: any group counts write as a checkpoint
+            super().check_writable()
+
     def to_json(self) -> str:
         d = asdict(self)
         d.pop("permutations", None)
