@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from core_helpers import forward_logits
+from core_helpers import duplicate_experts, forward_logits
 
 from moe_slim.errors import MoeSlimError
 from moe_slim.experts.merge import driver as merge_driver
@@ -42,15 +42,7 @@ def _ids() -> torch.Tensor:
 def _copies(mt: str) -> tuple[torch.nn.Module, RouterStats]:
     """Experts 0, 2, 4, 6 copy 1, 3, 5, 7 and are routed by 0.05 x their rows (never in the statistics)."""
     model = prepare_model(tiny_model(mt, seed=1))
-    with torch.no_grad():
-        for layer in moe_layers(model):
-            for c, d in PAIRS:
-                src, dst = expert_tensors(layer, c), expert_tensors(layer, d)
-                for name in src:
-                    dst[name].copy_(src[name])
-                for t in (layer.router_weight, layer.router_bias, layer.correction_bias):
-                    if t is not None:
-                        t[d] = 0.05 * t[c]
+    duplicate_experts(model, PAIRS)
     stats = observe(model, tiny_tokenizer(), TEXTS, seq_len=48, batch_size=2, samples=96)
     for dom in stats.domains.values():
         for f in ("count", "weight_sum", "norm_sum", "wnorm_sum"):
