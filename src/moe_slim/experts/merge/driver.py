@@ -31,7 +31,7 @@ from ..plan import check_ratio
 from ..stats import RouterStats
 from .align import align, ream_cost, weight_matching_cost
 from .apply import _normalise, merge_layer
-from .features import _gather_layer, layer_features
+from .features import InMemoryLayers, layer_features
 from .grouping import (
     _within_router_groups,
     group_hc,
@@ -71,6 +71,7 @@ def merge_model(
     pack: bool = True,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    access: InMemoryLayers | None = None,
 ) -> MergePlan:
     """Merge the experts of ``model`` in place to ``round(E * (1 - ratio))`` per layer; return the plan.
 
@@ -80,9 +81,11 @@ def merge_model(
     equal shares of the domains). ``mix`` weights the calibration domains (saliency, frequency and the
     sample); ``max_tokens`` bounds the sample per layer; ``align_tokens`` the tokens whose
     activations align neurons (REAM); ``group_size`` is REAM's C. ``grouping`` overrides the
-    method's grouping (``ream``, ``hc``, ``msmoe``).
+    method's grouping (``ream``, ``hc``, ``msmoe``). ``access`` reaches each layer's weights and
+    sequential sample (default: the model is in memory; :mod:`.at_size` reads one layer at a time).
     """
     say = log or (lambda msg: None)
+    access = access or InMemoryLayers()
     spec = method_spec(method, grouping)
     check_ratio(ratio)
     if max_tokens < 1 or align_tokens < 1:
@@ -135,8 +138,9 @@ def merge_model(
     sample_tokens: list[int] = []
     for li, layer in enumerate(layers):
         t0 = time.perf_counter()
+        layer = access.open(li, layer)
         if sequential:
-            sample = _gather_layer(model, layer, batches, cap).take(li, mix, max_tokens, seed)
+            sample = access.gather(model, layer, batches, cap).take(li, mix, max_tokens, seed)
         else:
             sample = stats.samples.take(li, mix, max_tokens, seed)
         sample_tokens.append(int(sample["x"].shape[0]))
@@ -188,12 +192,14 @@ def merge_model(
                         cost = weight_matching_cost(w_rep, w_m)
                     perms[m] = align(cost)
             permutations[li] = perms
+        weights = [[round(w, 8) for w in ws] for ws in weights]  # as the plan stores them, so it replays exactly
         merge_layer(layer, groups, weights, perms)
         scores = saliency if spec.weighting == "saliency" or spec.grouping == "ream" else frequency
         plan_layers.append(MergeLayerPlan(
             layer.name, [g[0] for g in groups], [round(float(v), 8) for v in scores.tolist()],
             [list(g) for g in groups], [[round(w, 8) for w in ws] for ws in weights],
             _sha(perms) if perms is not None else ""))
+        access.close(li, layer)
         say(f"{layer.name}: {E} -> {len(groups)} experts ({sample_tokens[-1]} sample tokens, "
             f"{time.perf_counter() - t0:.1f}s)")
 
