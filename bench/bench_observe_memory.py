@@ -14,12 +14,11 @@ Goal (issue #15): ratio <= 0.35 with at most 1.5x the time.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
 
-from memory_common import run, source_model
+from memory_common import run, source_model, write_calib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,10 +41,7 @@ def main() -> int:
     layer0 = sum(e.nbytes for k, e in ck.entries.items() if k.startswith("model.layers.0."))
     print(f"source: {ck.total_bytes / 1e9:.2f} GB bf16 ({ck.total_bytes / 2 * 4 / 1e9:.2f} GB in float32); "
           f"one layer {layer0 / 1e6:.0f} MB bf16")
-    calib = work / "calib.jsonl"
-    words = "the quick brown fox jumps over the lazy dog while code and math and prose interleave".split()
-    calib.write_text("".join(json.dumps({"text": " ".join(words[(i + j) % len(words)] for j in range(60))}) + "\n"
-                             for i in range(4000)))
+    calib = write_calib(work / "calib.jsonl", 4000)
     moe = [sys.executable, "-m", "moe_slim", "observe", str(src), "--calib", f"general={calib}",
            "--max-tokens", args.tokens, "--seq-len", "512", "--batch-size", "8", "--device", "cpu", "--quiet"]
     rows = {}

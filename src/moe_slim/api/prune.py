@@ -9,12 +9,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint.cards import prune_card
+from ..checkpoint.cards import merge_card, prune_card
 from ..checkpoint.rewrite import check_quantization, rewrite_pruned
 from ..checkpoint.save import save_checkpoint
 from ..checkpoint.shard_writer import DEFAULT_MAX_SHARD_BYTES, parse_size
 from ..errors import MoeSlimError
 from ..experts.criteria import ALL_CRITERIA
+from ..experts.merge.plan import MergePlan
 from ..experts.plan import ExpertPlan, check_ratio
 from ..experts.prune import apply_plan, count_parameters
 from ..experts.stats import RouterStats
@@ -28,7 +29,7 @@ from ..modeling.loading import (
 from ..modeling.ondisk import meta_model
 from ..modeling.shards import has_safetensors, source_dtype
 from ..outputs import check_output
-from .plans import plan_for, write_plan
+from .plans import load_plan, plan_for, write_plan
 
 
 def prune_checkpoint(
@@ -103,24 +104,25 @@ def apply_checkpoint(
 ) -> ExpertPlan:
     """Apply a saved plan to a checkpoint (no statistics needed); streamed like :func:`prune_checkpoint`.
 
-    A merge plan (kind ``merge``) is replayed by :func:`merge_checkpoint`, with the
-    neuron permutations saved beside it.
+    A merge plan (kind ``merge``, with the neuron permutations saved beside it) is replayed the same
+    way, one MoE layer in memory at a time (:class:`~moe_slim.experts.merge.at_size.MergedLayers`);
+    ``in_memory=True`` (or a source without safetensors) replays it on the loaded model.
     """
     model_path = resolve_model(model_path)  # a local directory, or a Hugging Face Hub id
     check_output(out, overwrite, inputs=[model_path, plan_path])
-    plan = ExpertPlan.load(plan_path)
-    if plan.kind == "merge":
-        from .merge import merge_checkpoint
-
-        return merge_checkpoint(model_path, out, plan_path=plan_path, overwrite=overwrite, dtype=dtype)
+    plan = load_plan(plan_path)
     config = load_config(model_path)
     family_of(config)
     want = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else DEFAULT_MAX_SHARD_BYTES
-    if not in_memory and has_safetensors(model_path):
+    if not in_memory and has_safetensors(model_path) and not plan.info.get("tied"):  # tied: every expert stays
         check_quantization(config, str(model_path))
         _stream(model_path, out, plan, None, want, shard_bytes, overwrite, progress)
         return plan
+    if plan.kind == "merge":
+        from .merge import merge_checkpoint
+
+        return merge_checkpoint(model_path, out, plan_path=plan_path, overwrite=overwrite, dtype=dtype)
     model, tok = load_model(model_path, dtype=want or source_dtype(model_path))
     _write(model, tok, plan, model_path, out, overwrite, None, want, shard_bytes)
     return plan
@@ -129,8 +131,9 @@ def apply_checkpoint(
 def _stream(source: Any, out: Any, plan: ExpertPlan, stats_meta: dict[str, Any] | None, dtype: torch.dtype | None,
             shard_bytes: int, overwrite: bool, progress: bool) -> None:
     def card(out_model: nn.Module, before: int, after: int) -> str:
-        return prune_card(source=str(source), plan=plan, params_before=before, params_after=after, model=out_model,
-                          stats_info=stats_meta)
+        write = merge_card if isinstance(plan, MergePlan) else prune_card
+        return write(source=str(source), plan=plan, params_before=before, params_after=after,  # type: ignore[arg-type]
+                     model=out_model, stats_info=stats_meta)
 
     rewrite_pruned(source, out, plan, card=card, dtype=dtype, max_shard_bytes=shard_bytes, overwrite=overwrite,
                    progress=progress)

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 
 from ..errors import MoeSlimError
+from ..experts.merge.at_size import MergedLayers, check_layers_merged_once
+from ..experts.merge.plan import MergePlan
 from ..experts.plan import ExpertPlan
 from ..experts.prune import count_parameters
 from ..families import (
@@ -102,26 +104,41 @@ def check_expert_layout(ckpt: ShardedCheckpoint, layout: DiskLayout, n_experts: 
 
 
 def pruned_tensors(ckpt: ShardedCheckpoint, layout: DiskLayout, plan: ExpertPlan,
-                   dtype: torch.dtype | None = None) -> list[OutTensor]:
-    """The output tensors of ``plan`` applied to the checkpoint, in source order (nothing read yet)."""
+                   dtype: torch.dtype | None = None, merged: MergedLayers | None = None) -> list[OutTensor]:
+    """The output tensors of ``plan`` applied to the checkpoint, in source order (nothing read yet).
+
+    With ``merged`` (a merge plan), each MoE layer's expert and router tensors come from merging that
+    layer; names and shapes are those of keeping the groups' representatives."""
     E = plan.num_experts
     keep = {i: lp.keep for i, lp in enumerate(plan.layers)}
     out: list[OutTensor] = []
+
+    layer_of: list[int | None] = []
+
+    def add(d: DiskTensor, name: str, rows: list[int] | None) -> None:
+        t = _out(ckpt, d, name, rows, dtype)
+        if merged is not None and d.layer is not None and d.role != "other":
+            t = OutTensor(name, t.dtype, t.shape,
+                          _convert(lambda li=d.layer: merged.tensor(li, name), TORCH_DTYPES[t.dtype]))
+        out.append(t)
+        layer_of.append(d.layer if d.role != "other" else None)
+
     for key in ckpt.keys:
         d = layout.tensors[key]
         if d.role == "other" or d.layer is None:
-            out.append(_out(ckpt, d, key, None, dtype))
+            add(d, key, None)
             continue
         kept = keep[d.layer]
         if d.role == "expert" and d.expert is not None:
             if d.expert in kept:
-                out.append(_out(ckpt, d, d.renumbered(kept.index(d.expert)), None, dtype))
+                add(d, d.renumbered(kept.index(d.expert)), None)
             continue
         shape = ckpt.entry(key).shape
-        if shape and shape[0] == E:
-            out.append(_out(ckpt, d, key, list(kept), dtype))
-        else:  # a router tensor without an expert dimension (none in the supported families)
-            out.append(_out(ckpt, d, key, None, dtype))
+        add(d, key, list(kept) if shape and shape[0] == E else None)
+    if merged is not None:  # a merged layer's tensors together (where its first one stood): each layer merged once
+        first = {li: i for i, li in reversed(list(enumerate(layer_of))) if li is not None}
+        order = sorted(range(len(out)), key=lambda i: (first[layer_of[i]] if layer_of[i] is not None else i, i))
+        out = [out[i] for i in order]
     return out
 
 
@@ -169,8 +186,10 @@ def rewrite_pruned(
     config = load_config(src)
     family = family_of(config)
     check_quantization(config, str(src))
-    if plan.kind != "prune":
-        raise MoeSlimError(f"this is a {plan.kind} plan; a streaming rewrite applies prune plans")
+    if plan.kind not in ("prune", "merge"):
+        raise MoeSlimError(f"this is a {plan.kind} plan; a streaming rewrite applies prune and merge plans")
+    if plan.kind == "merge" and check_quantization(config, str(src)) is not None:
+        raise MoeSlimError(f"{src} is quantized; merging averages weights, which needs them dequantized first")
     plan.check_writable()
     ckpt = ShardedCheckpoint(src)
     model = meta_model(config)
@@ -185,9 +204,12 @@ def rewrite_pruned(
     if why:
         raise MoeSlimError(f"cannot keep {n_keep} experts per layer: {why}")
     check_expert_layout(ckpt, layout, plan.num_experts)
-    tensors = pruned_tensors(ckpt, layout, plan, dtype)
+    merged = MergedLayers(src, config, plan) if isinstance(plan, MergePlan) else None
+    tensors = pruned_tensors(ckpt, layout, plan, dtype, merged)
 
-    info = {"plan": "prune", "kept_per_layer": plan.kept_counts, "streamed": True}
+    info = {"plan": plan.kind, "kept_per_layer": plan.kept_counts, "streamed": True}
+    if plan.kind == "merge":
+        info["method"] = plan.info.get("method")
     new_config = updated_config(config, family, n_keep, info, dtype)
     out_model = meta_model(new_config)
     before, after = count_parameters(model), count_parameters(out_model)
@@ -195,6 +217,8 @@ def rewrite_pruned(
     with atomic_dir(out, overwrite=overwrite) as tmp, \
             tqdm(total=total, unit="B", unit_scale=True, desc="rewrite", disable=not progress) as bar:
         write_shards(tmp, tensors, max_shard_bytes=max_shard_bytes, on_bytes=bar.update)
+        if merged is not None:
+            check_layers_merged_once(merged)
         new_config.save_pretrained(str(tmp))
         copy_small_files(src, tmp)
         tidy_checkpoint_files(tmp)

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from ..data.paths import data_dir_or_default
-from .common import add_data_dir, non_negative_int
+from .common import add_data_dir, add_json, emit, non_negative_int
 
 
 def register(subparsers: Any) -> None:
@@ -34,6 +34,7 @@ def register(subparsers: Any) -> None:
 
     i = sub.add_parser("info", help="print record counts per domain and split from the manifest")
     add_data_dir(i, "data directory")
+    add_json(i)
     i.set_defaults(func=run_info)
 
 
@@ -76,7 +77,11 @@ def _print_counts(manifest: dict, show_warnings: bool = True) -> None:
 def run_info(args: argparse.Namespace) -> int:
     from ..data.jsonl import read_manifest
 
-    manifest = read_manifest(data_dir_or_default(args.data_dir))
-    print(f"{data_dir_or_default(args.data_dir)}: {manifest.get('format', '?')}, seed {manifest.get('seed')}")
+    where = data_dir_or_default(args.data_dir)
+    manifest = read_manifest(where)
+    if args.json:  # the manifest's own record of what was built: counts, sources, hashes, warnings
+        emit(args, {"data_dir": str(where), **manifest}, "")
+        return 0
+    print(f"{where}: {manifest.get('format', '?')}, seed {manifest.get('seed')}")
     _print_counts(manifest)
     return 0

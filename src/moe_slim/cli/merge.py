@@ -32,7 +32,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         samples=_tokens(args.samples) if args.samples else None, grouping=args.grouping,
         sequential=args.sequential, seq_len=args.seq_len, batch_size=args.batch_size, data_dir=args.data_dir,
         seed=args.seed, overwrite=args.overwrite, dtype=args.dtype, device=args.device, plan_only=args.plan_only,
-        compute_dtype=args.compute_dtype, log=None if args.quiet else print,
+        compute_dtype=args.compute_dtype, log=None if args.quiet else print, in_memory=args.in_memory,
+        max_shard_size=args.max_shard_size,
         **{k: getattr(args, k) for k in CHOICES if getattr(args, k) is not None},
     )
     i = plan.info
@@ -90,6 +91,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "float16, float32")
     p.add_argument("--plan-only", action="store_true",
                    help="write only OUT/plan.json and the permutations, no checkpoint (replay: apply or eval --plan)")
+    p.add_argument("--in-memory", action="store_true",
+                   help="load the whole model (default for safetensors checkpoints: one MoE layer in memory at a "
+                        "time, read from the shards; the output streamed shard by shard)")
+    p.add_argument("--max-shard-size", help="largest output shard, e.g. 2GB (default 5GB, as transformers)")
     add_device_options(p, "--compute-dtype")
     p.add_argument("--quiet", action="store_true")
     add_json(p)

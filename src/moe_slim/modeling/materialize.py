@@ -54,7 +54,7 @@ class WeightSource:
             self.model.tie_weights()
         for name, buf in self.model.named_buffers():  # non-persistent buffers (rotary frequencies) live on the CPU
             if buf.device.type != "meta" and not any(name.startswith(f"{e}.") for e in stacks):
-                _set(self.model, name, device, buf)
+                _set(self.model, name, device, buf.to(dtype) if dtype is not None and buf.is_floating_point() else buf)
         self._check_loaded("", exclude)
         return placed
 

@@ -41,8 +41,8 @@ def meta_model(config: Any) -> nn.Module:
         config = copy.deepcopy(config)
         del config.quantization_config
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    with init_empty_weights():
-        model = auto.from_config(config)
+    with init_empty_weights():  # buffers computed at init (sinusoidal positions) in float32, as a float32 load has them
+        model = auto.from_config(config, dtype=torch.float32)
     return model.eval()
 
 

@@ -32,7 +32,7 @@ from ..stats import RouterStats
 from .align import align as hungarian
 from .align import ream_cost, weight_matching_cost
 from .apply import merge_layer
-from .features import _gather_layer, layer_features
+from .features import InMemoryLayers, layer_features
 from .grouping import (
     _within_router_groups,
     group_hc,
@@ -94,6 +94,7 @@ def merge_model(
     dominants: str = "frequency",
     global_dominants: bool = False,
     protect_super: bool = False,
+    access: InMemoryLayers | None = None,
 ) -> MergePlan:
     """Merge the experts of ``model`` in place to ``round(E * (1 - ratio))`` per layer; return the plan.
 
@@ -113,8 +114,11 @@ def merge_model(
     experts by ``frequency`` (the paper) or ``saliency`` (REAP); ``global_dominants`` ranks them across
     layers (as M-SMoE does; needs ``tied``, since layers then keep different counts). ``protect_super``:
     super-experts (:mod:`moe_slim.experts.superexperts`, from saved statistics) stay groups of their own.
+    ``access`` reaches each layer's weights and sequential sample (default: the model is in memory;
+    :mod:`.at_size` reads one layer at a time).
     """
     say = log or (lambda msg: None)
+    access = access or InMemoryLayers()
     spec = method_spec(method, grouping)
     check_choice("router row", router_row, ROUTER_ROWS)
     check_choice("alignment", align, ALIGNS)
@@ -190,8 +194,9 @@ def merge_model(
     sample_tokens: list[int] = []
     for li, layer in enumerate(layers):
         t0 = time.perf_counter()
+        layer = access.open(li, layer)
         if sequential:
-            sample = _gather_layer(model, layer, batches, cap).take(li, mix, max_tokens, seed)
+            sample = access.gather(model, layer, batches, cap).take(li, mix, max_tokens, seed)
         else:
             sample = stats.samples.take(li, mix, max_tokens, seed)
         sample_tokens.append(int(sample["x"].shape[0]))
@@ -239,12 +244,14 @@ def merge_model(
                         cost = weight_matching_cost(w_rep, w_m)
                     perms[m] = hungarian(cost)
             permutations[li] = perms
+        weights = [[round(w, 8) for w in ws] for ws in weights]  # as the plan stores them, so it replays exactly
         merge_layer(layer, groups, weights, perms, tied=tied)
         scores = saliency if spec.weighting == "saliency" or spec.grouping == "ream" else frequency
         plan_layers.append(MergeLayerPlan(
             layer.name, [g[0] for g in groups], [round(float(v), 8) for v in scores.tolist()],
             [list(g) for g in groups], [[round(w, 8) for w in ws] for ws in weights],
             _sha(perms) if perms is not None else ""))
+        access.close(li, layer)
         say(f"{layer.name}: {E} -> {len(groups)} experts ({sample_tokens[-1]} sample tokens, "
             f"{time.perf_counter() - t0:.1f}s)")
 

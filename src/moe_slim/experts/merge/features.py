@@ -84,3 +84,19 @@ def _gather_layer(model: nn.Module, layer: MoeLayer, batches: dict[str, list[Any
     finally:
         handle.remove()
     return rec.sample_set()
+
+
+class InMemoryLayers:
+    """How :func:`~.driver.merge_model` reaches each MoE layer when the whole model is in memory:
+    the weights are there already, and a sequential sample runs the model up to the layer."""
+
+    def open(self, li: int, layer: MoeLayer) -> MoeLayer:
+        """The layer, with its weights (merging changes it in place)."""
+        return layer
+
+    def gather(self, model: nn.Module, layer: MoeLayer, batches: dict[str, list[Any]], cap: int) -> Any:
+        """The layer's token sample through the model as it is now (earlier layers merged)."""
+        return _gather_layer(model, layer, batches, cap)
+
+    def close(self, li: int, layer: MoeLayer) -> None:
+        """The layer is merged (its decisions are in the plan)."""

@@ -1,0 +1,89 @@
+"""Peak memory of merging a ~1.85 GB checkpoint's experts: at size (one MoE layer in memory) vs loaded whole.
+
+Uses the generated Qwen3-MoE of ``bench_rewrite_memory.py`` (bf16, 8 layers x 96 experts, top-8,
+shards <= 300 MB). Runs the real commands in subprocesses, float32 compute on CPU:
+1. ``moe-slim observe --layerwise --samples`` on a small calibration text (the merge sample);
+2. ``moe-slim merge --stats`` (HC-SMoE, 50%) at size and with ``--in-memory``;
+3. ``moe-slim merge --calib --sequential`` (REAM, 50%) at size and with ``--in-memory``.
+Prints peak RSS (``/usr/bin/time``), wall time, output bytes and dtype, whether the two paths wrote
+the same tensors, and the ratio of the at-size peak to one MoE layer's experts in float32 (what
+merging one layer has to hold) and to the in-memory peak.
+
+Goal (issue #14 item 4, #15 item 2): peak at size <= one layer's experts in float32 + the largest
+tensor + 1 GB of interpreter and libraries, far below the in-memory peak.
+
+    python bench/bench_merge_memory.py [--work /tmp/moe_slim_bench_merge] [--tokens 2k] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from memory_common import run, source_model, write_calib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="/tmp/moe_slim_bench_merge")
+    ap.add_argument("--tokens", default="2k")
+    ap.add_argument("--keep", action="store_true", help="keep the generated model for the next run")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    import torch
+
+    from moe_slim.modeling.shards import ShardedCheckpoint
+
+    work = Path(args.work)
+    src = source_model(work)
+    ck = ShardedCheckpoint(src)
+    experts0 = sum(e.nbytes for k, e in ck.entries.items() if k.startswith("model.layers.0.mlp.experts."))
+    largest = max(e.nbytes for e in ck.entries.values())
+    print(f"source: {ck.total_bytes / 1e9:.2f} GB bf16; one layer's experts {experts0 / 1e6:.0f} MB bf16 "
+          f"({experts0 * 2 / 1e6:.0f} MB float32); largest tensor {largest / 1e6:.0f} MB")
+    calib = write_calib(work / "calib.jsonl", 400)
+    moe = [sys.executable, "-m", "moe_slim"]
+    common = ["--seq-len", "256", "--batch-size", "4", "--device", "cpu", "--quiet"]
+    stats = work / "stats"
+    shutil.rmtree(stats, ignore_errors=True)
+    rss, wall = run([*moe, "observe", str(src), "--calib", f"general={calib}", "--max-tokens", args.tokens,
+                     "--samples", args.tokens, "--layerwise", "--out", str(stats), *common])
+    print(f"observe --layerwise --samples {args.tokens}: {rss:.0f} MB, {wall:.1f}s")
+
+    cases = {
+        "hc-smoe from stats": ["--method", "hc-smoe", "--stats", str(stats)],
+        "ream sequential": ["--method", "ream", "--calib", f"general={calib}", "--sequential",
+                            "--max-tokens", args.tokens],
+    }
+    print(f"\n{'case':20s} {'path':10s} {'peak RSS':>10s} {'wall':>8s} {'output':>9s}  dtype")
+    ratios = []
+    for case, extra in cases.items():
+        outs = {}
+        for path, flag in (("at size", []), ("in memory", ["--in-memory"])):
+            out = work / f"{case.replace(' ', '-')}-{path.replace(' ', '-')}"
+            shutil.rmtree(out, ignore_errors=True)
+            rss, wall = run([*moe, "merge", str(src), "--ratio", "0.5", *extra, *flag, "--out", str(out),
+                             "--max-shard-size", "300MB", *common])
+            o = ShardedCheckpoint(out)
+            dtypes = sorted({o.entry(k).dtype for k in o.keys})
+            print(f"{case:20s} {path:10s} {rss:8.0f} MB {wall:7.1f}s {o.total_bytes / 1e9:7.3f}GB  {','.join(dtypes)}")
+            outs[path] = (rss, o)
+        a, b = outs["at size"][1], outs["in memory"][1]
+        same = a.keys == b.keys and all(torch.equal(a.tensor(k), b.tensor(k)) for k in a.keys)
+        print(f"{'':20s} same tensors on both paths: {same}")
+        ratios.append((case, outs["at size"][0], outs["in memory"][0]))
+    for case, at, mem in ratios:
+        print(f"{case}: peak at size / one layer's experts in float32 = {at * 1e6 / (experts0 * 2):.2f}; "
+              f"(peak - largest tensor - 1 GB) / one layer's experts f32 = "
+              f"{(at * 1e6 - largest - 1e9) / (experts0 * 2):.2f} (goal <= 1); at size / in memory = {at / mem:.2f}")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Merged MoE layers computed one at a time from the checkpoint's shards, for a streaming rewrite.
+
+Applying a merge plan at size: the model is a meta-device skeleton; when the rewrite reaches a MoE
+layer's expert or router tensors, that layer's block is read from the shards
+(:class:`~moe_slim.modeling.materialize.WeightSource`), merged in float32 by the same
+:func:`~.apply.merge_layer` the in-memory path uses, converted back to the on-disk names and layout
+(transformers' conversion tables, :meth:`~moe_slim.modeling.ondisk.DiskLayout.to_disk`), and given
+back to the meta device once the next layer is asked for. Peak memory is one layer's experts.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...errors import MoeSlimError
+from ...families import MoeLayer, moe_layers
+from ...modeling.materialize import WeightSource
+from ...modeling.ondisk import meta_model
+from ..layerwise import LayerwiseRunner, OutputCache
+from ..observe import DEFAULT_CACHE_BYTES, _begin, calibration_items
+from ..recorder import Recorder, observing
+from .apply import merge_layer
+from .features import InMemoryLayers
+from .plan import MergePlan, validate_merge_plan
+
+
+class MergedLayers:
+    """On-disk tensors of each merged MoE layer, computed on demand, one layer held at a time."""
+
+    def __init__(self, source: str | os.PathLike, config: object, plan: MergePlan) -> None:
+        self.model = meta_model(config)
+        self.layers = validate_merge_plan(plan, self.model)
+        self.plan = plan
+        self.source = WeightSource(source, self.model)
+        self.held: tuple[int, dict[str, torch.Tensor]] | None = None
+        self.computed: list[int] = []  # layer indices in the order they were merged (a repeat means re-reading)
+
+    def tensor(self, layer: int, key: str) -> torch.Tensor:
+        """The merged layer's tensor under its on-disk name ``key`` (the output's name)."""
+        if self.held is None or self.held[0] != layer:
+            self.held = None  # give the previous layer's memory back before reading the next
+            self.held = (layer, self._merge(layer))
+        try:
+            return self.held[1][key]
+        except KeyError:
+            raise MoeSlimError(f"internal error: the merged {self.layers[layer].name} has no tensor {key}") from None
+
+    @torch.no_grad()
+    def _merge(self, li: int) -> dict[str, torch.Tensor]:
+        layer, lp = self.layers[li], self.plan.layers[li]
+        parent, _, attr = layer.name.rpartition(".")
+        pristine = copy.deepcopy(layer.block)  # on the meta device: no memory; merging reshapes the loaded one
+        self.source.load(layer.name, "cpu", torch.float32)
+        try:
+            perms = self.plan.permutations.get(li) if lp.permutations_sha256 else None
+            merge_layer(layer, lp.groups, lp.weights, perms)
+            state = {f"{layer.name}.{k}": v for k, v in layer.block.state_dict().items()}
+        finally:  # the skeleton gets its unloaded block back (so a layer can be merged again), the memory goes
+            setattr(self.model.get_submodule(parent) if parent else self.model, attr, pristine)
+            self.layers[li] = dataclasses.replace(layer, block=pristine)
+        self.computed.append(li)
+        return self.source.layout.to_disk(state)
+
+
+def check_layers_merged_once(merged: MergedLayers) -> None:
+    """The rewrite should have merged every MoE layer exactly once (tensors of a layer stored together)."""
+    n = len(moe_layers(merged.model))
+    if sorted(merged.computed) != list(range(n)):
+        raise MoeSlimError(f"internal error: merged layers {merged.computed} while writing, expected each of {n} once")
+
+
+class LayersFromShards(InMemoryLayers):
+    """:func:`~.driver.merge_model` on a meta skeleton: each MoE layer's weights read from the shards
+    when its turn comes and given back after, so deciding a merge holds one layer, not the model.
+
+    Sequentially (REAM), a layer's sample must come through the merged layers before it: the
+    calibration batches run through the model one transformer layer at a time
+    (:class:`~moe_slim.experts.layerwise.LayerwiseRunner`, as layer-wise observation does), each
+    layer's outputs cached for the next; a layer holding a MoE block is run once to record its
+    sample, merged, and run again to give the merged outputs.
+    """
+
+    def __init__(self, source: WeightSource, *, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, sequential: bool = False,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.source, self.model = source, source.model
+        self.device, self.dtype, self.sequential, self.cache_bytes = torch.device(device), dtype, sequential, cache_bytes
+        self.pristine: nn.Module | None = None
+        self.runner: LayerwiseRunner | None = None
+        self.next = (0, 0)  # the first transformer layer (stack, index) whose outputs are not cached yet
+        self.cache: OutputCache | None = None
+        self.encoder: OutputCache | None = None
+
+    def open(self, li: int, layer: MoeLayer) -> MoeLayer:
+        self.pristine = copy.deepcopy(layer.block)  # on the meta device: merging reshapes the loaded block
+        if not self.sequential:
+            self.source.load(layer.name, self.device, self.dtype)
+        return layer
+
+    def gather(self, model: nn.Module, layer: MoeLayer, batches: dict[str, list[Any]], cap: int) -> Any:
+        if self.runner is None:
+            self._start(batches)
+        assert self.runner is not None
+        si, i = self._position(layer)
+        self._advance((si, i))
+        name, mods = self.stacks[si]
+        self.source.load(f"{name}.{i}", self.device, self.dtype)
+        rec = Recorder([layer], layer.num_experts, samples=cap)
+        with observing(self.model, rec):
+            for b, item in enumerate(self.runner.items):
+                _begin(rec, item)
+                self.runner.layer_outputs(si, mods, i, self.cache, b, self._encoder_out(si, b))
+        return rec.sample_set()
+
+    def close(self, li: int, layer: MoeLayer) -> None:
+        if self.sequential:  # the merged layer's outputs feed the next one
+            si, i = self._position(layer)
+            self._run(si, i)
+        parent, _, attr = layer.name.rpartition(".")
+        setattr(self.model.get_submodule(parent) if parent else self.model, attr, self.pristine)
+        if self.sequential:
+            self.source.unload(f"{self.stacks[si][0]}.{i}")
+
+    # -- the layer-wise run ---------------------------------------------------------------------
+
+    def _start(self, batches: dict[str, list[Any]]) -> None:
+        self.runner = LayerwiseRunner(self.model, self.source, calibration_items(batches),
+                                      device=self.device, dtype=self.dtype)
+        self.stacks = self.runner.stacks()
+        self.source.load_all_but(tuple(name for name, _ in self.stacks), self.device, self.dtype)
+
+    def _position(self, layer: MoeLayer) -> tuple[int, int]:
+        for si, (name, _) in enumerate(self.stacks):
+            if layer.name.startswith(f"{name}."):
+                return si, int(layer.name[len(name) + 1:].split(".")[0])
+        raise MoeSlimError(f"internal error: {layer.name} is in none of the layer stacks")
+
+    def _encoder_out(self, si: int, b: int) -> Any:
+        return self.encoder.get(b) if si > 0 and self.encoder is not None else None
+
+    def _run(self, si: int, i: int) -> None:
+        """Every batch through transformer layer ``i`` of stack ``si`` (loaded): its outputs become the cache."""
+        assert self.runner is not None
+        mods = self.stacks[si][1]
+        new = OutputCache(None, self.cache_bytes)
+        for b in range(len(self.runner.items)):
+            new.put(b, self.runner.layer_outputs(si, mods, i, self.cache, b, self._encoder_out(si, b)))
+        self.cache, self.next = new, (si, i + 1)
+
+    def _advance(self, to: tuple[int, int]) -> None:
+        """Run the layers before ``to`` that have not run (dense layers between MoE layers; the encoder's end)."""
+        assert self.runner is not None
+        while self.next < to:
+            si, i = self.next
+            name, mods = self.stacks[si]
+            if i >= len(mods):  # a stack is done; an encoder's output feeds the decoder from here on
+                if self.runner.encdec and si == 0:
+                    enc = OutputCache(None, self.cache_bytes)
+                    for b in range(len(self.runner.items)):
+                        enc.put(b, self.runner.encoder_output(mods, self.cache, b))
+                    self.encoder, self.cache = enc, None
+                self.next = (si + 1, 0)
+                continue
+            self.source.load(f"{name}.{i}", self.device, self.dtype)
+            self._run(si, i)
+            self.source.unload(f"{name}.{i}")
