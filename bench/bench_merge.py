@@ -7,7 +7,8 @@ calibration statistics (one ``observe`` with token samples and output sums):
   removes or merges a super-expert (:mod:`moe_slim.experts.superexperts`);
 * ``mone``: MoNE, the others replaced by their mean output (novices; router rows kept);
 * ``ream``: REAM with the default group size C = max(2, round(E/8)) (alignment tokens from every domain);
-* ``hc-smoe``: HC-SMoE, the merged expert keeping its most frequent member's router row;
+* ``hc-smoe``: HC-SMoE, the merged expert keeping its most frequent member's router row (``@method``
+  suffix: the paper's representative's row; ``@saliency``: the most salient member's);
   ``hc-smoe-tied``: HC-SMoE as the paper (members bound to the merge, router untouched, no shrink);
 * ``m-smoe``, ``average``.
 
@@ -53,8 +54,9 @@ from moe_slim.experts.superexperts import super_experts  # noqa: E402
 from moe_slim.families import moe_layers  # noqa: E402
 
 DOMAINS = ("general", "math", "code", "translation")
-VARIANTS = ("reap-prune", "reap-prune+super", "freq-prune", "mone", "mone+super", "ream", "ream+super", "hc-smoe",
-            "hc-smoe-tied", "m-smoe", "average")
+VARIANTS = ("reap-prune", "freq-prune", "mone", "ream", "hc-smoe", "hc-smoe-tied", "m-smoe", "average")
+# also measured (README): reap-prune+super, mone+super, ream+super (super-experts on/off) and
+# hc-smoe@method (HC-SMoE's own representative's router row, as shipped before issue 19)
 
 
 def load_texts(data_dir: Path, split: str) -> dict[str, list[str]]:
@@ -70,6 +72,8 @@ def compress(variant: str, base: torch.nn.Module, stats, ratio: float, args) -> 
     extra = 0
     protect = variant.endswith("+super")  # any variant: never remove or merge a super-expert
     variant = variant.removesuffix("+super")
+    variant, _, row = variant.partition("@")  # hc-smoe@method: the router row rule (frequency, saliency, method)
+    choice = {"router_row": row} if row else {}
     if variant in ("reap-prune", "freq-prune"):
         crit = "frequency" if variant == "freq-prune" else "reap"
         apply_plan(model, plan_for(model, stats, criterion=crit, ratio=ratio, protect_super=protect))
@@ -83,7 +87,7 @@ def compress(variant: str, base: torch.nn.Module, stats, ratio: float, args) -> 
     elif variant == "hc-smoe-tied":
         merge_model(model, stats, "hc-smoe", ratio, max_tokens=tokens, tied=True, protect_super=protect)
     else:
-        merge_model(model, stats, variant, ratio, max_tokens=tokens, protect_super=protect)
+        merge_model(model, stats, variant, ratio, max_tokens=tokens, protect_super=protect, **choice)
     secs = time.perf_counter() - t0
     return model, secs, (count_parameters(model) + extra) * args.bytes_per_param
 
