@@ -72,8 +72,14 @@ def compress(variant: str, base: torch.nn.Module, stats, ratio: float, args) -> 
     extra = 0
     protect = variant.endswith("+super")  # any variant: never remove or merge a super-expert
     variant = variant.removesuffix("+super")
+    variant, *opts = variant.split(":")  # ream:weighting=ream-repo, m-smoe:dominants=saliency, ...
+    choice: dict = dict(o.split("=", 1) for o in opts)
     variant, _, row = variant.partition("@")  # hc-smoe@method: the router row rule (frequency, saliency, method)
-    choice = {"router_row": row} if row else {}
+    choice.update({"router_row": row} if row else {})
+    if variant == "ream-seq":  # REAM's sequential mode: each layer's sample re-gathered through the merged layers
+        merge_model(model, None, "ream", ratio, max_tokens=tokens, sequential=True, calibration=args.calib,
+                    tokenizer=args.tok, seq_len=args.seq_len)
+        return model, time.perf_counter() - t0, count_parameters(model) * args.bytes_per_param
     if variant in ("reap-prune", "freq-prune"):
         crit = "frequency" if variant == "freq-prune" else "reap"
         apply_plan(model, plan_for(model, stats, criterion=crit, ratio=ratio, protect_super=protect))
@@ -143,6 +149,8 @@ def main() -> None:
     from moe_slim.modeling.loading import load_model
 
     base, tok = load_model(args.model, dtype=torch.float32)
+    args.tok = tok
+    args.calib = {d: t[:200] for d, t in load_texts(data, "calibration").items()}
     base.eval()
     layers = moe_layers(base)
     E = layers[0].num_experts

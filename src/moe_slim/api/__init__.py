@@ -11,6 +11,7 @@ from ..experts.criteria import score
 from ..experts.merge.apply import apply_merge_plan
 from ..experts.merge.driver import merge_model
 from ..experts.merge.plan import MergePlan
+from ..experts.mone import install_novices, novice_plan
 from ..experts.observe import observe
 from ..experts.plan import ExpertPlan
 from ..experts.prune import apply_plan
@@ -18,6 +19,7 @@ from ..experts.stats import RouterStats
 from ..modeling.loading import load_model
 from ..recover.loop import sft
 from .merge import merge_checkpoint
+from .mone import mone_checkpoint
 from .observe import needs_layerwise, observe_checkpoint
 from .plans import apply_plan_file, load_plan, parse_weights, plan_for, write_plan
 from .prune import apply_checkpoint, prune_checkpoint
@@ -25,6 +27,6 @@ from .sft import sft_checkpoint
 
 __all__ = [
     "ExpertPlan", "MergePlan", "RouterStats", "apply_checkpoint", "apply_merge_plan", "apply_plan", "apply_plan_file",
-    "load_model", "load_plan", "merge_checkpoint", "merge_model", "needs_layerwise", "observe", "observe_checkpoint",
+    "install_novices", "load_model", "load_plan", "merge_checkpoint", "merge_model", "mone_checkpoint", "novice_plan", "needs_layerwise", "observe", "observe_checkpoint",
     "parse_weights", "plan_for", "prune_checkpoint", "score", "sft", "sft_checkpoint", "write_plan",
 ]
