@@ -27,6 +27,7 @@ from .sft import sft_checkpoint
 
 __all__ = [
     "ExpertPlan", "MergePlan", "RouterStats", "apply_checkpoint", "apply_merge_plan", "apply_plan", "apply_plan_file",
-    "install_novices", "load_model", "load_plan", "merge_checkpoint", "merge_model", "mone_checkpoint", "novice_plan", "needs_layerwise", "observe", "observe_checkpoint",
+    "install_novices", "load_model", "load_plan", "merge_checkpoint", "merge_model", "mone_checkpoint", "needs_layerwise",
+    "novice_plan", "observe", "observe_checkpoint",
     "parse_weights", "plan_for", "prune_checkpoint", "score", "sft", "sft_checkpoint", "write_plan",
 ]
