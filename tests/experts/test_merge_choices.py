@@ -171,3 +171,15 @@ def test_cli_tied_global_dominants_write_a_checkpoint_of_the_original_size(tmp_p
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg.get("num_experts", cfg.get("num_local_experts")) == 8
     assert "tied" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_ream_notes_a_group_size_as_large_as_the_expert_count_and_weighs_by_p2_norm(capsys) -> None:
+    from moe_slim.experts.merge.options import group_weights
+
+    model, stats = _copies("qwen3_moe")
+    plan = merge_model(copy.deepcopy(model), stats, "ream", 0.5, group_size=8)
+    assert "at least the expert count (8)" in capsys.readouterr().err
+    assert plan.info["weighting"] == "ream-repo"  # REAM's repository weights by default
+    freq, sal, p2 = torch.tensor([0.5, 0.5, 0.0]), torch.tensor([1.0, 3.0, 0.0]), torch.tensor([2.0, 6.0, 1.0])
+    assert group_weights([[0, 1, 2]], "ream-repo", freq, sal, p2) == [[2 / 9, 6 / 9, 1 / 9]]
+    assert group_weights([[0, 1, 2]], "saliency", freq, sal, p2) == [[1 / 5, 3 / 5, 1 / 5]]  # unused: the least
