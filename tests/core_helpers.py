@@ -64,3 +64,18 @@ def keep_pattern(n_layers: int) -> list[list[int]]:
     """Keep 4 of 8 experts, two per group of four (valid for DeepSeek's 2 groups), varied per layer."""
     base = [[0, 1, 4, 5], [2, 3, 6, 7], [0, 2, 5, 7], [1, 3, 4, 6]]
     return [base[i % len(base)] for i in range(n_layers)]
+
+
+def duplicate_experts(model: torch.nn.Module, pairs: list[list[int]]) -> None:
+    """For each ``[c, d]``: expert ``d`` becomes a copy of ``c``, routed by ``c``'s router row scaled by 0.05."""
+    from moe_slim.experts.merge.tensors import expert_tensors
+
+    with torch.no_grad():
+        for layer in moe_layers(model):
+            for c, d in pairs:
+                src, dst = expert_tensors(layer, c), expert_tensors(layer, d)
+                for name in src:
+                    dst[name].copy_(src[name])
+                for t in (layer.router_weight, layer.router_bias, layer.correction_bias):
+                    if t is not None:
+                        t[d] = 0.05 * t[c]

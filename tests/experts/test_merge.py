@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from core_helpers import forward_logits
+from core_helpers import duplicate_experts, forward_logits
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from moe_slim.checkpoint.save import save_checkpoint
@@ -99,15 +99,7 @@ def test_samples_are_deterministic_ignore_padding_and_recompute_the_layer(tmp_pa
 
 def _duplicate_pairs(model: torch.nn.Module) -> None:
     """Make the second expert of each pair a copy of the first, routed by the first's row scaled by 0.05."""
-    with torch.no_grad():
-        for layer in moe_layers(model):
-            for c, d in PAIRS:
-                src, dst = expert_tensors(layer, c), expert_tensors(layer, d)
-                for name in src:
-                    dst[name].copy_(src[name])
-                for t in (layer.router_weight, layer.router_bias, layer.correction_bias):
-                    if t is not None:
-                        t[d] = 0.05 * t[c]
+    duplicate_experts(model, PAIRS)
 
 
 def _never_routed(stats: RouterStats, experts: list[int]) -> None:

@@ -255,3 +255,13 @@ def test_rows_of_an_earlier_model_stay_out_of_reports(world, tmp_path):
     assert back["ran"] == 0 and back["already_done"] == 2
     assert {r["model_hash"] for r in read_rows(out / "results.db")[0]} == {r["model_hash"] for r in read_rows(
         tmp_path / "sweep" / "results.db", stale=True)[0]} - {rows[0]["model_hash"]}
+
+
+def test_mone_in_a_sweep_keeps_novices_in_memory(world, tmp_path):
+    spec = parse_spec(_raw(world, methods=["mone", "reap"], ratios=[0.5], mixes=[{"translation": 1}]))
+    run_sweep(spec, tmp_path / "s", progress=False, log=None, evaluator=fake_eval)
+    rows = {r["kind"] if r["kind"] == "baseline" else r["method"]: r for r in read_rows(tmp_path / "s" / "results.db")[0]}
+    # MoNE keeps every expert in memory (the novices' weights are unused), pruning keeps half
+    assert rows["mone"]["metrics"]["translation_choice/acc"] == rows["baseline"]["metrics"]["translation_choice/acc"]
+    assert rows["reap"]["metrics"]["translation_choice/acc"] < rows["baseline"]["metrics"]["translation_choice/acc"]
+    assert "moe-slim mone" in command_for(rows["mone"], {"model": world["model"]}, "OUT")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -57,7 +58,7 @@ def merge_checkpoint(
     calib: str | dict[str, list[str]] | None = None,
     plan_path: str | os.PathLike | None = None,
     mix: dict[str, float] | None = None,
-    group_size: int = 16,
+    group_size: int | None = None,
     max_tokens: int = DEFAULT_SAMPLE_TOKENS,
     align_tokens: int = DEFAULT_ALIGN_TOKENS,
     samples: int | None = None,
@@ -75,6 +76,7 @@ def merge_checkpoint(
     plan_only: bool = False,
     in_memory: bool = False,
     max_shard_size: str | int | None = None,
+    **choices: Any,
 ) -> MergePlan:
     """Merge a checkpoint's experts and write the smaller checkpoint (plan, permutations and card beside it).
 
@@ -83,6 +85,9 @@ def merge_checkpoint(
     (``plan_path``, replayed without statistics). A safetensors source is merged at size: one MoE
     layer's weights in memory at a time, read from the shards (sequentially through a layer-wise run),
     and the output streamed shard by shard in the source dtype; ``in_memory=True`` loads the model.
+    ``choices`` go to :func:`~moe_slim.experts.merge.driver.merge_model` (``router_row``, ``tied``, ``align``,
+    ``weighting``, ``pca_dims``, ``dominants``, ``global_dominants``, ``protect_super``); a tied merge
+    (nothing shrinks) is made in memory.
     """
     model_path = resolve_model(model_path)  # a local directory, or a Hugging Face Hub id
     data_dir = data_dir_or_default(data_dir)
@@ -91,11 +96,12 @@ def merge_checkpoint(
     save_dtype = output_dtype(dtype, model_path)  # merging computes in float32 on CPUs; the output keeps the source dtype
     dev = devices.resolve_device(device)
     run = dict(device=dev, dtype=devices.compute_dtype(compute_dtype, dev, model_path))
-    at_size = not in_memory and has_safetensors(model_path)
+    at_size = not in_memory and has_safetensors(model_path) and not choices.get("tied")
     stats = None
     texts = None
     if plan_path is not None:
         plan = MergePlan.load(plan_path)
+        at_size = at_size and not plan.info.get("tied")  # a tied merge keeps every expert: replayed in memory
         if at_size:
             model, tok = prepare_model(meta_model(load_config(model_path))), None
         else:
@@ -134,7 +140,8 @@ def merge_checkpoint(
         access = LayersFromShards(WeightSource(model_path, model), sequential=sequential, **run) if at_size else None
         plan = merge_model(model, stats, method, ratio, mix=mix, group_size=group_size, max_tokens=max_tokens,
                            align_tokens=align_tokens, grouping=grouping, sequential=sequential, calibration=texts,
-                           tokenizer=tok, seq_len=seq_len, batch_size=batch_size, seed=seed, log=log, access=access)
+                           tokenizer=tok, seq_len=seq_len, batch_size=batch_size, seed=seed, log=log, access=access,
+                           **choices)
         plan.info.update(stats_path=str(stats_path) if stats_path else None,
                          calibration=calib if isinstance(calib, str) else ("in-memory" if calib else None))
     if at_size:

@@ -31,8 +31,11 @@ def plan_for(
     budget: str = "uniform",
     floor: int | None = None,
     seed: int = 0,
+    protect_super: bool = False,
 ) -> ExpertPlan:
-    """Score experts on ``mix`` and turn the scores into a plan for ``model``."""
+    """Score experts on ``mix`` and turn the scores into a plan for ``model``.
+
+    ``protect_super`` keeps every super-expert (:mod:`moe_slim.experts.superexperts`) whatever its score."""
     if criterion not in ALL_CRITERIA:
         raise MoeSlimError(f"unknown criterion '{criterion}' (choose from: {', '.join(ALL_CRITERIA)})")
     if ratio is not None:
@@ -40,7 +43,11 @@ def plan_for(
     stats.check_model(model)
     layers = moe_layers(model)
     scores = score(stats, criterion, mix=mix, reference=reference, seed=seed)
-    info = {"criterion": criterion, "mix": mix, "reference": reference, "seed": seed,
+    if protect_super:
+        from ..experts.superexperts import protect_scores, super_experts
+
+        scores = protect_scores(scores, super_experts(stats, mix))
+    info = {"criterion": criterion, "mix": mix, "reference": reference, "seed": seed, **({"protect_super": True} if protect_super else {}),
             "stats_fingerprint": stats.meta.get("model_fingerprint"), "stats_domains": list(stats.domains)}
     return make_plan(scores, family=layers[0].family, config=model.config, layer_names=[l.name for l in layers],
                      ratio=ratio, budget=budget, floor=floor, info=info)

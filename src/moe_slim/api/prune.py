@@ -50,6 +50,7 @@ def prune_checkpoint(
     max_shard_size: str | int | None = None,
     progress: bool = True,
     plan_only: bool = False,
+    protect_super: bool = False,
 ) -> ExpertPlan:
     """Prune a checkpoint with saved statistics and write the result (plan.json and card beside it).
 
@@ -79,7 +80,7 @@ def prune_checkpoint(
     else:
         model, tok = load_model(model_path, dtype=want or source_dtype(model_path))
     plan = plan_for(model, stats, criterion=criterion, ratio=ratio, mix=mix, reference=reference, budget=budget,
-                    floor=floor, seed=seed)
+                    floor=floor, seed=seed, protect_super=protect_super)
     plan.info["stats_path"] = str(stats_path)
     if plan_only:
         write_plan(plan, out, overwrite=overwrite)
@@ -114,7 +115,7 @@ def apply_checkpoint(
     family_of(config)
     want = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else DEFAULT_MAX_SHARD_BYTES
-    if not in_memory and has_safetensors(model_path):
+    if not in_memory and has_safetensors(model_path) and not plan.info.get("tied"):  # tied: every expert stays
         check_quantization(config, str(model_path))
         _stream(model_path, out, plan, None, want, shard_bytes, overwrite, progress)
         return plan

@@ -89,10 +89,12 @@ def merge_card(*, source: str, plan: MergePlan, params_before: int, params_after
         *front_matter(source, ["expert-merging", "mixture-of-experts"]),
         f"# {Path(str(source)).name} — experts merged with moe_slim ({i.get('method')})", "",
         f"Source checkpoint: `{where(source)}` ({plan.family}, {plan.num_experts} experts per layer, top-{plan.top_k}); "
-        f"now {k} experts per layer.", "",
+        + (f"still {plan.num_experts} experts per layer (tied, as the papers merge: each group's members share "
+           "the merged weights, the router is untouched)." if i.get("tied") else f"now {k} experts per layer."), "",
         "## How",
         f"- Method `{i.get('method')}`: grouping `{i.get('grouping')}`, alignment `{i.get('alignment')}`, "
-        f"weights `{i.get('weighting')}`; router row of each merged expert: {i.get('router')}",
+        f"weights `{i.get('weighting')}`; router row of each merged expert: "
+        f"{i.get('router_row') or i.get('router')}",
         f"- Ratio {i.get('ratio')}; calibration mix `{i.get('mix') or 'all observed domains'}`; "
         f"sample tokens per layer {i.get('sample_tokens_per_layer')}; sequential: {i.get('sequential')}",
         f"- Parameters: {params_before:,} before, {params_after:,} after "

@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "moe_slim.cli.eval",
     "moe_slim.cli.dense",
     "moe_slim.cli.merge",
+    "moe_slim.cli.mone",
     "moe_slim.cli.reference",
     "moe_slim.cli.sweep",
     "moe_slim.cli.sft",

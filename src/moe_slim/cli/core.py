@@ -18,7 +18,7 @@ from .common import (
 
 # Heavy modules (transformers) are imported inside the commands, so `moe-slim --help` and
 # one-line errors come fast.
-CRITERIA_HELP = "frequency, gate, weighted_frequency, ean, reap, reap_mass, task_contrast, random"
+CRITERIA_HELP = "frequency, gate, weighted_frequency, ean, reap, reap_mass, mone, task_contrast, random"
 
 
 def cmd_observe(args: argparse.Namespace) -> int:
@@ -49,7 +49,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     plan = api.prune_checkpoint(
         args.model, args.stats, args.out, criterion=args.criterion, ratio=args.ratio, mix=api.parse_weights(args.mix),
         reference=api.parse_weights(args.reference), budget=args.budget, floor=args.floor, seed=args.seed,
-        overwrite=args.overwrite, plan_only=args.plan_only, **_write_options(args),
+        overwrite=args.overwrite, plan_only=args.plan_only, protect_super=args.protect_super, **_write_options(args),
     )
     if args.plan_only:
         emit(args, {"plan": f"{args.out}/plan.json", "kept_per_layer": plan.kept_counts, "num_experts": plan.num_experts},
@@ -152,6 +152,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model")
     p.add_argument("--stats", required=True)
     p.add_argument("--criterion", default="reap", help=f"one of: {CRITERIA_HELP}")
+    p.add_argument("--protect-super", action="store_true",
+                   help="never remove a super-expert (largest output norm a robust-z > 3.5 outlier over the model)")
     p.add_argument("--ratio", type=fraction,
                    help="share of experts to remove, in (0, 1); needed by the uniform and global budgets")
     p.add_argument("--mix", help="calibration mix to score on, e.g. translation=3,general=1 (default: all domains)")

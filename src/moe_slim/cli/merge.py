@@ -19,6 +19,7 @@ from .core import add_device_options
 METHODS: tuple[str, ...] = ("ream", "hc-smoe", "m-smoe", "average")
 GROUPINGS: tuple[str, ...] = ("ream", "hc", "msmoe")
 DEFAULT_ALIGN_TOKENS = 8192
+CHOICES = ("router_row", "tied", "align", "weighting", "pca_dims", "dominants", "global_dominants", "protect_super")
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -33,13 +34,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
         seed=args.seed, overwrite=args.overwrite, dtype=args.dtype, device=args.device, plan_only=args.plan_only,
         compute_dtype=args.compute_dtype, log=None if args.quiet else print, in_memory=args.in_memory,
         max_shard_size=args.max_shard_size,
+        **{k: getattr(args, k) for k in CHOICES if getattr(args, k) is not None},
     )
     i = plan.info
     emit(args, {"out": args.out, "method": i.get("method"), "num_experts": plan.num_experts,
                 "kept": len(plan.layers[0].groups), "params_before": i.get("params_before"),
                 "params_after": i.get("params_after"), "plan_only": args.plan_only},
          f"wrote {args.out}: merged {plan.num_experts} -> {len(plan.layers[0].groups)} experts per layer "
-         f"({i.get('method')}); parameters {i.get('params_before', 0):,} -> {i.get('params_after', 0):,}")
+         f"({i.get('method')}{', tied: every member keeps the merged weights, nothing shrinks' if i.get('tied') else ''}); "
+         f"parameters {i.get('params_before', 0):,} -> {i.get('params_after', 0):,}")
     return 0
 
 
@@ -53,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plan", help="replay a saved merge plan.json (its permutations file beside it); no stats needed")
     add_data_dir(p)
     p.add_argument("--mix", help="calibration mix, e.g. translation=3,general=1 (default: all domains)")
-    p.add_argument("--group-size", type=positive_int, default=16, help="REAM's C: most experts in one group (default 16)")
+    p.add_argument("--group-size", type=positive_int, default=None,
+                   help="REAM's C: most experts in one group (default max(2, round(E/8)), at least ceil(E/E'))")
     p.add_argument("--max-tokens", default="32k", help="sample tokens per layer used for merging (default 32k)")
     p.add_argument("--align-tokens", default=str(DEFAULT_ALIGN_TOKENS),
                    help=f"tokens whose activations align neurons (default {DEFAULT_ALIGN_TOKENS})")
@@ -61,6 +65,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grouping", help=f"override the method's grouping: {', '.join(GROUPINGS)}")
     p.add_argument("--sequential", action="store_true",
                    help="merge layer by layer, re-gathering each layer's inputs through the merged layers (needs --calib)")
+    p.add_argument("--router-row", choices=("frequency", "saliency", "method"),
+                   help="whose router row a merged expert keeps: its group's most frequently routed member, most "
+                        "REAP-salient, or the method's own representative (default: saliency for ream/average, "
+                        "frequency for hc-smoe/m-smoe)")
+    p.add_argument("--tied", action="store_true", default=None,
+                   help="the papers' merge: every member bound to the merged weights, router untouched, no shrink "
+                        "(to compare with published numbers)")
+    p.add_argument("--align", choices=("ream", "weights", "none"), help="override the method's neuron alignment")
+    p.add_argument("--weighting", choices=("saliency", "ream-repo", "frequency", "uniform"),
+                   help="override the merge weights (ream-repo: p^2*||f|| as REAM's repository)")
+    p.add_argument("--pca-dims", type=non_negative_int, help="REAM alignment: PCA dims of weight features (default 64)")
+    p.add_argument("--dominants", choices=("frequency", "saliency"), help="M-SMoE dominants (default frequency)")
+    p.add_argument("--global-dominants", action="store_true", default=None,
+                   help="M-SMoE: rank dominants across layers (needs --tied)")
+    p.add_argument("--protect-super", action="store_true", default=None,
+                   help="never merge a super-expert (largest output norm a robust-z > 3.5 outlier) into another")
     p.add_argument("--seq-len", type=positive_int, default=512)
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--seed", type=non_negative_int, default=0)

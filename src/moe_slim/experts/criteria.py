@@ -10,6 +10,10 @@ re-scored on any calibration mix without running the model again.
 * ``reap``: REAP, mean over the tokens routed to the expert of weight * ||output||.
 * ``task_contrast``: saliency on a target mix times the share of that saliency owed to the
   target rather than a reference mix (experts a task does not need score low).
+* ``mone``: MoNE (Mixture of Novices and Experts, ICLR 2026; its code's ``fusion`` metric): mean routing
+  weight per token times the spread of the expert's output around its mean, sqrt(E||f - mean f||^2)
+  over the tokens routed to it. An expert that is rarely weighted or nearly constant scores low, and
+  :mod:`moe_slim.experts.mone` replaces it by that mean ("novice"). Needs the output sums.
 * ``random``: a seeded baseline.
 """
 
@@ -53,6 +57,20 @@ def reap_mass(s: DomainStats) -> torch.Tensor:
     return _per_token(s, "wnorm_sum")
 
 
+def novice_means(s: DomainStats) -> torch.Tensor:
+    """``[layer, expert, hidden]``: each expert's mean (unweighted) output over the tokens routed to it."""
+    if "out_sum" not in s.tensors:
+        raise MoeSlimError("these statistics lack the experts' output sums that MoNE needs (they were gathered "
+                           "before moe_slim recorded them); run observe again")
+    return s.out_sum / s.count.clamp_min(1).unsqueeze(-1)
+
+
+def mone(s: DomainStats) -> torch.Tensor:
+    mean = novice_means(s)
+    spread = (s.out_sq_sum / s.count.clamp_min(1) - mean.pow(2).sum(-1)).clamp_min(0).sqrt()
+    return weighted_frequency(s) * spread
+
+
 CRITERIA: dict[str, Callable[[DomainStats], torch.Tensor]] = {
     "frequency": frequency,
     "gate": gate,
@@ -60,6 +78,7 @@ CRITERIA: dict[str, Callable[[DomainStats], torch.Tensor]] = {
     "ean": ean,
     "reap": reap,
     "reap_mass": reap_mass,
+    "mone": mone,
 }
 ALL_CRITERIA: tuple[str, ...] = (*CRITERIA, "task_contrast", "random")
 

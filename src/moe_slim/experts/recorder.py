@@ -44,6 +44,8 @@ class Recorder:
         self.layers = layers
         self.n_experts = n_experts
         self.n_layers = max((l.index for l in layers), default=-1) + 1
+        router = layers[0].router_weight if layers else None
+        self.hidden = int(router.shape[-1]) if router is not None else 0  # for the output sums (MoNE)
         self.domains: dict[str, dict[str, torch.Tensor]] = {}
         self.domain: str | None = None
         self.masks: dict[str, torch.Tensor | None] = {"decoder": None, "encoder": None}
@@ -57,7 +59,7 @@ class Recorder:
     def begin(self, domain: str) -> None:
         self.domain = domain
         if domain not in self.domains:
-            self.domains[domain] = empty_domain(self.n_layers, self.n_experts)
+            self.domains[domain] = empty_domain(self.n_layers, self.n_experts, self.hidden)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Everything accumulated so far (sums and reservoirs), as named tensors for safetensors."""
@@ -134,9 +136,10 @@ class Recorder:
 
     def record_pairs(
         self, layer: MoeLayer, tok: torch.Tensor, exp: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor,
-        n_tokens: int,
+        n_tokens: int, out: torch.Tensor | None = None,
     ) -> None:
-        """Selections as (token, expert, routing weight, ||expert output||) quadruples."""
+        """Selections as (token, expert, routing weight, ||expert output||) quadruples; ``out``: the unweighted
+        output vectors of the same selections (summed per expert when the statistics keep output sums)."""
         if self.domain is None:
             return
         pending = self._pending.pop(layer.index, None)
@@ -150,9 +153,11 @@ class Recorder:
         if valid is not None:
             keep = valid[tok]
             tok, exp, weight, norm = tok[keep], exp[keep], weight[keep], norm[keep]
+            out = out[keep] if out is not None else None
         E = self.n_experts
         keep = exp < E  # expert-parallel sentinels never count
         tok, exp = tok[keep], exp[keep]
+        out = out[keep] if out is not None else None
         weight, norm = weight[keep].double(), norm[keep].double()
         acc = self.domains[self.domain]
         li = layer.index
@@ -165,6 +170,11 @@ class Recorder:
         )
         mx = torch.zeros(E, dtype=torch.float64, device=exp.device).scatter_reduce_(0, exp, norm, "amax")
         acc["norm_max"][li] = torch.maximum(acc["norm_max"][li], mx.cpu())
+        if out is not None and "out_sum" in acc:
+            o = out.detach().double()
+            acc["out_sum"][li] += torch.zeros(E, o.shape[1], dtype=torch.float64, device=o.device).index_add_(0, exp, o).cpu()
+            acc["out_sq_sum"][li] += torch.zeros(E, dtype=torch.float64, device=o.device).index_add_(
+                0, exp, norm * norm).cpu()
         onehot = torch.zeros(n_tokens, E, dtype=torch.float32, device=exp.device)
         onehot[tok, exp] = 1.0
         acc["coselect"][li] += (onehot.T @ onehot).double().cpu()
@@ -181,7 +191,7 @@ def _fused_observing_forward(layer: MoeLayer, recorder: Recorder, inner: Any) ->
         norms = out.detach().float().norm(dim=-1)
         tok = torch.arange(n_tokens, device=top_k_index.device).repeat_interleave(top_k)
         recorder.record_pairs(layer, tok, top_k_index.reshape(-1), top_k_weights.detach().reshape(-1).float(),
-                              norms, n_tokens)
+                              norms, n_tokens, out.detach())
         combined = (out.view(n_tokens, top_k, -1) * top_k_weights.unsqueeze(-1).to(out.dtype)).sum(1)
         return combined.to(hidden.dtype)
 

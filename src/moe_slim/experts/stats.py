@@ -39,18 +39,27 @@ SUM_FIELDS: tuple[str, ...] = (
     "norm_sum",  # sum of ||expert output|| when selected
     "wnorm_sum",  # sum of weight * ||expert output|| when selected
 )
+# optional sums (stats files written before them lack them; criteria that need them say so):
+# out_sum [layer, expert, hidden]: sum of the expert's (unweighted) output vectors when selected;
+# out_sq_sum [layer, expert]: sum of ||expert output||^2 when selected (MoNE: mean output and its variance)
+OPTIONAL_FIELDS: tuple[str, ...] = ("out_sum", "out_sq_sum")
 MAX_FIELDS: tuple[str, ...] = ("norm_max",)  # [layer, expert] max of ||expert output||
 PAIR_FIELDS: tuple[str, ...] = ("coselect",)  # [layer, expert, expert] tokens that selected both
 TOKEN_FIELD = "tokens"  # [layer] tokens seen (padding excluded)
 ALL_FIELDS = (TOKEN_FIELD, *SUM_FIELDS, *MAX_FIELDS, *PAIR_FIELDS)
 
 
-def empty_domain(n_layers: int, n_experts: int) -> dict[str, torch.Tensor]:
-    """Zeroed statistics of one domain (float64, so sums stay exact for any realistic count)."""
+def empty_domain(n_layers: int, n_experts: int, hidden: int = 0) -> dict[str, torch.Tensor]:
+    """Zeroed statistics of one domain (float64, so sums stay exact for any realistic count).
+
+    ``hidden > 0`` also keeps the output sums (``out_sum``: ``L x E x hidden`` float64 per domain)."""
     d = {TOKEN_FIELD: torch.zeros(n_layers, dtype=torch.float64)}
     for f in (*SUM_FIELDS, *MAX_FIELDS):
         d[f] = torch.zeros(n_layers, n_experts, dtype=torch.float64)
     d["coselect"] = torch.zeros(n_layers, n_experts, n_experts, dtype=torch.float64)
+    if hidden > 0:
+        d["out_sum"] = torch.zeros(n_layers, n_experts, hidden, dtype=torch.float64)
+        d["out_sq_sum"] = torch.zeros(n_layers, n_experts, dtype=torch.float64)
     return d
 
 
@@ -93,6 +102,10 @@ class RouterStats:
     def n_experts(self) -> int:
         return int(self.meta["num_experts"])
 
+    def has_outputs(self) -> bool:
+        """Whether every domain holds the output sums (MoNE's mean outputs); stats from before them do not."""
+        return bool(self.domains) and all(all(f in t for f in OPTIONAL_FIELDS) for t in self.domains.values())
+
     def tokens(self, domain: str) -> torch.Tensor:
         return self.domains[domain][TOKEN_FIELD]
 
@@ -104,7 +117,8 @@ class RouterStats:
         """
         self._check_domains(coeffs)
         out: dict[str, torch.Tensor] = {}
-        for f in (TOKEN_FIELD, *SUM_FIELDS, *PAIR_FIELDS):
+        optional = [f for f in OPTIONAL_FIELDS if all(f in self.domains[d] for d in coeffs)]
+        for f in (TOKEN_FIELD, *SUM_FIELDS, *PAIR_FIELDS, *optional):
             acc = None
             for d, c in coeffs.items():
                 t = self.domains[d][f]
@@ -151,6 +165,11 @@ class RouterStats:
                 continue
             for f in ALL_FIELDS:
                 domains[d][f] = torch.maximum(domains[d][f], t[f]) if f in MAX_FIELDS else domains[d][f] + t[f]
+            for f in OPTIONAL_FIELDS:  # a sum only one run has does not describe the union
+                if f in domains[d] and f in t:
+                    domains[d][f] = domains[d][f] + t[f]
+                else:
+                    domains[d].pop(f, None)
         meta = dict(self.meta)
         meta["tokens_per_domain"] = {d: float(t[TOKEN_FIELD].max()) for d, t in domains.items()}
         meta["sources"] = list(self.meta.get("sources", [])) + list(other.meta.get("sources", []))

@@ -24,17 +24,25 @@ def module_experts_forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.
     layer: MoeLayer = self._moe_slim_layer
     hidden, combine = layer.family.combine(self, args, kwargs)
     final = torch.zeros_like(hidden)
+    novices = getattr(self, "_moe_slim_novices", None)  # MoNE: (bool [E], constants [E, H]) from experts.mone
+    if novices is not None:
+        w_nov = combine * novices[0].to(combine.device, combine.dtype)
+        combine = combine - w_nov
+        final += (w_nov.float() @ novices[1].to(hidden.device).float()).to(final.dtype)
     tok, exp = (combine != 0).nonzero(as_tuple=True)
     norms = torch.zeros(tok.shape[0], dtype=torch.float32, device=hidden.device)
+    recorder = getattr(self, "_moe_slim_recorder", None)  # a moe_slim.experts.recorder.Recorder, when observing
+    outs = torch.zeros(tok.shape[0], hidden.shape[-1], dtype=torch.float32, device=hidden.device) if recorder is not None else None
     for e in torch.unique(exp).tolist():
         sel = (exp == e).nonzero(as_tuple=True)[0]
         rows = tok[sel]
         out = self[f"expert_{e}"](hidden[rows])
         norms[sel] = out.detach().float().norm(dim=-1)
+        if outs is not None:
+            outs[sel] = out.detach().float()
         final.index_add_(0, rows, (out * combine[rows, e, None].to(out.dtype)).to(final.dtype))
-    recorder = getattr(self, "_moe_slim_recorder", None)  # a moe_slim.experts.recorder.Recorder, when observing
     if recorder is not None:
-        recorder.record_pairs(layer, tok, exp, combine[tok, exp].detach().float(), norms, hidden.shape[0])
+        recorder.record_pairs(layer, tok, exp, combine[tok, exp].detach().float(), norms, hidden.shape[0], outs)
     return final
 
 

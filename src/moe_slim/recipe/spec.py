@@ -54,7 +54,7 @@ class MergeStep(Strict):
     method: str = "ream"
     ratio: float = Field(gt=0, lt=1)
     mix: dict[str, float] | None = None
-    group_size: PositiveInt = 16
+    group_size: PositiveInt | None = None
     max_tokens: Tokens = 32_000
     align_tokens: Tokens = 8192
     sequential: bool = False

@@ -143,12 +143,17 @@ class PointRunner:
                 plan = plan_for(m, self.stats, criterion=point.method, ratio=point.ratio, mix=point.mix,
                                 budget=point.budget, floor=spec.floor, seed=spec.seed)
                 timings["plan_s"] = time.perf_counter() - t0
-                apply_plan(m, plan)
+                if point.method == "mone":  # MoNE: the others become novices (their mean output), not removed
+                    from ..experts.mone import install_novices, novice_plan
+
+                    install_novices(m, novice_plan(plan, self.stats, point.mix))
+                else:
+                    apply_plan(m, plan)
             else:
                 mc = spec.merge
                 plan = merge_model(m, self.stats, point.method, point.ratio, mix=point.mix,
                                    max_tokens=mc["max_tokens"], align_tokens=mc["align_tokens"],
-                                   group_size=mc["group_size"], seed=spec.seed)
+                                   group_size=mc.get("group_size"), seed=spec.seed)
             kept = plan.kept_counts
         timings["apply_s"] = time.perf_counter() - t0
         ev = dict(spec.eval, data_dir=spec.data_dir)

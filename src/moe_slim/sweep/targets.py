@@ -161,7 +161,10 @@ def _slim_command(row: dict[str, Any], meta: dict[str, Any], out: str) -> str:
         mc = cfg.get("merge") or {}
         return (f"moe-slim merge {q(model)} --stats {q(stats)} --method {row['method']} --ratio {row['ratio']:g} "
                 f"--mix {q(mix)} --max-tokens {mc.get('max_tokens', 4096)} --align-tokens {mc.get('align_tokens', 2048)} "
-                f"--group-size {mc.get('group_size', 16)} --seed {cfg.get('seed', 0)} --out {q(out)}")
+                + (f"--group-size {mc['group_size']} " if mc.get("group_size") else "") + f"--seed {cfg.get('seed', 0)} --out {q(out)}")
+    if row["method"] == "mone" and row.get("budget") != "global":
+        return (f"moe-slim mone {q(model)} --stats {q(stats)} --ratio {row['ratio']:g} --mix {q(mix)} --out {q(out)} "
+                "(vLLM expert substitution; add --standard for a checkpoint plain transformers loads)")
     cmd = (f"moe-slim prune {q(model)} --stats {q(stats)} --criterion {row['method']} --ratio {row['ratio']:g} "
            f"--mix {q(mix)}")
     if row.get("budget") == "global":

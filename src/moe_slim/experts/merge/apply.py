@@ -20,12 +20,14 @@ from .tensors import expert_tensors, permute_neurons
 
 @torch.no_grad()
 def merge_layer(layer: MoeLayer, groups: list[list[int]], weights: list[list[float]],
-                permutations: torch.Tensor | None = None) -> None:
+                permutations: torch.Tensor | None = None, tied: bool = False) -> None:
     """Replace one layer's experts by ``len(groups)`` merged experts, in place.
 
     Merged expert ``j`` is ``sum_m weights[j][m] * align(expert groups[j][m])`` (float32 arithmetic,
     stored in the parameters' dtype); it takes the router row and bias entries of ``groups[j][0]``.
-    ``permutations[e]`` is the neuron order of expert ``e`` (None: no alignment).
+    ``permutations[e]`` is the neuron order of expert ``e`` (None: no alignment). ``tied``: as the
+    HC-SMoE and M-SMoE papers do, every member takes the merged weights and the router is untouched
+    (the expert count does not change; the model does not shrink).
     """
     axes = layer.family.neuron_axes()
     merged: list[dict[str, torch.Tensor]] = []
@@ -38,17 +40,16 @@ def merge_layer(layer: MoeLayer, groups: list[list[int]], weights: list[list[flo
                     t = permute_neurons(t, axes[name], permutations[m])
                 acc[name] = acc[name] + w * t if name in acc else w * t
         merged.append(acc)
+    if tied:
+        for grp, acc in zip(groups, merged):
+            for m in grp:
+                for name, t in expert_tensors(layer, m).items():
+                    t.data.copy_(acc[name].to(t.dtype))
+        return
     slice_layer(layer, [g[0] for g in groups])
     for j, acc in enumerate(merged):
         for name, t in expert_tensors(layer, j).items():
             t.data.copy_(acc[name].to(t.dtype))
-
-
-def _normalise(values: list[float]) -> list[float]:
-    total = sum(values)
-    if total <= 0:
-        return [1.0 / len(values)] * len(values)
-    return [v / total for v in values]
 
 
 @torch.no_grad()
@@ -57,8 +58,13 @@ def apply_merge_plan(model: nn.Module, plan: MergePlan) -> nn.Module:
     prepare_model(model)
     layers = validate_merge_plan(plan, model)
     family = family_of(model)
+    tied = bool(plan.info.get("tied"))
     for li, (layer, lp) in enumerate(zip(layers, plan.layers)):
-        merge_layer(layer, lp.groups, lp.weights, plan.permutations.get(li) if lp.permutations_sha256 else None)
+        merge_layer(layer, lp.groups, lp.weights, plan.permutations.get(li) if lp.permutations_sha256 else None,
+                    tied=tied)
+    if tied:
+        model.config.moe_slim = {"plan": "merge", "method": plan.info.get("method"), "tied": True}
+        return model
     k = len(plan.layers[0].groups)
     set_config_counts(model.config, family, k)
     model.config.moe_slim = {"plan": "merge", "method": plan.info.get("method"), "kept_per_layer": [k] * len(layers)}

@@ -25,7 +25,8 @@ _CHUNK = 2048  # tokens per expert call when recomputing outputs
 @torch.no_grad()
 def layer_features(layer: MoeLayer, runner: ExpertRunner, sample: dict[str, torch.Tensor], *, outputs: bool
                    ) -> dict[str, torch.Tensor]:
-    """Per-expert mean output, router-gated mean output and sample REAP/frequency (every expert on every token)."""
+    """Per-expert mean output, router-gated mean output, sample REAP/frequency and REAM's repository saliency
+    ``p2norm`` = mean over tokens of p² ‖f(x)‖ (p: the router's full normalised score), every expert on every token."""
     x, logits, route = sample["x"], sample["logits"], sample["route"]
     n, E = logits.shape
     feats: dict[str, torch.Tensor] = {
@@ -40,14 +41,17 @@ def layer_features(layer: MoeLayer, runner: ExpertRunner, sample: dict[str, torc
     mean = torch.zeros(E, H, dtype=torch.float64, device=dev)
     gated = torch.zeros(E, H, dtype=torch.float64, device=dev)
     wnorm = torch.zeros(E, dtype=torch.float64, device=dev)
+    p2norm = torch.zeros(E, dtype=torch.float64, device=dev)
     for e in range(E):
         for s in range(0, n, _CHUNK):
             y = runner.output(e, x[s : s + _CHUNK]).float()
             mean[e] += y.sum(0).double()
             gated[e] += (scores[s : s + _CHUNK, e, None] * y).sum(0).double()
-            wnorm[e] += (route_d[s : s + _CHUNK, e] * y.norm(dim=-1)).sum().double()
+            norm = y.norm(dim=-1)
+            wnorm[e] += (route_d[s : s + _CHUNK, e] * norm).sum().double()
+            p2norm[e] += (scores[s : s + _CHUNK, e].float() ** 2 * norm).sum().double()
     mean, gated, wnorm = mean.cpu(), gated.cpu(), wnorm.cpu()
-    feats.update(mean=mean / max(n, 1), gated=gated / max(n, 1),
+    feats.update(mean=mean / max(n, 1), gated=gated / max(n, 1), p2norm=p2norm.cpu() / max(n, 1),
                  reap=wnorm / (route > 0).double().sum(0).clamp_min(1))
     return feats
 

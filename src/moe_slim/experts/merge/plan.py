@@ -51,6 +51,10 @@ class MergePlan(ExpertPlan):
     kind: str = "merge"
     permutations: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
+    def check_writable(self) -> None:
+        if not self.info.get("tied"):  # a tied merge keeps every expert: any group counts write as a checkpoint
+            super().check_writable()
+
     def to_json(self) -> str:
         d = asdict(self)
         d.pop("permutations", None)
@@ -115,12 +119,14 @@ def validate_merge_plan(plan: MergePlan, model: nn.Module) -> list[MoeLayer]:
         raise MoeSlimError(f"plan was made for {plan.num_experts} experts per layer; this model has {sorted(n_now)} "
                            "(merge the original model)")
     counts = {len(l.groups) for l in plan.layers}
-    if len(counts) != 1:
-        raise MoeSlimError(f"merge plan has different expert counts per layer ({sorted(counts)})")
-    k = counts.pop()
-    why = group_size_ok(family, model.config, k)
-    if k < family.top_k(model.config) or why:
-        raise MoeSlimError(f"merge plan keeps {k} experts per layer, which this router cannot use ({why or 'top-k'})")
+    if not plan.info.get("tied"):  # a tied merge keeps every expert (and router row): any group counts work
+        if len(counts) != 1:
+            raise MoeSlimError(f"merge plan has different expert counts per layer ({sorted(counts)})")
+        k = counts.pop()
+        why = group_size_ok(family, model.config, k)
+        if k < family.top_k(model.config) or why:
+            raise MoeSlimError(f"merge plan keeps {k} experts per layer, which this router cannot use "
+                               f"({why or 'top-k'})")
     for li, l in enumerate(plan.layers):
         flat = sorted(m for g in l.groups for m in g)
         if flat != list(range(plan.num_experts)) or [g[0] for g in l.groups] != l.keep:
