@@ -30,12 +30,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
         eval_split=args.eval_split, overwrite=args.overwrite,
     )
     sel = res["plan"]
+    b = res["summary"]["budget"]
     kept = "; ".join(f"{s}: {len(k)} of {len(k) + len(sel.drop(_sizes(res))[s])}" for s, k in sel.keep.items())
-    line = (f"wrote {args.out}: keep {kept} layers ({sel.params:,} of {sel.total:,} layer parameters, "
-            f"{sel.total / sel.params:.2f}x fewer)")
+    line = (f"wrote {args.out}: budget {b['spec']} (at most {b['params']:,} layer parameters) -> achieved: keep {kept} "
+            f"layers, {sel.params:,} of {sel.total:,} layer parameters ({sel.total / sel.params:.2f}x fewer); every "
+            "baseline at the same size")
     m = res["compare"].get(sel.method)
     if m:
-        line += f"; measured retention {m['retention']:.3f}"
+        line += f"; probe retention {m['retention']:.3f}"
     print(line)
     return 0
 

@@ -63,8 +63,8 @@ class Task:
         small = {c: n for c, n in self.counts().items() if n < min_per_class}
         if small:
             c, n = next(iter(small.items()))
-            raise MoeSlimError(f"task {self.name}: label {c!r} has {n} example(s); cross-validation needs at least "
-                               f"{min_per_class} per label")
+            raise MoeSlimError(f"task {self.name}: label {c!r} has {n} example(s); {min_per_class}-fold cross-validation "
+                               f"needs at least {min_per_class} per label (give more examples or lower --folds)")
 
 
 def _label(value: Any, where: str) -> str:
