@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..errors import MoeSlimError
 
@@ -49,9 +50,14 @@ def _sizes(res: dict) -> dict[str, int]:
 def cmd_slim_dense(args: argparse.Namespace) -> int:
     from ..dense.slim import apply_plan
 
-    info = apply_plan(args.model, args.plan, args.out, overwrite=args.overwrite)
+    info = apply_plan(args.model, args.plan, args.out, overwrite=args.overwrite, heal_steps=args.heal,
+                      heal_mode=args.heal_mode, heal_data=args.heal_data, data_dir=args.data, heal_lr=args.heal_lr,
+                      seed=args.seed, log=lambda m: print(f"moe-slim: {m}", file=sys.stderr, flush=True))
     kept = "; ".join(f"{s}: {len(k)}" for s, k in info["keep"].items())
-    print(f"wrote {args.out}: kept layers {kept}; parameters {info['params_before']:,} -> {info['params_after']:,}")
+    h = info["heal"]
+    healed = f"; healed: {h['mode']} {h['steps']} steps ({h['seconds']} s)" if h else ""
+    print(f"wrote {args.out} (with README.md model card): kept layers {kept}; parameters {info['params_before']:,} "
+          f"-> {info['params_after']:,}{healed}")
     return 0
 
 
@@ -88,5 +94,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("model", help="checkpoint directory or .gguf file (the one the plan was made for)")
     s.add_argument("--plan", required=True, help="plan.json written by probe")
     s.add_argument("--out", required=True, help="output checkpoint directory")
+    s.add_argument("--heal", type=_steps, default=0, metavar="STEPS",
+                   help="after removing layers, heal for STEPS optimizer steps (default 0: no healing)")
+    s.add_argument("--heal-mode", choices=("distill", "sft"), default="distill",
+                   help="distill: KL to the original model's logits (encoders: its final hidden states); "
+                        "sft: next-token fine-tuning (default distill)")
+    s.add_argument("--heal-data", help="mix spec over the data's train split (default general=1)")
+    s.add_argument("--heal-lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    s.add_argument("--data", default=None, help="data directory for healing (default: data)")
+    s.add_argument("--seed", type=int, default=0)
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_slim_dense)
+
+
+def _steps(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of steps") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} steps: give 0 (no healing) or more")
+    return v

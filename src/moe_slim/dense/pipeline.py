@@ -223,7 +223,7 @@ def run_probe(
     from .slim import load_dense
 
     t_start = time.time()
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=[model_path] if model_path is not None else [])
     if selection not in SELECTIONS:
         raise MoeSlimError(f"unknown selection {selection!r}; choose one of {', '.join(SELECTIONS)}")
     contiguous = selection == "contiguous"
