@@ -150,3 +150,20 @@ def test_probe_and_slim_on_other_families(setup, tmp_path, model_type):
     counts = {"t5": ("num_layers", "num_decoder_layers"), "bert": ("num_hidden_layers",),
               "qwen3_moe": ("num_hidden_layers",)}[model_type]
     assert [getattr(cfg, k) for k in counts] == [len(plan["keep"][s]) for s in stacks]
+
+
+def test_hard_builtin_tasks(tmp_path):
+    from eval_fixtures import write_fixture_data
+
+    from moe_slim.dense.tasks import load_tasks
+
+    data = write_fixture_data(tmp_path / "data", n_per_domain=24, splits=("train",))
+    tasks = {t.name: t for t in load_tasks("pairmatch-hard,codeline,mathanswer,cloze", data, per_class=4, seed=0)}
+    for name in ("codeline", "mathanswer", "cloze"):
+        assert tasks[name].counts() == {"right": 4, "wrong": 4}, name
+    assert tasks["pairmatch-hard"].counts() == {"match": 4, "mismatch": 4}
+    # a hard negative keeps the pair's target language: the tag before the ref is the one the prompt asks for
+    for text in tasks["pairmatch-hard"].texts:
+        assert text.count("<|") >= 2
+    again = load_tasks("pairmatch-hard,cloze", data, per_class=4, seed=0)
+    assert again[0].texts == tasks["pairmatch-hard"].texts and again[1].texts == tasks["cloze"].texts

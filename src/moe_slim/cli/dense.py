@@ -65,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("probe", help="probe every layer on tasks and choose layers to keep under a budget (ProbScale)")
     p.add_argument("model", help="checkpoint directory or .gguf file")
     p.add_argument("--tasks", required=True,
-                   help="comma list of built-ins (langid, domainid, pairmatch) and/or JSONL files with text+label")
+                   help="comma list of built-ins (easy: langid, domainid, pairmatch; hard: pairmatch-hard, codeline, "
+                        "mathanswer, cloze) and/or JSONL files with text+label")
     p.add_argument("--weights", help="task weights, e.g. langid=2,pairmatch=1 (default: 1 each)")
     p.add_argument("--budget", help="layer-parameter budget: 0.33 | 33%% | x3 | 10L | 12M | retain:0.95 "
                                     "(default retain:0.95: the budget the scaling fit predicts)")
