@@ -33,9 +33,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_card(args: argparse.Namespace) -> int:
     from ..reference.card import write_card
 
-    m = write_card(args.model, data_dir=args.data_dir, suite=args.suite, translation_per_pair=args.translation_per_pair or None)
-    vs = ", ".join(f"{p} {e['chrf']:.1f} (copy {e['copy_chrf']:.1f})" for p, e in sorted(m["translation_vs_copy"].items()))
-    print(f"wrote {args.model}/README.md and metrics.json; chrF {vs}")
+    n = args.translation_per_pair or None
+    limits = {s: {"per_pair": n, "mc_limit": n, "ppl_docs": n} for s in ("catalog_test", "test")}
+    m = write_card(args.model, data_dir=args.data_dir, limits=limits)
+    for split, e in m["splits"].items():
+        vs = ", ".join(f"{p} {t['chrf']:.1f} (copy {t['copy_chrf']:.1f}, n {t['n']})"
+                       for p, t in sorted(e["translation_vs_copy"].items()))
+        print(f"{split}: chrF {vs}")
+    print(f"wrote {args.model}/README.md and metrics.json")
     return 0
 
 
@@ -57,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reference-card", help="measure the reference model and write its model card")
     p.add_argument("model", nargs="?", default=str(REFERENCE_DIR))
     add_data_dir(p)
-    p.add_argument("--suite", default="quick")
     p.add_argument("--translation-per-pair", type=non_negative_int, default=0,
-                   help="test sentences per pair for the chrF-vs-copy table (default 0: the whole test split)")
+                   help="sentences per pair (and MC items per task, documents per domain) on each split "
+                        "(default 0: the whole catalog_test and test splits)")
     p.set_defaults(func=cmd_card)

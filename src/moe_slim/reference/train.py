@@ -54,6 +54,7 @@ def train_reference(
     train mode; a callback that evaluates must switch to eval and back itself). With ``max_seconds``,
     the MoE phases stop early once that much time has passed, and ``training.json`` says where.
     """
+    from ..checkpoint.save import tidy_checkpoint_files
     from ..outputs import atomic_dir, check_output
 
     from ..data.paths import data_dir_or_default
@@ -176,4 +177,5 @@ def train_reference(
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         (tmp / "training.json").write_text(json.dumps(info, indent=2))
+        tidy_checkpoint_files(tmp)  # generation stops at <|end|>; no machine-local tokenizer keys
     return info
