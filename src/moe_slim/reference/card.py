@@ -99,7 +99,7 @@ def measure_split(model: Any, tok: Any, data_dir: str | os.PathLike, split: str,
         for k in ("acc", "acc_norm"):
             se = e.get(f"{k}_stderr") or 0.0
             mc[t][k] = round(e[k], 4)
-            mc[t][f"{k}_ci95"] = [round(e[k] - 1.96 * se, 4), round(e[k] + 1.96 * se, 4)]
+            mc[t][f"{k}_ci95"] = [round(max(0.0, e[k] - 1.96 * se), 4), round(min(1.0, e[k] + 1.96 * se), 4)]
     ppl = res["tasks"]["perplexity"]
     return {"split": split, "translation_vs_copy": vs_copy, "mc": mc,
             "perplexity": {d: {"ppl": round(v["ppl"], 3), "docs": v.get("docs"), "tokens": v.get("tokens")}
