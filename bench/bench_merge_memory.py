@@ -49,10 +49,13 @@ def main() -> int:
     moe = [sys.executable, "-m", "moe_slim"]
     common = ["--seq-len", "256", "--batch-size", "4", "--device", "cpu", "--quiet"]
     stats = work / "stats"
-    shutil.rmtree(stats, ignore_errors=True)
-    rss, wall = run([*moe, "observe", str(src), "--calib", f"general={calib}", "--max-tokens", args.tokens,
-                     "--samples", args.tokens, "--layerwise", "--out", str(stats), *common])
-    print(f"observe --layerwise --samples {args.tokens}: {rss:.0f} MB, {wall:.1f}s")
+    if args.keep and (stats / "meta.json").is_file():
+        print(f"reusing {stats} (--keep)")
+    else:
+        shutil.rmtree(stats, ignore_errors=True)
+        rss, wall = run([*moe, "observe", str(src), "--calib", f"general={calib}", "--max-tokens", args.tokens,
+                         "--samples", args.tokens, "--layerwise", "--out", str(stats), *common])
+        print(f"observe --layerwise --samples {args.tokens}: {rss:.0f} MB, {wall:.1f}s")
 
     cases = {
         "hc-smoe from stats": ["--method", "hc-smoe", "--stats", str(stats)],

@@ -1,9 +1,9 @@
 """``make demo``: the built-in sweep on the reference MoE, end to end through the API.
 
 On the shipped reference model (models/reference/): run ``sweeps/demo.yaml`` (observe the four
-domains once; prune with REAP, frequency and task contrast and merge with REAM and HC-SMoE at
-25/50/75%, calibrated on general text, translation and a balanced mix; evaluate each in memory with
-a small quick suite), print parameters, chrF, MC accuracy and perplexity per configuration and
+domains once; prune with REAP and frequency at 25/50/75%, calibrated on general text or on
+translation; evaluate each in memory on the catalog-level test split, 30 sentences per pair, 30 MC
+items, 30 perplexity documents per domain), print parameters, chrF (with n), MC accuracy and perplexity per configuration and
 write the report with the Pareto fronts under runs/demo-sweep/report/. Without the reference model
 the demo falls back to a small RANDOMLY INITIALISED Qwen3-MoE and says so: observe -> prune ->
 reload -> generate.
@@ -52,7 +52,7 @@ DEMO_SWEEP_DIR = Path("runs/demo-sweep")
 
 
 def sweep_demo(spec_path: Path = DEMO_SPEC, out: Path = DEMO_SWEEP_DIR, data_dir: str = "data", jobs: int = 1) -> int:
-    """The demo on the reference MoE: the built-in sweep (one observation, 45 pruned/merged variants + baseline).
+    """The demo on the reference MoE: the built-in sweep (one observation, 12 pruned variants + baseline).
 
     Resumable: re-running `make demo` evaluates only the points not yet in ``out/results.db``.
     """

@@ -54,6 +54,7 @@ class EvalSettings(Strict):
     limit: PositiveInt | None = None
     batch_size: PositiveInt | None = None
     translation_testset: str | None = None
+    split: str = "test"  # or catalog_test: translation from whole catalogs unseen in training
 
     @field_validator("tasks", mode="before")
     @classmethod

@@ -70,13 +70,18 @@ def w(tmp_path_factory) -> dict[str, str]:
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))
     (root / "badspec.yaml").write_text(yaml.safe_dump({**spec, "colour": "red"}))
     (root / "afile").write_text("I am a file")
+    (root / "task2.jsonl").write_text("".join(json.dumps({"text": f"a text {i}", "label": "ab"[i % 2]}) + "\n"
+                                              for i in range(12)))
+    (root / "onecls.jsonl").write_text("".join(json.dumps({"text": f"a text {i}", "label": "a"}) + "\n"
+                                               for i in range(12)))
     mine = root / "mine"
     mine.mkdir()
     (mine / "thesis.txt").write_text("do not delete")
     names = ("model", "other", "calib", "stats", "other-stats", "corrupt-stats", "plan.json", "mixtral-plan.json",
              "garbage.json", "truncated", "pickled", "dense", "data", "spec.yaml", "badspec.yaml", "afile", "mine")
     return {"root": str(root), **{n.replace("-", "_").replace(".", "_"): str(root / n) for n in names},
-            "empty": str(root / "empty.jsonl"), "calib": str(calib)}
+            "empty": str(root / "empty.jsonl"), "calib": str(calib), "task2": str(root / "task2.jsonl"),
+            "onecls": str(root / "onecls.jsonl")}
 
 
 # (command line with {placeholders}, what the one line must say); {out} is a fresh path that must stay absent
@@ -143,6 +148,16 @@ CASES: list[tuple[str, str]] = [
     ("sweep {spec_yaml} --out {model}", "is the input"),
     ("sweep {spec_yaml} --out {data}/sweep", "lies inside the input"),
     ("report {root}/noresults.db --out {out}", "results"),
+    # probe and slim-dense (ProbScale)
+    ("probe {dense} --tasks {onecls} --budget 0.5 --out {out}", "has 1 label"),
+    ("probe {dense} --tasks {task2} --budget 0.5 --folds 10 --out {out}", "10-fold cross-validation needs"),
+    ("probe {dense} --tasks {task2} --budget 1.0 --scaling off --out {out}", "keeps every layer"),
+    ("probe {dense} --tasks {task2} --budget x1 --scaling off --out {out}", "keeps every layer"),
+    ("probe {dense} --tasks {task2} --budget 0.1 --scaling off --out {out}", "below one layer"),
+    ("probe {dense} --tasks {task2} --budget 0.5 --folds 1 --out {out}", "at least 2 folds"),
+    ("slim-dense {dense} --plan {garbage_json} --out {out}", "not valid JSON"),
+    ("slim-dense {dense} --plan {garbage_json} --out {dense}/slim", "lies inside the input"),
+    ("slim-dense {dense} --plan {garbage_json} --out {out} --heal -3", "argument --heal"),
     # data, stats, reference, verbs
     ("data build --out {out} --domains poetry", "poetry"),
     ("data build --out {model} --overwrite", "is not a moe_slim output"),

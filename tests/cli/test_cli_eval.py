@@ -121,3 +121,23 @@ def test_cli_end_to_end(tmp_path, data, capsys):
         assert main([*args[:5], str(out2), *args[6:], "--baseline", str(out)]) == 0
     base = load_results(out2)["tasks"]["translation"]["baseline"]
     assert base["n"] == 6 and base["overall"]["chrf"]["delta"] == 0.0
+
+
+def test_split_catalog_test_reads_translation_from_it_and_others_from_test(data):
+    """--split catalog_test: translation tasks read translation/catalog_test.jsonl, other domains test."""
+    with pytest.raises(MoeSlimError, match="unknown split 'nope'"):
+        plan_evaluation("quick", data_dir=data, split="nope")
+    with pytest.raises(MoeSlimError, match="no translation catalog_test data"):
+        plan_evaluation("quick", tasks="translation", data_dir=data, split="catalog_test")
+    src = (data / "translation" / "test.jsonl").read_text(encoding="utf-8").splitlines()
+    (data / "translation" / "catalog_test.jsonl").write_text("\n".join(src[::-1]) + "\n", encoding="utf-8")
+    tok = tiny_tokenizer()
+    with torch_threads(1):
+        res = evaluate(tiny_moe(tok), tok, "quick", tasks="translation,translation_choice,perplexity", data_dir=data,
+                       limit=2, split="catalog_test")
+    assert res["split"] == "catalog_test"
+    assert {"translation/catalog_test.jsonl", "code/test.jsonl", "mc/translation_choice_catalog_test.jsonl"} \
+        <= set(res["data"]["files"])
+    assert "translation/test.jsonl" not in res["data"]["files"]
+    assert res["tasks"]["translation"]["overall"]["n"] == 6   # two per pair
+    assert res["tasks"]["translation_choice"]["n"] == 2

@@ -61,12 +61,12 @@ def test_probe_drops_exactly_the_identity_layers(setup):
     assert summary["measured_on"] == "held-out texts" and summary["held_out_tasks"]["order"]["examples"] == 40
     scaling = json.loads((out / "scaling.json").read_text())
     assert len(scaling["points"]) == 2 and {c["target"] for c in scaling["checks"]} == {0.95, 0.98}
-    # even with room for all six layers, the identity ones are not kept
-    out2 = root / "run_full"
-    assert main(["probe", str(root / "model"), "--tasks", str(tasks["order"]), "--budget", "1.0", "--scaling", "off",
-                 "--no-compare", "--folds", "3", "--selection", "free", "--out", str(out2)]) == 0
-    plan2 = json.loads((out2 / "plan.json").read_text())
-    assert plan2["method"] == "probscale-free" and set(IDENTITY) <= set(plan2["drop"]["decoder"])
+    # the budget is reported as achieved, and every baseline was measured at exactly that size
+    assert summary["budget"]["achieved_params"] == plan["selection"]["retained_layer_params"]
+    assert summary["budget"]["kept_layers"] == 4 and summary["budget"]["layers"] == 6
+    compare = json.loads((out / "compare.json").read_text())
+    assert {m["retained_layer_params"] for m in compare.values()} == {summary["budget"]["achieved_params"]}
+    assert "angular" in compare
     # and slim-dense applies the plan
     assert main(["slim-dense", str(root / "model"), "--plan", str(out / "plan.json"), "--out", str(root / "slim")]) == 0
     assert json.loads((root / "slim" / "config.json").read_text())["num_hidden_layers"] == 4
@@ -99,6 +99,10 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys):
     assert "bad.jsonl:2" in _one_error(capsys)
     assert main(args + ["--tasks", str(tasks["topic"]), "--budget", "retain:0.95"]) == 2
     assert "scaling" in _one_error(capsys)
+    assert main(args + ["--tasks", str(tasks["topic"]), "--budget", "1.0"]) == 2
+    assert "keeps every layer" in _one_error(capsys)
+    assert main(args + ["--tasks", str(tasks["topic"]), "--budget", "0.5", "--folds", "40"]) == 2
+    assert "40-fold cross-validation" in _one_error(capsys)
     assert not (tmp_path / "o").exists()
 
 
@@ -146,3 +150,20 @@ def test_probe_and_slim_on_other_families(setup, tmp_path, model_type):
     counts = {"t5": ("num_layers", "num_decoder_layers"), "bert": ("num_hidden_layers",),
               "qwen3_moe": ("num_hidden_layers",)}[model_type]
     assert [getattr(cfg, k) for k in counts] == [len(plan["keep"][s]) for s in stacks]
+
+
+def test_hard_builtin_tasks(tmp_path):
+    from eval_fixtures import write_fixture_data
+
+    from moe_slim.dense.tasks import load_tasks
+
+    data = write_fixture_data(tmp_path / "data", n_per_domain=24, splits=("train",))
+    tasks = {t.name: t for t in load_tasks("pairmatch-hard,codeline,mathanswer,cloze", data, per_class=4, seed=0)}
+    for name in ("codeline", "mathanswer", "cloze"):
+        assert tasks[name].counts() == {"right": 4, "wrong": 4}, name
+    assert tasks["pairmatch-hard"].counts() == {"match": 4, "mismatch": 4}
+    # a hard negative keeps the pair's target language: the tag before the ref is the one the prompt asks for
+    for text in tasks["pairmatch-hard"].texts:
+        assert text.count("<|") >= 2
+    again = load_tasks("pairmatch-hard,cloze", data, per_class=4, seed=0)
+    assert again[0].texts == tasks["pairmatch-hard"].texts and again[1].texts == tasks["cloze"].texts

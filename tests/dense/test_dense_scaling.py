@@ -18,6 +18,7 @@ def test_fit_recovers_a_power_law_and_inverts_it():
     assert truth(x95) == pytest.approx(0.95, abs=1e-3)
     assert fit.budget_for(1.5) is None  # above the asymptote: never reached
     assert fit.to_json()["points"][0] == {"fraction": 0.1, "retention": truth(0.1)}
+    assert fit.reliable and fit.warnings == []
 
 
 def test_fit_needs_three_budgets_and_survives_flat_data():
@@ -26,3 +27,15 @@ def test_fit_needs_three_budgets_and_survives_flat_data():
     assert flat is not None and np.isfinite(flat.rmse)
     x = flat.budget_for(0.95)
     assert x is None or 0 <= x <= 1
+
+
+def test_fit_says_when_it_is_unreliable():
+    # non-monotone points (the reported case): flagged, whatever the optimiser does
+    bumpy = fit_scaling([(0.1, 0.7), (0.2, 1.05), (0.3, 0.9), (0.5, 1.08), (1.0, 1.0)])
+    assert bumpy is not None and not bumpy.reliable
+    assert any("not monotone" in w for w in bumpy.warnings)
+    assert bumpy.to_json()["reliable"] is False
+    # a steep cliff the form cannot follow: a parameter is pinned to its bound or the rmse is high
+    cliff = fit_scaling([(0.1, 0.0), (0.2, 0.0), (0.3, 0.0), (0.4, 1.0), (1.0, 1.0)])
+    assert cliff is not None and not cliff.reliable
+    assert any("bound" in w or "rmse" in w for w in cliff.warnings)

@@ -10,12 +10,15 @@ import pytest
 
 from moe_slim.dense.probes import ProbeMatrix
 from moe_slim.dense.select import (
+    all_selections,
+    angular_selection,
     block_influence_selection,
     last_layers_selection,
     layer_relevance,
     parse_budget,
     random_selection,
     round_up_budget,
+    select_filled,
     select_layers,
 )
 from moe_slim.errors import MoeSlimError
@@ -139,3 +142,74 @@ def test_budget_specs():
         assert "\n" not in str(exc.value)
     with pytest.raises(MoeSlimError, match="below one layer"):
         parse_budget("0.05", lp)
+
+
+def _brute_filled(weights, values, cap, contiguous):
+    """Largest kept size <= cap, then the best value at exactly that size."""
+    best = (-1, -np.inf)
+    n = len(weights)
+    for r in range(1, n + 1):
+        for keep in itertools.combinations(range(n), r):
+            dropped = [i for i in range(n) if i not in keep]
+            if contiguous and dropped and dropped[-1] - dropped[0] + 1 != len(dropped):
+                continue
+            w = sum(weights[i] for i in keep)
+            if w <= cap:
+                best = max(best, (w, sum(values[i] for i in keep)))
+    return best
+
+
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_filled_selection_is_the_nearest_achievable_plan(contiguous):
+    rng = random.Random(7)
+    for _ in range(40):
+        n = rng.randint(2, 7)
+        weights = [rng.choice([3, 5, 8]) for _ in range(n)]
+        values = [rng.uniform(-1, 1) for _ in range(n)]
+        cap = rng.randint(min(weights), sum(weights))
+        w, v = _brute_filled(weights, values, cap, contiguous)
+        if w < 0:  # contiguous: no prefix+suffix fits
+            with pytest.raises(MoeSlimError):
+                select_filled({"decoder": np.array(values)}, {"decoder": weights}, cap, contiguous=True, method="m")
+            continue
+        sel = select_filled({"decoder": np.array(values)}, {"decoder": weights}, cap, contiguous=contiguous,
+                            method="m")
+        assert sel.params == w
+        assert sel.value == pytest.approx(v)
+
+
+def test_x3_keeps_a_third_even_when_late_layers_have_negative_relevance():
+    # the reported bug: with negative relevance after the probe peak, 'x3' removed 4x (the DP dropped more)
+    rel = {"decoder": np.array([0.3, 0.2, 0.1] + [-0.01] * 27)}
+    lp = {"decoder": [7] * 30}
+    budget = parse_budget("x3", lp)
+    assert select_layers(rel, lp, budget, contiguous=True).params < budget  # the old behaviour
+    sel = select_filled(rel, lp, budget, contiguous=True, method="probscale-contiguous")
+    assert len(sel.keep["decoder"]) == 10 and sel.params == 70
+    assert sel.keep["decoder"][:3] == [0, 1, 2]
+
+
+def test_every_method_is_compared_at_exactly_the_probscale_size():
+    n = 12
+    acc = np.linspace(0.5, 0.9, n + 1)[:, None]
+    acc[8:] = 0.85  # late layers lose a little
+    bi = np.linspace(0.4, 0.1, n)
+    D = np.abs(np.subtract.outer(np.arange(n + 1), np.arange(n + 1))) * 0.05
+    D[6, 10] = 0.01  # layers 6..9 are the most removable block
+    pm = ProbeMatrix(["t"], {"t": 1.0}, {"decoder": acc}, {"decoder": acc}, {}, {"decoder": bi}, angular={"decoder": D})
+    lp = {"decoder": [10] * n}
+    sels = all_selections(pm, lp, parse_budget("x3", lp), seed=1)
+    assert set(sels) == {"probscale-contiguous", "probscale-free", "block-influence", "angular", "last-layers",
+                         "random"}
+    assert {s.params for s in sels.values()} == {40}
+    assert all(s.meta["equal_size"] for s in sels.values())
+    four = angular_selection({"decoder": D}, lp, 80)
+    assert four.keep == {"decoder": [0, 1, 2, 3, 4, 5, 10, 11]}
+    assert four.meta["angular_distance"] == pytest.approx(0.01)
+
+
+def test_budget_that_keeps_every_layer_is_refused():
+    lp = {"decoder": [100] * 10}
+    for spec in ("1.0", "100%", "x1", "10L", "2000"):
+        with pytest.raises(MoeSlimError, match="keeps every layer"):
+            parse_budget(spec, lp)

@@ -39,7 +39,10 @@ def test_reference_loads_generates_and_matches_its_card(reference) -> None:
     assert model_fingerprint(model) == card["fingerprint"]
     assert weights_hash(model) == card["weights_hash"]
     size = sum(p.stat().st_size for p in REFERENCE_DIR.iterdir() if p.is_file())
-    assert size <= 40 * 2**20, f"reference model is {size / 2**20:.1f} MiB on disk"
+    assert size <= 60 * 10**6, f"reference model is {size / 10**6:.1f} MB on disk"
+    cfg = model.config   # shaped like the fine-grained MoEs users prune (issue #20)
+    assert cfg.num_hidden_layers >= 6 and cfg.num_experts >= 32 and cfg.num_experts_per_tok >= 4
+    assert tok.convert_tokens_to_ids("<|end|>") in model.generation_config.eos_token_id
     prompt = translation_prompt("Cannot open the file.", "de")
     ids = tok(prompt, return_tensors="pt").input_ids
     gen = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -145,12 +148,15 @@ def test_train_reference_is_deterministic_and_writes_a_loadable_model(tmp_path, 
     from moe_slim.reference.train import train_reference
 
     tiny = replace(Recipe(), vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                   num_key_value_heads=1, head_dim=16, moe_intermediate_size=16, num_experts=4, seq_len=64,
-                   batch_size=2, steps=3, warmup=1, max_docs_per_domain=200, target_only_loss=True)
+                   num_key_value_heads=1, head_dim=16, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+                   seq_len=64, batch_size=2, dense_steps=2, steps=3, warmup=1, max_docs_per_domain=200,
+                   target_only_loss=True)
     hashes = []
     for run in ("a", "b"):
         info = train_reference(tmp_path / run, data_dir=DATA, recipe=tiny, log_every=1)
-        assert info["tokens_seen"] == 3 * 2 * 64 and len(info["log"]) == 3
+        assert info["tokens_seen"] == (2 + 3) * 2 * 64 and len(info["log"]) == 5
+        assert [e["phase"] for e in info["log"]] == ["dense"] * 2 + ["1"] * 3   # upcycled after the dense steps
+        assert info["machine"]["cpu_count"] >= 1 and info["stopped_early"] is None
         assert all(math.isfinite(e["loss"]) for e in info["log"])
         model, tok = load_model(tmp_path / run)
         assert model.config.num_experts == 4 and len(tok) == 512

@@ -221,3 +221,52 @@ def prune_card(
         "",
     ]
     return "\n".join(lines + usage(prompt_format=has_prompt_tags(source)))
+
+
+def dense_card(*, source: str, provenance: dict[str, Any], model: nn.Module, causal: bool) -> str:
+    """A card for a checkpoint slimmed by layer removal (``slim-dense``): what was removed, the budget, the
+    retention measured when the plan was made, and the healing run (if any)."""
+    p = provenance
+    budget = p.get("budget") or {}
+    measured = p.get("measured") or {}
+    heal = p.get("heal")
+    before, after = p.get("params_before", 0), p.get("params_after", 0)
+    lines = [
+        *front_matter(source, ["layer-pruning", "probscale"]),
+        f"# {Path(str(source)).name}: layers removed with moe_slim ({p.get('method')})", "",
+        f"Source checkpoint: `{where(source)}`.", "",
+        "## What was removed",
+        f"- Method: `{p.get('method')}`; plan: `{Path(str(p.get('plan'))).name}`",
+        f"- Budget: `{budget.get('spec')}` (at most {budget.get('params', 0):,} layer parameters); achieved "
+        f"{budget.get('achieved_params', 0):,} layer parameters"
+        + (f", {budget['achieved_reduction']:.2f}x fewer" if budget.get("achieved_reduction") else ""),
+        f"- Parameters: {before:,} before, {after:,} after ({100.0 * (1 - after / max(before, 1)):.1f}% fewer)", "",
+        "| stack | layers before | kept | removed |", "|---|---|---|---|",
+    ]
+    for stack, keep in p.get("keep", {}).items():
+        n = (p.get("layers_before") or {}).get(stack, max(keep) + 1)
+        lines.append(f"| {stack} | {n} | {keep} | {[i for i in range(n) if i not in set(keep)]} |")
+    lines += ["", "## Measured retention (when the plan was made, before healing)"]
+    if measured.get("retention") is not None:
+        lines.append(f"- Probe retention (task-weighted): {measured['retention']:.3f}")
+        for t, v in (measured.get("tasks") or {}).items():
+            lines.append(f"  - {t}: accuracy {v.get('accuracy', float('nan')):.3f} vs {v.get('full_accuracy', float('nan')):.3f}")
+    else:
+        lines.append("- none recorded in the plan")
+    lines += ["", "## Healing"]
+    if heal:
+        lines.append(f"- {heal['mode']} for {heal['steps']} steps on `{heal.get('data')}` (lr {heal.get('lr')}, batch "
+                     f"{heal.get('batch_size')} x {heal.get('seq_len')} tokens, seed {heal.get('seed')}; "
+                     f"{heal.get('tokens', 0):,} tokens, {heal.get('seconds')} s)")
+        if "loss_first" in heal:
+            lines.append(f"- {heal.get('objective')}: {heal['loss_first']:.4f} at the start, {heal['loss_last']:.4f} "
+                         "at the end")
+        if heal.get("val_loss_after") is not None:
+            lines.append(f"- validation loss {heal['val_loss_before']:.4f} -> {heal['val_loss_after']:.4f}")
+    else:
+        lines.append("- none (run `moe-slim slim-dense ... --heal STEPS` to heal)")
+    lines += ["", "## Reproduce", f"`moe-slim slim-dense {source} --plan plan.json --out OUT"
+              + (f" --heal {heal['steps']} --heal-mode {heal['mode']}" if heal else "") + "` (the plan is `slim.json`'s "
+              "source; `slim.json` beside this card holds everything above).", "",
+              f"Fingerprint of this checkpoint: `{model_fingerprint(model)}`.", f"Libraries: `{library_versions()}`.", ""]
+    return "\n".join(lines + (usage(prompt_format=has_prompt_tags(source)) if causal else []))

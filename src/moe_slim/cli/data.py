@@ -14,7 +14,8 @@ from .common import add_data_dir, add_json, emit, non_negative_int
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("data", help="build or inspect the offline calibration/evaluation data",
                               description="Build the four offline domains (translation, math, code, general) "
-                                          "from what is installed on this machine; no network.")
+                                          "from what is installed on this machine, plus gettext catalogs of Debian "
+                                          "packages that are downloaded (not installed) into a cache.")
     sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
 
     b = sub.add_parser("build", help="build data/<domain>/<split>.jsonl and data/manifest.json")
@@ -24,6 +25,14 @@ def register(subparsers: Any) -> None:
     b.add_argument("--locale-dir", action="append", default=[], metavar="DIR",
                    help="extra gettext locale directory (<DIR>/<lang>/LC_MESSAGES/*.mo), repeatable; "
                         "added to /usr/share/locale and /usr/share/locale-langpack")
+    b.add_argument("--packages", default=None, metavar="LIST",
+                   help="comma-separated Debian packages whose .mo catalogs are downloaded and added "
+                        "(default: the built-in list of ~160; '' for none)")
+    b.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="where downloaded .deb files and extracted catalogs are kept "
+                        "(default: $MOE_SLIM_DEB_CACHE or ~/.cache/moe_slim/debs)")
+    b.add_argument("--no-download", action="store_true",
+                   help="use only Debian packages already in the cache (no network)")
     b.add_argument("--domains", default=None,
                    help="comma-separated subset of translation,math,code,general (default: all)")
     b.add_argument("--plays", default=None,
@@ -41,11 +50,14 @@ def register(subparsers: Any) -> None:
 def run_build(args: argparse.Namespace) -> int:
     from ..data.build import BuildOptions, build_data
     from ..data.formats import DOMAINS
-    from ..data.sources import DEFAULT_LOCALE_DIRS
+    from ..data.sources import DEBIAN_PACKAGES, DEFAULT_LOCALE_DIRS
 
     domains = tuple(d.strip() for d in args.domains.split(",") if d.strip()) if args.domains else DOMAINS
+    packages = (DEBIAN_PACKAGES if args.packages is None
+                else tuple(p.strip() for p in args.packages.split(",") if p.strip()))
     opts = BuildOptions(seed=args.seed, domains=domains,
-                        locale_dirs=tuple(DEFAULT_LOCALE_DIRS) + tuple(args.locale_dir), plays=args.plays)
+                        locale_dirs=tuple(DEFAULT_LOCALE_DIRS) + tuple(args.locale_dir), plays=args.plays,
+                        debian_packages=packages, deb_cache_dir=args.cache_dir, download=not args.no_download)
     t0 = time.perf_counter()
 
     def log(msg: str) -> None:
@@ -61,7 +73,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def _print_counts(manifest: dict, show_warnings: bool = True) -> None:
-    splits = manifest.get("splits", ["calibration", "train", "validation", "test"])
+    splits = manifest.get("splits", ["calibration", "train", "validation", "test"]) + manifest.get("catalog_splits", [])
     print(f"{'domain':12s} " + " ".join(f"{s:>11s}" for s in splits) + f" {'total':>8s}  sources")
     for name, d in manifest["domains"].items():
         counts = d.get("counts", {})

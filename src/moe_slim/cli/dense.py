@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..errors import MoeSlimError
 
@@ -30,12 +31,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
         eval_split=args.eval_split, overwrite=args.overwrite,
     )
     sel = res["plan"]
+    b = res["summary"]["budget"]
     kept = "; ".join(f"{s}: {len(k)} of {len(k) + len(sel.drop(_sizes(res))[s])}" for s, k in sel.keep.items())
-    line = (f"wrote {args.out}: keep {kept} layers ({sel.params:,} of {sel.total:,} layer parameters, "
-            f"{sel.total / sel.params:.2f}x fewer)")
+    line = (f"wrote {args.out}: budget {b['spec']} (at most {b['params']:,} layer parameters) -> achieved: keep {kept} "
+            f"layers, {sel.params:,} of {sel.total:,} layer parameters ({sel.total / sel.params:.2f}x fewer); every "
+            "baseline at the same size")
     m = res["compare"].get(sel.method)
     if m:
-        line += f"; measured retention {m['retention']:.3f}"
+        line += f"; probe retention {m['retention']:.3f}"
     print(line)
     return 0
 
@@ -47,9 +50,14 @@ def _sizes(res: dict) -> dict[str, int]:
 def cmd_slim_dense(args: argparse.Namespace) -> int:
     from ..dense.slim import apply_plan
 
-    info = apply_plan(args.model, args.plan, args.out, overwrite=args.overwrite)
+    info = apply_plan(args.model, args.plan, args.out, overwrite=args.overwrite, heal_steps=args.heal,
+                      heal_mode=args.heal_mode, heal_data=args.heal_data, data_dir=args.data, heal_lr=args.heal_lr,
+                      seed=args.seed, log=lambda m: print(f"moe-slim: {m}", file=sys.stderr, flush=True))
     kept = "; ".join(f"{s}: {len(k)}" for s, k in info["keep"].items())
-    print(f"wrote {args.out}: kept layers {kept}; parameters {info['params_before']:,} -> {info['params_after']:,}")
+    h = info["heal"]
+    healed = f"; healed: {h['mode']} {h['steps']} steps ({h['seconds']} s)" if h else ""
+    print(f"wrote {args.out} (with README.md model card): kept layers {kept}; parameters {info['params_before']:,} "
+          f"-> {info['params_after']:,}{healed}")
     return 0
 
 
@@ -57,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("probe", help="probe every layer on tasks and choose layers to keep under a budget (ProbScale)")
     p.add_argument("model", help="checkpoint directory or .gguf file")
     p.add_argument("--tasks", required=True,
-                   help="comma list of built-ins (langid, domainid, pairmatch) and/or JSONL files with text+label")
+                   help="comma list of built-ins (easy: langid, domainid, pairmatch; hard: pairmatch-hard, codeline, "
+                        "mathanswer, cloze) and/or JSONL files with text+label")
     p.add_argument("--weights", help="task weights, e.g. langid=2,pairmatch=1 (default: 1 each)")
     p.add_argument("--budget", help="layer-parameter budget: 0.33 | 33%% | x3 | 10L | 12M | retain:0.95 "
                                     "(default retain:0.95: the budget the scaling fit predicts)")
@@ -86,5 +95,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("model", help="checkpoint directory or .gguf file (the one the plan was made for)")
     s.add_argument("--plan", required=True, help="plan.json written by probe")
     s.add_argument("--out", required=True, help="output checkpoint directory")
+    s.add_argument("--heal", type=_steps, default=0, metavar="STEPS",
+                   help="after removing layers, heal for STEPS optimizer steps (default 0: no healing)")
+    s.add_argument("--heal-mode", choices=("distill", "sft"), default="distill",
+                   help="distill: KL to the original model's logits (encoders: its final hidden states); "
+                        "sft: next-token fine-tuning (default distill)")
+    s.add_argument("--heal-data", help="mix spec over the data's train split (default general=1)")
+    s.add_argument("--heal-lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    s.add_argument("--data", default=None, help="data directory for healing (default: data)")
+    s.add_argument("--seed", type=int, default=0)
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_slim_dense)
+
+
+def _steps(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of steps") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} steps: give 0 (no healing) or more")
+    return v

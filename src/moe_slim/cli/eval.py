@@ -45,6 +45,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: the GPU when there is one)")
     p.add_argument("--device-map", default=None, help="accelerate device map, e.g. auto")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--split", default="test",
+                   help="data split to evaluate: test (default), validation, ..., or catalog_test / catalog_validation "
+                        "(translation from whole catalogs unseen in training; other domains then use test)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     add_json(p)
     p.set_defaults(func=run)
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     plan = plan_evaluation(args.suite, tasks=args.tasks, data_dir=args.data_dir, limit=args.limit,
                            translation_testset=args.translation_testset,
-                           include_path=args.include_path, baseline=args.baseline)
+                           include_path=args.include_path, baseline=args.baseline, split=args.split)
     args.checkpoint = str(resolve_model(args.checkpoint))  # a local directory, or a Hugging Face Hub id
     check_output(args.out, args.overwrite, inputs=[args.checkpoint, args.data_dir, args.baseline, args.plan,
                                                    *(args.include_path or [])])

@@ -29,12 +29,13 @@ from ..prompts import (
     translation_text,
 )
 from . import sources as S
-from .formats import DOMAINS, SPLITS, math_prompt, math_target, math_text
+from .formats import CATALOG_SPLITS, DOMAINS, SPLITS, math_prompt, math_target, math_text
 from .jsonl import MANIFEST, dumps_jsonl
 from .splits import (
     DEFAULT_FRACTIONS,
     check_fractions,
     dedupe,
+    hold_out_catalogs,
     normalize_text,
     split_records,
     stable_hash,
@@ -65,7 +66,17 @@ class BuildOptions:
     fractions: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
     near_dup_threshold: float = 0.5
     min_words: int = 4
-    max_pairs_per_lang: int = 20000
+    max_pairs_per_lang: int = 60000
+    # Debian packages whose catalogs are downloaded (apt-get download) and added; () = none
+    debian_packages: tuple[str, ...] = ()
+    deb_cache_dir: str | None = None
+    download: bool = True
+    # translation: whole catalogs held out as catalog_test / catalog_validation, each this share
+    catalog_fraction: float = 0.02
+    # translation's sentence-level splits (None: ``fractions``); smaller test/validation shares
+    # keep whole-split evaluation affordable now that the domain has ~100k pairs
+    translation_fractions: dict[str, float] | None = field(default_factory=lambda: {
+        "calibration": 0.05, "train": 0.85, "validation": 0.05, "test": 0.05})
     math_variants: int = 19
     math_sources: tuple[str, ...] = ("gsm-symbolic", "champ")
     code_max_chars: int = 3_000_000
@@ -77,6 +88,11 @@ class BuildOptions:
             raise MoeSlimError(f"unknown domain(s) {', '.join(unknown) or '(none given)'} "
                                f"(domains are {', '.join(DOMAINS)})")
         check_fractions(self.fractions)
+        if self.translation_fractions is not None:
+            check_fractions(self.translation_fractions)
+        if not 0 <= self.catalog_fraction < 0.5:
+            raise MoeSlimError(f"catalog fraction must be in [0, 0.5), got {self.catalog_fraction}")
+        S.check_packages(self.debian_packages)
         if not 0 < self.near_dup_threshold <= 1:
             raise MoeSlimError(f"near-duplicate threshold must be in (0, 1], got {self.near_dup_threshold}")
 
@@ -97,6 +113,8 @@ class _Domain:
         self.over_budget = 0
         self.split_key: Callable[[dict], str] = lambda r: r["text"]
         self.group: Callable[[dict], str | None] | None = None
+        self.debs: list[S.DebCatalogs] = []
+        self.catalogs: dict[str, list[str]] = {}
 
     def add(self, load: Callable[[], S.SourceData]) -> S.SourceData | None:
         t0 = time.perf_counter()
@@ -135,7 +153,14 @@ def _text_records(domain: str, raw: list[dict]) -> list[dict]:
 
 def _translation(opts: BuildOptions, say: Log, warn: Log) -> _Domain:
     dom = _Domain("translation", say)
-    data = dom.add(lambda: S.translation_source(opts.locale_dirs, TARGET_LANGS, min_words=opts.min_words, warn=warn))
+    if opts.debian_packages:
+        t0 = time.perf_counter()
+        dom.debs = S.fetch_debian_catalogs(opts.debian_packages, opts.deb_cache_dir, download=opts.download,
+                                           langs=TARGET_LANGS, warn=warn)
+        say(f"translation: {len(dom.debs)} of {len(opts.debian_packages)} Debian packages ready "
+            f"({time.perf_counter() - t0:.1f}s)")
+    data = dom.add(lambda: S.translation_source(opts.locale_dirs, TARGET_LANGS, min_words=opts.min_words,
+                                                debs=dom.debs, warn=warn))
     if data is None:
         return dom
     records = []
@@ -215,6 +240,16 @@ def _general(opts: BuildOptions, say: Log, warn: Log) -> _Domain:
 _BUILDERS = {"translation": _translation, "math": _math, "code": _code, "general": _general}
 
 
+def _catalog_counts(splits: dict[str, list[dict]]) -> dict[str, dict[str, int]]:
+    """Records per catalog (gettext domain) and split."""
+    out: dict[str, dict[str, int]] = {}
+    for split, recs in splits.items():
+        for r in recs:
+            c = out.setdefault(catalog_name(r), {})
+            c[split] = c.get(split, 0) + 1
+    return dict(sorted(out.items()))
+
+
 def _source_counts(dom: _Domain) -> None:
     """Count the records each source contributed after filtering, dedup and budget."""
     by_name: dict[str, int] = {}
@@ -232,13 +267,25 @@ def _source_counts(dom: _Domain) -> None:
         info.count = by_name.get(info.name, 0)
 
 
+def catalog_name(record: dict) -> str:
+    """The gettext domain a translation record came from (``coreutils`` for ``.../coreutils.mo``)."""
+    return Path(record["origin"].split(":", 1)[-1]).stem
+
+
+def _inputs(opts: BuildOptions) -> list[str | None]:
+    """Everything the build reads, so that ``--out`` can never be (or hold) one of them."""
+    cache = opts.deb_cache_dir if opts.deb_cache_dir is not None else str(S.default_cache_dir())
+    return [*(opts.locale_dirs or S.DEFAULT_LOCALE_DIRS), opts.stdlib_dir, opts.fortunes_dir, opts.python_doc_dir,
+            opts.plays, cache if opts.debian_packages else None]
+
+
 def build_data(out: str | Path = "data", options: BuildOptions | None = None, *, overwrite: bool = False,
                log_fn: Log | None = None) -> dict:
     """Build the data directory ``out``; returns the manifest. Nothing is written unless every
     requested domain has records; an existing ``out`` is refused unless ``overwrite``."""
     opts = options or BuildOptions()
     opts.validate()
-    out = check_output(out, overwrite)
+    out = check_output(out, overwrite, inputs=_inputs(opts))
     say = log_fn or log.info
     warnings: list[str] = []
 
@@ -254,11 +301,20 @@ def build_data(out: str | Path = "data", options: BuildOptions | None = None, *,
         warnings.extend(dom.warnings)
         if not dom.records:
             raise dom.empty_error()
-        splits = split_records(dom.records, seed=opts.seed, fractions=fractions, key=dom.split_key,
+        records, held, chosen = dom.records, {}, {}
+        if name == "translation" and opts.catalog_fraction > 0:
+            held, records, chosen = hold_out_catalogs(
+                dom.records, seed=opts.seed, fraction=opts.catalog_fraction, catalog=catalog_name,
+                key=dom.split_key, threshold=opts.near_dup_threshold, names=CATALOG_SPLITS[::-1])
+        fr = (check_fractions(opts.translation_fractions)
+              if name == "translation" and opts.translation_fractions is not None else fractions)
+        splits = split_records(records, seed=opts.seed, fractions=fr, key=dom.split_key,
                                group=dom.group, threshold=opts.near_dup_threshold, salt=name)
+        splits.update({s: held.get(s, []) for s in CATALOG_SPLITS} if name == "translation" else {})
+        dom.catalogs = chosen
         _source_counts(dom)
         for split in SPLITS:
-            if fractions[split] > 0 and not splits[split]:
+            if fr[split] > 0 and not splits[split]:
                 warn(f"{name}: the {split} split is empty ({len(dom.records)} records in all)")
         built[name] = (dom, splits)
         say(f"{name}: {len(dom.records)} records -> " + ", ".join(f"{s} {len(v)}" for s, v in splits.items())
@@ -270,6 +326,7 @@ def build_data(out: str | Path = "data", options: BuildOptions | None = None, *,
         "python": platform.python_version(),
         "seed": opts.seed,
         "splits": list(SPLITS),
+        "catalog_splits": list(CATALOG_SPLITS),
         "options": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(opts).items()},
         "record_schema": RECORD_SCHEMA,
         "domains": {},
@@ -279,7 +336,7 @@ def build_data(out: str | Path = "data", options: BuildOptions | None = None, *,
         for name, (dom, splits) in built.items():
             (tmp / name).mkdir()
             files = {}
-            for split in SPLITS:
+            for split in splits:
                 text = dumps_jsonl(splits[split])
                 rel = f"{name}/{split}.jsonl"
                 (tmp / rel).write_text(text, encoding="utf-8")
@@ -288,14 +345,18 @@ def build_data(out: str | Path = "data", options: BuildOptions | None = None, *,
             entry = {
                 "seed": opts.seed,
                 "sources": [s.to_json() for s in dom.sources],
-                "counts": {s: len(splits[s]) for s in SPLITS},
+                "counts": {s: len(splits[s]) for s in splits},
                 "total": sum(len(v) for v in splits.values()),
                 "files": files,
                 "removed": {"exact_duplicates": dom.dropped_dups, "over_size_budget": dom.over_budget},
             }
             if name == "translation":
-                entry["languages"] = {lang: {s: sum(r["tgt_lang"] == lang for r in splits[s]) for s in SPLITS}
+                entry["languages"] = {lang: {s: sum(r["tgt_lang"] == lang for r in splits[s]) for s in splits}
                                       for lang in TARGET_LANGS}
+                entry["debian_packages"] = [d.to_json() for d in dom.debs]
+                entry["catalog_splits"] = {s: {"catalogs": dom.catalogs.get(s, []), "records": len(splits[s])}
+                                           for s in CATALOG_SPLITS}
+                entry["catalogs"] = _catalog_counts(splits)
             manifest["domains"][name] = entry
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return manifest

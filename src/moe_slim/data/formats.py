@@ -16,6 +16,8 @@ import re
 
 DOMAINS: tuple[str, ...] = ("translation", "math", "code", "general")
 SPLITS: tuple[str, ...] = ("calibration", "train", "validation", "test")
+# translation only: whole gettext catalogs that no other split has seen (see data/splits.py)
+CATALOG_SPLITS: tuple[str, ...] = ("catalog_validation", "catalog_test")
 
 MATH_ANSWER_MARK = "####"
 _ANSWER_RE = re.compile(r"####\s*(.+)")

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import MoeSlimError
-from .formats import SPLITS
+from .formats import CATALOG_SPLITS, SPLITS
 
 MANIFEST = "manifest.json"
 
@@ -68,11 +68,14 @@ def read_manifest(data_dir: str | os.PathLike = "data") -> dict:
 
 def load_split(data_dir: str | os.PathLike, domain: str, split: str) -> list[dict]:
     """The records of ``<data_dir>/<domain>/<split>.jsonl`` (a built split may be empty)."""
-    if split not in SPLITS:
-        raise MoeSlimError(f"unknown split {split!r} (splits are {', '.join(SPLITS)})")
+    if split not in SPLITS + CATALOG_SPLITS:
+        raise MoeSlimError(f"unknown split {split!r} (splits are {', '.join(SPLITS + CATALOG_SPLITS)})")
     path = Path(data_dir) / domain / f"{split}.jsonl"
     if not path.is_file():
         have = sorted(d.name for d in Path(data_dir).iterdir() if d.is_dir()) if Path(data_dir).is_dir() else []
+        if split in CATALOG_SPLITS and domain in have:
+            raise MoeSlimError(f"{path} not found: catalog-level splits exist for translation only "
+                               "(and in data built by moe_slim 0.4 or later; rebuild with moe-slim data build)")
         raise MoeSlimError(f"{path} not found (domains in {data_dir}: {', '.join(have) or 'none'}; "
                            f"build the data with: moe-slim data build --out {data_dir})")
     return read_jsonl(path, allow_empty=True)

@@ -216,3 +216,46 @@ def split_records(records: Sequence[dict], *, seed: int, fractions: dict[str, fl
     for r, g in zip(recs, groups):
         out[where[ids[g]]].append(r)
     return out
+
+
+def hold_out_catalogs(records: Sequence[dict], *, seed: int, fraction: float, catalog: Callable[[dict], str],
+                      key: Callable[[dict], str] = lambda r: r["text"], threshold: float = 0.5,
+                      names: Sequence[str] = ("catalog_test", "catalog_validation"),
+                      ) -> tuple[dict[str, list[dict]], list[dict], dict[str, list[str]]]:
+    """Whole catalogs set aside as catalog-level splits, each about ``fraction`` of the records.
+
+    Catalogs are visited in seeded-hash order (ties by name) and fill ``names`` in turn; a catalog
+    larger than half a split's share is skipped so that no split is one catalog. A record whose
+    key near-duplicates (see :func:`near_dup_groups`) a record of another split's catalog is not
+    held out, so no text of a catalog-level split is seen elsewhere. Returns (records per
+    catalog-level split, the remaining records, chosen catalogs per split); deterministic in
+    (seed, record ids, keys, catalogs), records sorted by id."""
+    recs = sorted(records, key=lambda r: r["id"])
+    sizes: dict[str, int] = {}
+    for r in recs:
+        sizes[catalog(r)] = sizes.get(catalog(r), 0) + 1
+    target = fraction * len(recs)
+    chosen: dict[str, list[str]] = {n: [] for n in names}
+    filled = dict.fromkeys(names, 0)
+    for c in sorted(sizes, key=lambda c: (stable_hash(seed, "catalog", c), c)):
+        if sizes[c] > target / 2:
+            continue
+        todo = [n for n in names if filled[n] < target]
+        if not todo:
+            break
+        chosen[todo[0]].append(c)
+        filled[todo[0]] += sizes[c]
+    where = {c: n for n, cs in chosen.items() for c in cs}
+    groups = near_dup_groups([key(r) for r in recs], threshold=threshold, seed=seed)
+    owners: dict[int, set[str | None]] = {}
+    for r, g in zip(recs, groups):
+        owners.setdefault(g, set()).add(where.get(catalog(r)))
+    held: dict[str, list[dict]] = {n: [] for n in names}
+    rest: list[dict] = []
+    for r, g in zip(recs, groups):
+        own = owners[g]
+        if len(own) == 1 and None not in own:
+            held[next(iter(own))].append(r)
+        else:
+            rest.append(r)
+    return held, rest, {n: sorted(cs) for n, cs in chosen.items()}

@@ -7,7 +7,9 @@ names it), so row ``l`` is exactly what a model truncated after layer ``l`` woul
 pooling is the mean over non-pad tokens, or the last non-pad token.
 
 Block Influence (Men et al., 2024, "ShortGPT") of layer ``l`` is ``1 - cos(h_{l-1}, h_l)``
-averaged over all non-pad tokens, on the raw (un-normed) residual stream.
+averaged over all non-pad tokens, on the raw (un-normed) residual stream. The angular distance of
+Gromov et al. (2024), ``arccos(cos(h_i, h_j)) / pi`` for every pair of rows, is averaged the same way
+(over all non-pad tokens rather than the last one only, which is less noisy on short texts).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Features:
     block_influence: dict[str, np.ndarray] = field(default_factory=dict)
     n_tokens: int = 0
     pooling: str = "mean"
+    angular: dict[str, np.ndarray] = field(default_factory=dict)  # [L+1, L+1] mean angular distance of rows
 
     def final(self, stack: str | None = None) -> np.ndarray:
         """The pooled final representation (after the last layer) of a stack (default: the last one)."""
@@ -117,6 +120,7 @@ def extract_features(
     pooled: dict[str, list[list[np.ndarray]]] = {st.name: [] for st in stacks}
     bi_sum = {st.name: np.zeros(len(captured[st.name]) - 1) for st in stacks}
     bi_count = {st.name: 0.0 for st in stacks}
+    ang_sum = {st.name: np.zeros((len(captured[st.name]),) * 2) for st in stacks}
     n_tokens = 0
     old_side = getattr(tokenizer, "padding_side", "right")
     tokenizer.padding_side = "right"
@@ -164,6 +168,12 @@ def extract_features(
                         cos = torch.nn.functional.cosine_similarity(hs[j - 1].float(), hs[j].float(), dim=-1)
                         bi_sum[st.name][j - 1] += float(((1.0 - cos) * fm).sum())
                     bi_count[st.name] += float(fm.sum())
+                    unit = torch.nn.functional.normalize(torch.stack([x.float() for x in hs]), dim=-1)
+                    for i in range(len(hs) - 1):
+                        c = (unit[i:i + 1] * unit[i + 1:]).sum(-1).clamp(-1.0, 1.0)
+                        ang = (torch.arccos(c) / torch.pi * fm).sum((1, 2)).double().cpu().numpy()
+                        ang_sum[st.name][i, i + 1:] += ang
+                        ang_sum[st.name][i + 1:, i] += ang
     finally:
         for h in handles:
             h.remove()
@@ -177,4 +187,5 @@ def extract_features(
         arr = np.stack([np.concatenate([b[j] for b in batches], 0) for j in range(len(batches[0]))], 0)
         out[name] = arr[:, inv].astype(np.float32)
     bi = {} if final_only else {k: bi_sum[k] / max(bi_count[k], 1.0) for k in bi_sum}
-    return Features(out, bi, n_tokens, pooling)
+    ang = {} if final_only else {k: ang_sum[k] / max(bi_count[k], 1.0) for k in ang_sum}
+    return Features(out, bi, n_tokens, pooling, ang)

@@ -39,7 +39,7 @@ from .select import (
     layer_relevance,
     parse_budget,
     round_up_budget,
-    select_layers,
+    select_filled,
 )
 from .slim import make_plan, slim_model
 from .tasks import Task, load_tasks, parse_weights
@@ -146,7 +146,7 @@ def scaling_sweep(measurer: Measurer, relevance: dict[str, np.ndarray], layer_pa
     seen: set[str] = set()
     for f in fractions:
         budget = max(int(f * total), minimum)
-        sel = select_layers(relevance, layer_params, budget, contiguous=contiguous)
+        sel = select_filled(relevance, layer_params, budget, contiguous=contiguous, method="probscale")
         key = json.dumps(sel.keep, sort_keys=True)
         if key in seen:
             continue
@@ -160,17 +160,19 @@ def scaling_sweep(measurer: Measurer, relevance: dict[str, np.ndarray], layer_pa
             f"({time.time() - t0:.0f}s)")
     fit_pts = [(p["fraction"], p["retention"]) for p in points] + [(1.0, 1.0)]
     fit = fit_scaling(fit_pts)
+    for w in (fit.warnings or []) if fit is not None else []:
+        log(f"scaling fit unreliable: {w}; its 95%/98% predictions are marked unreliable")
     checks = []
     for target in targets:
         chk: dict[str, Any] = {"target": target, "predicted_fraction": None, "fraction": None,
-                               "measured_retention": None}
+                               "measured_retention": None, "reliable": bool(fit is not None and fit.reliable)}
         x = fit.budget_for(target) if fit is not None else None
         if x is None:
             chk["note"] = "the fit does not reach this retention below the full model" if fit else "no fit"
             checks.append(chk)
             continue
         budget = round_up_budget(x * total, layer_params)
-        sel = select_layers(relevance, layer_params, budget, contiguous=contiguous)
+        sel = select_filled(relevance, layer_params, budget, contiguous=contiguous, method="probscale")
         m = measurer.measure(sel.keep)
         if x < min(p["fraction"] for p in points):
             chk["note"] = "extrapolated below the smallest measured budget"
@@ -221,7 +223,7 @@ def run_probe(
     from .slim import load_dense
 
     t_start = time.time()
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=[model_path] if model_path is not None else [])
     if selection not in SELECTIONS:
         raise MoeSlimError(f"unknown selection {selection!r}; choose one of {', '.join(SELECTIONS)}")
     contiguous = selection == "contiguous"
@@ -238,8 +240,10 @@ def run_probe(
             raise MoeSlimError("a retain:X budget needs the scaling sweep; give an explicit --budget instead")
     task_list = tasks if tasks and isinstance(tasks, list) and isinstance(tasks[0], Task) else \
         load_tasks(tasks, data_dir, split=split, per_class=per_class, seed=seed)
+    if n_folds < 2:
+        raise MoeSlimError(f"--folds {n_folds}: cross-validation needs at least 2 folds")
     for t in task_list:
-        t.validate()
+        t.validate(min_per_class=n_folds)
     w = weights if isinstance(weights, dict) else parse_weights(weights, task_list)
     held_out: list[Task] | None = None
     if eval_tasks is not None or eval_split is not None:
@@ -254,7 +258,7 @@ def run_probe(
             raise MoeSlimError(f"held-out tasks ({', '.join(t.name for t in held_out)}) must be the probing tasks "
                                f"({', '.join(t.name for t in task_list)})")
         for t in held_out:
-            t.validate()
+            t.validate(min_per_class=n_folds)
         sel_texts = {x for t in task_list for x in t.texts}
         overlap = sum(x in sel_texts for t in held_out for x in t.texts)
         if overlap == sum(len(t.texts) for t in held_out):
@@ -318,7 +322,11 @@ def run_probe(
 
     source = str(model_path)
     fp = model_fingerprint(model)
-    budget_info = {"spec": budget, "params": budget_params, "fraction": budget_params / total}
+    budget_info = {"spec": budget, "params": budget_params, "fraction": budget_params / total,
+                   "achieved_params": primary.params, "achieved_fraction": primary.fraction,
+                   "achieved_reduction": total / primary.params,
+                   "kept_layers": sum(len(k) for k in primary.keep.values()),
+                   "layers": sum(len(v) for v in layer_params.values())}
 
     def plan_for(sel: Selection) -> dict[str, Any]:
         measured = comparison.get(sel.method)

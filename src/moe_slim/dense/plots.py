@@ -71,23 +71,34 @@ def plot_scaling(fit: ScalingFit | None, points: list[dict[str, Any]], path: Pat
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     xs = [p["fraction"] for p in points]
     ys = [p["retention"] for p in points]
-    ax.plot(xs, ys, "o", color="tab:blue", label="ProbScale, measured")
+    ax.plot(xs, ys, "o", color="tab:blue", label="ProbScale, measured (label: layers kept)")
+    for p in points:
+        if p.get("keep"):
+            ax.annotate(f"{sum(len(k) for k in p['keep'].values())}L", (p["fraction"], p["retention"]),
+                        textcoords="offset points", xytext=(0, 6), ha="center", fontsize=6, color="tab:blue")
     if fit is not None:
         grid = np.linspace(max(min(xs) * 0.8, 0.02), 1.0, 200)
-        ax.plot(grid, fit(grid), "-", color="tab:blue", alpha=0.6,
-                label=f"fit {fit.a:.3f} - {fit.b:.3f} x^-{fit.c:.2f}")
+        ax.plot(grid, fit(grid), "-" if fit.reliable else "--", color="tab:blue", alpha=0.6,
+                label=f"fit {fit.a:.3f} - {fit.b:.3f} x^-{fit.c:.2f}" + ("" if fit.reliable else " (UNRELIABLE)"))
     for chk in checks or []:
         if chk.get("measured_retention") is None:
             continue
         ax.plot([chk["fraction"]], [chk["measured_retention"]], "*", ms=12,
-                label=f"check {chk['target']:.0%}: measured {chk['measured_retention']:.3f}")
+                label=f"check {chk['target']:.0%}: measured {chk['measured_retention']:.3f}"
+                + ("" if chk.get("reliable", True) else " (fit unreliable)"))
         ax.axhline(chk["target"], color="grey", lw=0.6, ls=":")
-    markers = {"probscale-contiguous": "D", "probscale-free": "s", "block-influence": "v", "last-layers": "^",
-               "random": "x"}
-    for name, m in (compare or {}).items():
-        if m.get("retention") is None:
-            continue
-        ax.plot([m["fraction"]], [m["retention"]], markers.get(name, "d"), label=name)
+    markers = {"probscale-contiguous": "D", "probscale-free": "s", "block-influence": "v", "angular": "<",
+               "last-layers": "^", "random": "x"}
+    shown = [(n, m) for n, m in (compare or {}).items() if m.get("retention") is not None]
+    span = max(xs + [m["fraction"] for _, m in shown]) - min(xs + [m["fraction"] for _, m in shown]) or 1.0
+    for i, (name, m) in enumerate(shown):
+        # methods compared at one size share x: dodge them sideways so no marker hides another
+        x = m["fraction"] + (i - (len(shown) - 1) / 2) * 0.015 * span
+        ax.plot([x], [m["retention"]], markers.get(name, "d"), label=name)
+        layers = sum(len(k) for k in m.get("keep", {}).values())
+        if layers:
+            ax.annotate(f"{layers}L", (x, m["retention"]), textcoords="offset points", xytext=(0, -10),
+                        ha="center", fontsize=6)
     ax.set_xlabel("retained fraction of transformer-layer parameters")
     ax.set_ylabel("task-weighted retention")
     ax.set_title(title or "retention vs retained parameters")

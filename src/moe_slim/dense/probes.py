@@ -99,6 +99,7 @@ class ProbeMatrix:
     chance: dict[str, float]
     block_influence: dict[str, np.ndarray] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    angular: dict[str, np.ndarray] = field(default_factory=dict)  # [L+1, L+1] angular distance between rows
 
     def norm_weights(self) -> np.ndarray:
         w = np.array([self.weights.get(t, 1.0) for t in self.tasks], dtype=float)
@@ -118,6 +119,7 @@ class ProbeMatrix:
             "skill": {k: v.round(6).tolist() for k, v in self.skill.items()},
             "weighted_accuracy": {k: self.weighted(k).round(6).tolist() for k in self.accuracy},
             "block_influence": {k: np.asarray(v).round(6).tolist() for k, v in self.block_influence.items()},
+            "angular_distance": {k: np.asarray(v).round(6).tolist() for k, v in self.angular.items()},
             "meta": self.meta,
         }
 
@@ -130,6 +132,7 @@ class ProbeMatrix:
             chance=dict(d.get("chance", {})),
             block_influence={k: np.asarray(v, float) for k, v in d.get("block_influence", {}).items()},
             meta=dict(d.get("meta", {})),
+            angular={k: np.asarray(v, float) for k, v in d.get("angular_distance", {}).items()},
         )
 
     def to_csv(self) -> str:
@@ -152,7 +155,7 @@ def split_features(features: Features, sizes: list[int]) -> list[Features]:
     out, start = [], 0
     for n in sizes:
         out.append(Features({k: v[:, start:start + n] for k, v in features.pooled.items()},
-                            features.block_influence, features.n_tokens, features.pooling))
+                            features.block_influence, features.n_tokens, features.pooling, features.angular))
         start += n
     return out
 
@@ -178,7 +181,8 @@ def probe_matrix(features: list[Features], tasks: list[Task], weights: dict[str,
     bi = {k: np.asarray(v) for k, v in features[0].block_influence.items()}
     return ProbeMatrix([t.name for t in tasks], dict(weights), acc, skill, chance, bi,
                        {"n_folds": n_folds, "seed": seed, "Cs": list(Cs), "pooling": features[0].pooling,
-                        "examples": {t.name: len(t.texts) for t in tasks}})
+                        "examples": {t.name: len(t.texts) for t in tasks}},
+                       {k: np.asarray(v) for k, v in features[0].angular.items()})
 
 
 def final_scores(features: list[Features], tasks: list[Task], *, n_folds: int = 5, seed: int = 0,

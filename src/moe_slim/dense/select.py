@@ -57,7 +57,9 @@ from .probes import ProbeMatrix
 RELEVANCE_EPS = 1e-3
 IDENTITY_TOL = 1e-6
 SELECTIONS: tuple[str, ...] = ("contiguous", "free")
-METHODS: tuple[str, ...] = ("probscale-contiguous", "probscale-free", "block-influence", "last-layers", "random")
+METHODS: tuple[str, ...] = ("probscale-contiguous", "probscale-free", "block-influence", "angular", "last-layers",
+                             "random")
+BASELINES: tuple[str, ...] = ("block-influence", "angular", "last-layers", "random")
 
 State = tuple[int, float, tuple[int, ...]]  # (params, value, kept indices)
 
@@ -103,6 +105,9 @@ def parse_budget(spec: str | float | int, layer_params: dict[str, list[int]]) ->
         raise MoeSlimError(
             f"budget {spec!r} ({budget:,} parameters) is below one layer per stack ({minimum:,}; the smallest layer "
             f"has {smallest:,}); give at least {minimum / total:.3f} of the {total:,} layer parameters")
+    if budget >= total:
+        raise MoeSlimError(f"budget {spec!r} ({budget:,} parameters) keeps every layer ({total:,} layer parameters); "
+                           "give less, e.g. x2 or 0.5")
     return budget
 
 
@@ -193,6 +198,79 @@ def _combine(frontiers: list[list[State]], capacity: int) -> list[tuple[int, flo
                 combos.append(s)
                 best = s[1]
     return combos
+
+
+def exact_states(weights: list[int], values: list[float], capacity: int, contiguous: bool,
+                 block_value: Any = None) -> dict[int, tuple[float, tuple[int, ...]]]:
+    """For every achievable kept-parameter count ``<= capacity``: the best (value, kept layers) with exactly
+    that count (at least one layer kept). ``block_value(i, j)`` replaces the value of a contiguous plan
+    that drops layers ``i..j-1`` (the angular baseline)."""
+    n = len(weights)
+    best: dict[int, tuple[float, tuple[int, ...]]] = {}
+
+    def offer(w: int, v: float, keep: tuple[int, ...]) -> None:
+        if w <= capacity and (w not in best or v > best[w][0] + 1e-12):
+            best[w] = (v, keep)
+
+    if contiguous:
+        pw = np.concatenate([[0], np.cumsum(weights)])
+        pv = np.concatenate([[0.0], np.cumsum(values)]) if block_value is None else None
+        for i in range(n + 1):
+            for j in range(i, n + 1):
+                if j - i >= n:
+                    continue
+                w = int(pw[n] - (pw[j] - pw[i]))
+                v = float(pv[n] - (pv[j] - pv[i])) if block_value is None else float(block_value(i, j))
+                offer(w, v, tuple(range(i)) + tuple(range(j, n)))
+        return best
+    states: dict[int, tuple[float, tuple[int, ...]]] = {}
+    for i, (wi, vi) in enumerate(zip(weights, values)):
+        new = dict(states)
+        cands = [(w + wi, v + vi, k + (i,)) for w, (v, k) in states.items()] + [(wi, vi, (i,))]
+        for w, v, k in cands:
+            if w <= capacity and (w not in new or v > new[w][0] + 1e-12):
+                new[w] = (v, k)
+        states = new
+    for w, (v, k) in states.items():
+        offer(w, v, k)
+    return best
+
+
+def _combine_exact(per_stack: list[dict[int, tuple[float, tuple[int, ...]]]], capacity: int
+                   ) -> dict[int, tuple[float, list[tuple[int, ...]]]]:
+    combos: dict[int, tuple[float, list[tuple[int, ...]]]] = {0: (0.0, [])}
+    for st in per_stack:
+        new: dict[int, tuple[float, list[tuple[int, ...]]]] = {}
+        for w, (v, keeps) in combos.items():
+            for fw, (fv, fk) in st.items():
+                tw, tv = w + fw, v + fv
+                if tw <= capacity and (tw not in new or tv > new[tw][0] + 1e-12):
+                    new[tw] = (tv, keeps + [fk])
+        combos = new
+    return combos
+
+
+def select_filled(values: dict[str, np.ndarray], layer_params: dict[str, list[int]], budget: int, *,
+                  contiguous: bool, method: str, block_values: dict[str, Any] | None = None) -> Selection:
+    """The nearest achievable plan: the largest kept-parameter count ``<= budget``, and among the plans of
+    exactly that size the one of highest value (so ``x3`` is never a 4x plan, and every method compared at
+    a budget keeps the same number of parameters where the layer sizes allow it)."""
+    stacks = list(layer_params)
+    total = sum(sum(v) for v in layer_params.values())
+    per = []
+    for s in stacks:
+        w = [int(x) for x in layer_params[s]]
+        v = [float(x) for x in values[s]] if values is not None else [0.0] * len(w)
+        if len(w) != len(v):
+            raise MoeSlimError(f"stack {s}: {len(v)} relevances for {len(w)} layers (probe matrix of another model?)")
+        bv = (block_values or {}).get(s)
+        per.append(exact_states(w, v, budget, contiguous, bv))
+    combos = _combine_exact(per, budget)
+    if not combos or max(combos) == 0:
+        raise MoeSlimError(f"budget of {budget:,} parameters cannot keep one layer of every stack")
+    w = max(combos)
+    v, keeps = combos[w]
+    return Selection(method, {s: list(k) for s, k in zip(stacks, keeps)}, int(w), budget, total, float(v))
 
 
 @dataclass
@@ -291,17 +369,44 @@ def random_selection(layer_params: dict[str, list[int]], budget: int, seed: int 
     return _drop_in_order(order, layer_params, budget, "random", seed=seed)
 
 
+def angular_selection(angular: dict[str, np.ndarray], layer_params: dict[str, list[int]], budget: int) -> Selection:
+    """Gromov et al. (2024): drop the block of consecutive layers ``i..j-1`` whose input and output are
+    closest in angular distance ``D[i, j] = arccos(cos(h_i, h_j)) / pi`` (``angular[stack]`` is that
+    (L+1)x(L+1) matrix over the rows of the residual stream), the largest block that fits the budget."""
+    missing = [s for s in layer_params if s not in angular]
+    if missing:
+        raise MoeSlimError(f"no angular distances for stack {missing[0]} (extract features with the full model first)")
+    bv = {s: (lambda i, j, D=np.asarray(angular[s], float): 0.0 if i == j else -float(D[i, j])) for s in layer_params}
+    sel = select_filled({s: np.zeros(len(v)) for s, v in layer_params.items()}, layer_params, budget,
+                        contiguous=True, method="angular", block_values=bv)
+    sel.meta["angular_distance"] = -float(sel.value or 0.0)
+    sel.value = None
+    return sel
+
+
 def all_selections(pm: ProbeMatrix, layer_params: dict[str, list[int]], budget: int, *, seed: int = 0,
                    metric: str = "accuracy") -> dict[str, Selection]:
-    """ProbScale (contiguous and free) and the three baselines at the same budget."""
+    """ProbScale (contiguous and free) and the baselines, all at equal size.
+
+    ProbScale's contiguous plan is the nearest achievable plan to ``budget`` (the largest kept-parameter
+    count that fits, see :func:`select_filled`); every other method is then held to exactly the parameter
+    count that plan keeps. ``meta["equal_size"]`` says whether a method's plan matches it exactly (layers
+    of unequal sizes can make that impossible).
+    """
     rel = layer_relevance(pm, metric=metric)
+    primary = select_filled(rel, layer_params, budget, contiguous=True, method="probscale-contiguous")
+    target = primary.params
     out = {
-        "probscale-contiguous": select_layers(rel, layer_params, budget, contiguous=True),
-        "probscale-free": select_layers(rel, layer_params, budget),
-        "block-influence": block_influence_selection(pm.block_influence, layer_params, budget),
-        "last-layers": last_layers_selection(layer_params, budget),
-        "random": random_selection(layer_params, budget, seed),
+        "probscale-contiguous": primary,
+        "probscale-free": select_filled(rel, layer_params, target, contiguous=False, method="probscale-free"),
+        "block-influence": block_influence_selection(pm.block_influence, layer_params, target),
+        "last-layers": last_layers_selection(layer_params, target),
+        "random": random_selection(layer_params, target, seed),
     }
+    if pm.angular:
+        out["angular"] = angular_selection(pm.angular, layer_params, target)
     for sel in out.values():
+        sel.budget = budget
         sel.meta.setdefault("relevance_sum", float(sum(rel[s][i] for s, k in sel.keep.items() for i in k)))
-    return out
+        sel.meta["equal_size"] = sel.params == target
+    return {m: out[m] for m in METHODS if m in out}

@@ -91,8 +91,11 @@ def load_dense(path: str | os.PathLike) -> tuple[torch.nn.Module, Any]:
     cls = getattr(transformers, arch, None) if arch else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         cls = transformers.AutoModel
+    from ..modeling.loading import require_safetensors
+
+    require_safetensors(p)  # never unpickle: only safetensors weights are read
     try:
-        model = cls.from_pretrained(str(p), dtype="auto")
+        model = cls.from_pretrained(str(p), dtype="auto", use_safetensors=True)
     except Exception as exc:
         raise MoeSlimError(f"could not load model {p}: {str(exc).splitlines()[0]}") from exc
     model.eval()
@@ -261,7 +264,7 @@ def check_plan_matches(plan: dict[str, Any], model: torch.nn.Module) -> None:
 
 
 def save_slimmed(model: torch.nn.Module, tokenizer: Any, out: str | os.PathLike, *, overwrite: bool = False,
-                 provenance: dict[str, Any] | None = None) -> Path:
+                 provenance: dict[str, Any] | None = None, card: str | None = None) -> Path:
     """Write a slimmed model (and tokenizer) as safetensors, atomically."""
     _drop_quantizer(model)
     if provenance is not None:
@@ -271,21 +274,40 @@ def save_slimmed(model: torch.nn.Module, tokenizer: Any, out: str | os.PathLike,
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if provenance is not None:
-            (tmp / "slim.json").write_text(json.dumps(provenance, indent=2) + "\n")
+            (tmp / "slim.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+        if card is not None:
+            (tmp / "README.md").write_text(card)
     return Path(out)
 
 
 def apply_plan(model_path: str | os.PathLike, plan_path: str | os.PathLike, out: str | os.PathLike, *,
-               overwrite: bool = False) -> dict[str, Any]:
-    """Load MODEL, remove the layers the plan drops, write the checkpoint to OUT. Returns a summary."""
-    check_output(out, overwrite)
+               overwrite: bool = False, heal_steps: int = 0, heal_mode: str = "distill", heal_data: str | None = None,
+               data_dir: str | os.PathLike | None = None, heal_lr: float = 1e-4, seed: int = 0,
+               log: Any = None) -> dict[str, Any]:
+    """Load MODEL, remove the layers the plan drops, optionally heal (``heal_steps`` of distillation from
+    the original, or SFT), write the checkpoint and its model card to OUT. Returns a summary."""
+    import copy
+
+    from ..checkpoint.cards import dense_card
+
+    check_output(out, overwrite, inputs=[model_path, plan_path])
     plan = read_plan(plan_path)
+    if heal_steps < 0:
+        raise MoeSlimError(f"--heal {heal_steps}: give a number of steps >= 0")
     model, tok = load_dense(model_path)
     check_plan_matches(plan, model)
     before = model_fingerprint(model)
     n_before = sum(p.numel() for p in model.parameters())
+    teacher = copy.deepcopy(model) if heal_steps else None
     slim_model(model, plan["keep"])
     n_after = sum(p.numel() for p in model.parameters())
+    heal_info = None
+    if heal_steps:
+        from .heal import DEFAULT_HEAL_DATA, heal
+
+        heal_info = heal(model, tok, heal_steps, teacher=teacher, mode=heal_mode, data=heal_data or DEFAULT_HEAL_DATA,
+                         data_dir=data_dir, lr=heal_lr, seed=seed, log=log)
+        del teacher
     provenance = {
         "source": str(model_path),
         "source_fingerprint": before,
@@ -295,6 +317,11 @@ def apply_plan(model_path: str | os.PathLike, plan_path: str | os.PathLike, out:
         "layers_before": plan.get("model", {}).get("layers"),
         "params_before": n_before,
         "params_after": n_after,
+        "budget": plan.get("budget"),
+        "measured": plan.get("measured"),
+        "heal": heal_info,
     }
-    save_slimmed(model, tok, out, overwrite=overwrite, provenance=provenance)
+    causal = family_for(model).kind == "decoder" and model.get_output_embeddings() is not None
+    card = dense_card(source=str(model_path), provenance=provenance, model=model, causal=causal)
+    save_slimmed(model, tok, out, overwrite=overwrite, provenance=provenance, card=card)
     return provenance

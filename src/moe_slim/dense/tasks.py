@@ -13,6 +13,17 @@ Built-in tasks, built offline from ``data/<domain>/<split>.jsonl`` with a seed:
   ``ref`` of another pair *of the same target language* (so the language gives nothing away).
   This needs the model to relate the two halves, which is what makes it harder.
 
+Harder tasks, where the late layers matter (each a binary right/wrong classification, balanced):
+
+* ``pairmatch-hard``: like ``pairmatch``, but the wrong ``ref`` is a *hard negative*: of the same
+  target language, the one sharing most words with the true ``ref``, then the closest in length;
+* ``codeline``: a few lines of code followed by the true next line or another line of the same file;
+* ``mathanswer``: a math question followed by its answer or a perturbed number near it;
+* ``cloze``: general text up to a sentence's last word followed by that word or another item's word.
+
+The last three reuse the multiple-choice item builders of :mod:`moe_slim.evals.mc_items` (each item
+gives its right continuation and one seeded wrong one).
+
 Every task is balanced per class and subsampled to ``per_class`` examples.
 """
 
@@ -30,7 +41,9 @@ from ..data.jsonl import read_jsonl
 from ..errors import MoeSlimError
 from ..prompts import translation_text
 
-BUILTIN_TASKS: tuple[str, ...] = ("langid", "domainid", "pairmatch")
+EASY_TASKS: tuple[str, ...] = ("langid", "domainid", "pairmatch")
+HARD_TASKS: tuple[str, ...] = ("pairmatch-hard", "codeline", "mathanswer", "cloze")
+BUILTIN_TASKS: tuple[str, ...] = EASY_TASKS + HARD_TASKS
 SPLIT_PREFERENCE: tuple[str, ...] = ("train", "calibration", "calib", "dev", "validation", "valid", "test")
 
 
@@ -63,8 +76,8 @@ class Task:
         small = {c: n for c, n in self.counts().items() if n < min_per_class}
         if small:
             c, n = next(iter(small.items()))
-            raise MoeSlimError(f"task {self.name}: label {c!r} has {n} example(s); cross-validation needs at least "
-                               f"{min_per_class} per label")
+            raise MoeSlimError(f"task {self.name}: label {c!r} has {n} example(s); {min_per_class}-fold cross-validation "
+                               f"needs at least {min_per_class} per label (give more examples or lower --folds)")
 
 
 def _label(value: Any, where: str) -> str:
@@ -216,7 +229,60 @@ def build_pairmatch(data_dir: Path, split: str | None, per_class: int, seed: int
     return balance(Task("pairmatch", texts, labels, source=str(f)), per_class, seed)
 
 
-_BUILDERS = {"langid": build_langid, "domainid": build_domainid, "pairmatch": build_pairmatch}
+def build_pairmatch_hard(data_dir: Path, split: str | None, per_class: int, seed: int) -> Task:
+    pairs, f = _pairs(data_dir, split)
+    rng = random.Random(seed)
+    rng.shuffle(pairs)
+    by_lang: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in pairs:
+        by_lang[r["tgt_lang"]].append(r)
+    langs = sorted(by_lang)
+    want = per_class // max(1, len(langs)) + 1  # per language and class
+    texts, labels = [], []
+    for lang in langs:
+        pool = by_lang[lang][: 6 * want + 8]  # candidates for hard negatives
+        if len(pool) < 4:
+            continue
+        words = [set(r["ref"].lower().split()) for r in pool]
+        for k, r in enumerate(pool[: 2 * want]):
+            if k % 2 == 0:
+                texts.append(translation_text(r["src"], r["ref"], lang))
+                labels.append("match")
+                continue
+            n = len(r["ref"])
+            j = max((i for i in range(len(pool)) if i != k and pool[i]["ref"].strip() != r["ref"].strip()),
+                    key=lambda i: (len(words[i] & words[k]), -abs(len(pool[i]["ref"]) - n)))
+            texts.append(translation_text(r["src"], pool[j]["ref"], lang))
+            labels.append("mismatch")
+    return balance(Task("pairmatch-hard", texts, labels, source=str(f)), per_class, seed)
+
+
+_MC_FOR = {"codeline": ("code", "build_code_next_line"), "mathanswer": ("math", "build_math_choice"),
+           "cloze": ("general", "build_general_cloze")}
+
+
+def _build_from_mc(name: str) -> Any:
+    def build(data_dir: Path, split: str | None, per_class: int, seed: int) -> Task:
+        from ..evals import mc_items
+
+        domain, fn = _MC_FOR[name]
+        f = _domain_file(data_dir, domain, split)
+        recs = [dict(r, id=str(r.get("id", i))) for i, r in enumerate(_records(f, limit=max(200, 8 * per_class)))]
+        items = getattr(mc_items, fn)(recs)
+        rng = random.Random(seed)
+        texts, labels = [], []
+        for k, it in enumerate(items):
+            right = k % 2 == 0  # each item gives one example: alternately its right or a wrong continuation
+            wrong = [c for i, c in enumerate(it["choices"]) if i != it["gold"]]
+            texts.append(it["query"] + (it["choices"][it["gold"]] if right else rng.choice(wrong)))
+            labels.append("right" if right else "wrong")
+        return balance(Task(name, texts, labels, source=str(f)), per_class, seed)
+
+    return build
+
+
+_BUILDERS = {"langid": build_langid, "domainid": build_domainid, "pairmatch": build_pairmatch,
+             "pairmatch-hard": build_pairmatch_hard, **{n: _build_from_mc(n) for n in _MC_FOR}}
 
 
 def builtin_task(name: str, data_dir: str | os.PathLike = "data", *, split: str | None = None,

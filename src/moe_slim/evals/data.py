@@ -13,6 +13,16 @@ from ..errors import MoeSlimError
 DOMAINS: tuple[str, ...] = ("general", "math", "code", "translation")
 
 
+def split_for(domain: str, split: str) -> str:
+    """The split a domain is read from when ``split`` is asked for: catalog-level splits
+    (``catalog_test``, ``catalog_validation``) exist for translation only; other domains then use ``test``."""
+    from ..data.formats import CATALOG_SPLITS, SPLITS
+
+    if split not in SPLITS + CATALOG_SPLITS:
+        raise MoeSlimError(f"unknown split {split!r} (splits are {', '.join(SPLITS + CATALOG_SPLITS)})")
+    return split if split in SPLITS or domain == "translation" else "test"
+
+
 def data_file(data_dir: str | os.PathLike, domain: str, split: str = "test") -> Path:
     """The JSONL file of one domain and split, or a one-line error when it is missing."""
     path = Path(data_dir) / domain / f"{split}.jsonl"

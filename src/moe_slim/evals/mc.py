@@ -218,6 +218,7 @@ def run_mc(
     max_length: int | None = None,
     include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     resolver: TaskResolver | None = None,
+    split: str = "test",
 ) -> dict[str, Any]:
     """Run MC tasks (ours by short name, others by lm-eval name) in one lm-eval call on the in-memory model.
 
@@ -231,7 +232,9 @@ def run_mc(
     others = [t for t in tasks if t not in BUILDERS]
     manager = resolver.manager(others)
     data_dir = data_dir_or_default(data_dir)
-    data_info = {t: prepare_mc_data(t, data_dir, cache_dir) for t in ours}
+    from .data import split_for
+
+    data_info = {t: prepare_mc_data(t, data_dir, cache_dir, split=split_for(BUILDERS[t][0], split)) for t in ours}
     specs: list[Any] = [task_config(t, data_info[t]["path"]) for t in ours] + list(others)
     names = {f"{TASK_PREFIX}{t}": t for t in ours}
 

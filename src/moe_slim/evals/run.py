@@ -26,7 +26,7 @@ from ..data.paths import data_dir_or_default
 from ..errors import MoeSlimError
 from ..fingerprint import library_versions, model_fingerprint, weights_hash
 from ..outputs import atomic_file
-from .data import DataLedger, data_file, require_fields
+from .data import DataLedger, data_file, require_fields, split_for
 from .mc import TaskResolver, run_mc
 from .mc_items import MC_TASKS
 from .suites import BUILTIN_TASKS, SUITES, Suite, expand_tasks, get_suite
@@ -51,6 +51,7 @@ class EvalPlan:
     resolver: TaskResolver | None = None
     testset: Any = None  # a resolved moe_slim.evals.testsets.TestSet replacing data/translation/test.jsonl
     testset_records: list[dict[str, Any]] = field(default_factory=list)
+    split: str = "test"  # catalog_test / catalog_validation: translation tasks only (others read test)
 
     @property
     def mc_tasks(self) -> list[str]:
@@ -66,12 +67,16 @@ def plan_evaluation(
     include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     baseline: Any = None,
     translation_testset: str | None = None,
+    split: str = "test",
 ) -> EvalPlan:
     """Check a request (suite, task names, data files, baseline) and say what will run; MoeSlimError if it cannot.
 
     ``translation_testset`` (``wmt22:en-de``, ``flores200:en-de``) translates a standard test set
-    instead of the built data's translation test split.
+    instead of the built data's translation test split. ``split``: the data split evaluated
+    (``test``, ``validation``, ..., or ``catalog_test``, whose translation catalogs no other split has
+    seen; domains without catalog-level splits then use ``test``).
     """
+    split_for("translation", split)  # an unknown split is one line, before anything else
     base = get_suite(suite).with_limit(limit)
     names = expand_tasks(tasks.split(",") if isinstance(tasks, str) else tasks) if tasks is not None \
         else list(base.tasks)
@@ -94,13 +99,13 @@ def plan_evaluation(
     for t in names:
         for domain in _TASK_DOMAINS.get(t, ()):
             if not (t == "translation" and testset is not None):
-                data_file(data, domain, "test")
+                data_file(data, domain, split_for(domain, split))
     if baseline is not None and "translation" not in names:
         raise MoeSlimError("a baseline compares translations, but this run has no translation task "
                            "(add translation to --tasks or drop --baseline)")
     if isinstance(baseline, (str, os.PathLike)) and not Path(baseline).is_file():
         raise MoeSlimError(f"baseline {baseline} does not exist (give a results JSON written by `moe-slim eval`)")
-    return EvalPlan(base, names, data, external, resolver, testset, testset_records)
+    return EvalPlan(base, names, data, external, resolver, testset, testset_records, split)
 
 
 def _model_info(model: Any, hash_weights: bool | None) -> dict[str, Any]:
@@ -184,6 +189,7 @@ def evaluate(
     hash_weights: bool | None = None,
     log: Callable[[str], None] | None = None,
     translation_testset: str | None = None,
+    split: str = "test",
 ) -> dict[str, Any]:
     """Run a suite (or the named ``tasks``, with the suite's limits) on the in-memory ``model``.
 
@@ -197,7 +203,7 @@ def evaluate(
     Unknown suites or tasks, missing data and bad baselines raise MoeSlimError before any model work.
     """
     plan = plan_evaluation(suite, tasks=tasks, data_dir=data_dir, limit=limit, include_path=include_path,
-                           baseline=baseline, translation_testset=translation_testset)
+                           baseline=baseline, translation_testset=translation_testset, split=split)
     return run_plan(model, tokenizer, plan, baseline=baseline, batch_size=batch_size, mc_batch_size=mc_batch_size,
                     seq_len=seq_len, mc_cache_dir=mc_cache_dir, bootstrap_samples=bootstrap_samples, seed=seed,
                     hash_weights=hash_weights, log=log, limit=limit)
@@ -239,8 +245,8 @@ def run_plan(
             if plan.testset is not None:
                 records = select_records(plan.testset_records, suite.translation_per_pair)
             else:
-                records = ledger.load("translation")
-                require_fields(records, TRANSLATION_FIELDS, plan.data_dir / "translation" / "test.jsonl")
+                records = ledger.load("translation", plan.split)
+                require_fields(records, TRANSLATION_FIELDS, plan.data_dir / "translation" / f"{plan.split}.jsonl")
                 records = select_records(records, suite.translation_per_pair)
             say(f"translation: {len(records)} sentences" + (f" of {plan.testset.label}" if plan.testset else ""))
             results["translation"] = evaluate_translation(
@@ -251,7 +257,8 @@ def run_plan(
             t0 = time.perf_counter()
             say(f"multiple choice (lm-eval): {', '.join(plan.mc_tasks)}")
             mc = run_mc(model, tokenizer, plan.mc_tasks, data_dir=plan.data_dir, cache_dir=mc_cache_dir,
-                        limit=suite.mc_limit, batch_size=mc_batch_size or 16, resolver=plan.resolver)
+                        limit=suite.mc_limit, batch_size=mc_batch_size or 16, resolver=plan.resolver,
+                        split=plan.split)
             for name in plan.mc_tasks:
                 if name in mc["tasks"]:
                     results[name] = {**mc["tasks"][name], "timing": "mc"}
@@ -263,8 +270,8 @@ def run_plan(
             timings["mc"] = time.perf_counter() - t0
         if "math_gen" in plan.tasks:
             t0 = time.perf_counter()
-            path = plan.data_dir / "math" / "test.jsonl"
-            records = ledger.load("math")
+            path = plan.data_dir / "math" / f"{split_for('math', plan.split)}.jsonl"
+            records = ledger.load("math", split_for("math", plan.split))
             require_fields(records, ("id", "answer"), path)
             records = records[: suite.math_limit] if suite.math_limit is not None else records
             say(f"math_gen: {len(records)} problems")
@@ -275,8 +282,8 @@ def run_plan(
             t0 = time.perf_counter()
             docs = {}
             for domain in _TASK_DOMAINS["perplexity"]:
-                records = ledger.load(domain)
-                require_fields(records, ("text",), plan.data_dir / domain / "test.jsonl")
+                records = ledger.load(domain, split_for(domain, plan.split))
+                require_fields(records, ("text",), plan.data_dir / domain / f"{split_for(domain, plan.split)}.jsonl")
                 docs[domain] = [str(r["text"]) for r in (records[: suite.ppl_docs] if suite.ppl_docs else records)]
             say(f"perplexity: {sum(len(d) for d in docs.values())} documents")
             results["perplexity"] = evaluate_perplexity(model, tokenizer, docs, seq_len=seq_len or suite.ppl_seq_len,
@@ -297,6 +304,7 @@ def run_plan(
         "suite_version": suite.version_tag,
         "suite_settings": suite_info,
         "tasks_run": list(plan.tasks),
+        "split": plan.split,
         "limit": limit,
         "model": _model_info(model, hash_weights),
         "data": {"dir": str(plan.data_dir), "files": dict(sorted(ledger.files.items()))},

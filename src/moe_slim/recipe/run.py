@@ -100,7 +100,8 @@ def run_recipe(recipe: Recipe, raw: dict[str, Any], out: str | os.PathLike, *, r
         say(f"eval: {e.suite} {e.tasks or ''}")
         m_, tok = load_model(final, device=recipe.device if recipe.device != "auto" else None)
         results = evaluate(m_, tok, e.suite, tasks=e.tasks, limit=e.limit, batch_size=e.batch_size,
-                           data_dir=data_dir, translation_testset=e.translation_testset, hash_weights=False)
+                           data_dir=data_dir, translation_testset=e.translation_testset, hash_weights=False,
+                           split=e.split)
         steps["metrics"] = results["metrics"]
 
     with atomic_dir(out, overwrite=overwrite) as tmp:

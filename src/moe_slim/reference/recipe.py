@@ -2,8 +2,11 @@
 
 No pretrained MoE can be downloaded on our machines, so moe_slim ships its own: a byte-level BPE
 tokenizer with the translation-prompt tags as special tokens, and a Qwen3-MoE (the code path of
-Qwen3-30B-A3B) trained from scratch with the load-balancing loss on a domain-balanced stream of
-the ``train`` split. Its experts specialise by domain, which is what pruning for a task exploits.
+Qwen3-30B-A3B) with fine-grained experts (32 per layer, top-4), built by sparse upcycling: a dense
+model (one FFN per layer, as wide as one expert) is trained first, every expert of a layer starts
+as a copy of that layer's FFN (plus a little noise), and the MoE then trains with the
+load-balancing loss on a domain-balanced stream of the ``train`` split. Its experts specialise by
+domain, which is what pruning for a task exploits.
 """
 
 from __future__ import annotations
@@ -32,17 +35,21 @@ class Recipe:
     seed: int = 1234
     vocab_size: int = 4096
     hidden_size: int = 192
-    num_hidden_layers: int = 4
+    num_hidden_layers: int = 6
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     head_dim: int = 48
-    moe_intermediate_size: int = 128
-    num_experts: int = 16
-    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 64
+    num_experts: int = 32
+    num_experts_per_tok: int = 4
     router_aux_loss_coef: float = 0.02
     seq_len: int = 256
     batch_size: int = 8
-    steps: int = 4000
+    # sparse upcycling: steps of the dense model (FFN as wide as one expert) before the MoE; 0 = from scratch
+    dense_steps: int = 1000
+    # std of the Gaussian noise added to each expert copy, relative to the std of the copied weight
+    upcycle_noise: float = 0.01
+    steps: int = 3000
     lr: float = 3e-3
     warmup: int = 100
     weight_decay: float = 0.05
@@ -144,15 +151,45 @@ def training_loss(out: Any, labels: torch.Tensor, label_smoothing: float, aux_co
     return loss
 
 
-def build_model(recipe: Recipe, tok: Any) -> Qwen3MoeForCausalLM:
+def build_model(recipe: Recipe, tok: Any, *, dense: bool = False) -> Qwen3MoeForCausalLM:
+    """The MoE of the recipe; with ``dense``, the same model with one FFN per layer as wide as one expert
+    (the starting point of sparse upcycling, :func:`upcycle`)."""
     cfg = Qwen3MoeConfig(
         vocab_size=len(tok), hidden_size=recipe.hidden_size, num_hidden_layers=recipe.num_hidden_layers,
         num_attention_heads=recipe.num_attention_heads, num_key_value_heads=recipe.num_key_value_heads,
         head_dim=recipe.head_dim, moe_intermediate_size=recipe.moe_intermediate_size,
-        intermediate_size=recipe.moe_intermediate_size * 2, num_experts=recipe.num_experts,
+        intermediate_size=recipe.moe_intermediate_size * (1 if dense else 2), num_experts=recipe.num_experts,
+        mlp_only_layers=list(range(recipe.num_hidden_layers)) if dense else [],
         num_experts_per_tok=recipe.num_experts_per_tok, norm_topk_prob=True,
         router_aux_loss_coef=recipe.router_aux_loss_coef, max_position_embeddings=1024, tie_word_embeddings=True,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
     )
     torch.manual_seed(recipe.seed)
     return Qwen3MoeForCausalLM(cfg)
+
+
+@torch.no_grad()
+def upcycle(dense: Qwen3MoeForCausalLM, recipe: Recipe, tok: Any) -> Qwen3MoeForCausalLM:
+    """Sparse upcycling (Komatsuzaki et al. 2023): the recipe's MoE with every weight of ``dense``
+    copied, and every expert of a layer a copy of that layer's dense FFN plus Gaussian noise of
+    ``upcycle_noise`` times the weight's std (seeded). Routers keep their fresh initialisation.
+    With zero noise the MoE computes exactly what the dense model does (the top-k weights sum to 1)."""
+    moe = build_model(recipe, tok).to(next(dense.parameters()).device)
+    state = dense.state_dict()
+    g = torch.Generator(device="cpu").manual_seed(recipe.seed + 1)
+    for name, param in moe.named_parameters():
+        if name in state:
+            param.copy_(state[name])
+            continue
+        if ".mlp.gate." in name:
+            continue
+        prefix = name.split(".mlp.")[0] + ".mlp."
+        if name.endswith("experts.gate_up_proj"):
+            w = torch.cat([state[prefix + "gate_proj.weight"], state[prefix + "up_proj.weight"]], dim=0)
+        elif name.endswith("experts.down_proj"):
+            w = state[prefix + "down_proj.weight"]
+        else:
+            raise RuntimeError(f"upcycle: no dense weight for {name}")
+        noise = torch.randn((param.shape[0], *w.shape), generator=g).to(w.device) * (recipe.upcycle_noise * w.std())
+        param.copy_(w.unsqueeze(0) + noise)
+    return moe

@@ -81,7 +81,8 @@ def default_evaluator(model: Any, tok: Any, ev: dict[str, Any]) -> dict[str, Any
     from ..evals.run import evaluate
 
     return evaluate(model, tok, ev["suite"], data_dir=ev["data_dir"], tasks=ev.get("tasks"), limit=ev.get("limit"),
-                    batch_size=ev.get("batch_size"), baseline=ev.get("baseline"), hash_weights=False)
+                    batch_size=ev.get("batch_size"), baseline=ev.get("baseline"), hash_weights=False,
+                    split=ev.get("split", "test"))
 
 
 def translation_hypotheses(result: dict[str, Any]) -> dict[str, str] | None:

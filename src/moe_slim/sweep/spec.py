@@ -270,6 +270,8 @@ def parse_spec(raw: Any, *, check_files: bool = True) -> SweepSpec:
     cal = m.calibration.model_dump()
     mixes, mix_names = _mixes(m.mixes, cal["domains"])
     ev = {"suite": m.eval.suite, "tasks": m.eval.tasks, "limit": m.eval.limit, "batch_size": m.eval.batch_size}
+    if m.eval.split != "test":  # absent from older specs' stored settings, so their points are reused
+        ev["split"] = m.eval.split
     recover = {"sft": {**m.recover["sft"].sft_kwargs(), "data": m.recover["sft"].data}} if m.recover else None
     data_dir = str(data_dir_or_default(m.data_dir))
     spec = SweepSpec(model=m.model, data_dir=data_dir, calibration=cal, mixes=mixes, methods=list(m.methods),
@@ -293,7 +295,8 @@ def check_inputs(spec: SweepSpec) -> None:
     for d in spec.calibration["domains"]:
         p = data / d / f"{spec.calibration['split']}.jsonl"
         _need(p.is_file(), f"calibration domain '{d}' has no file {p} (fix calibration.domains or build the data)")
-    plan_evaluation(spec.eval["suite"], tasks=spec.eval["tasks"], data_dir=spec.data_dir, limit=spec.eval["limit"])
+    plan_evaluation(spec.eval["suite"], tasks=spec.eval["tasks"], data_dir=spec.data_dir, limit=spec.eval["limit"],
+                    split=spec.eval.get("split", "test"))
 
 
 def load_spec(path: str | os.PathLike, **overrides: Any) -> SweepSpec:

@@ -12,6 +12,7 @@ from ...prompts import TARGET_LANGS
 from ..filters import Pair, clean_pair, dedupe_pairs
 from ..mo import read_mo
 from .base import SourceData, SourceInfo, SourceMissing, Warn, _no_warn
+from .debian import DebCatalogs, is_held_out_catalog
 
 # --------------------------------------------------------------------------------------------
 # translation: gettext catalogs
@@ -22,7 +23,8 @@ DEFAULT_LOCALE_DIRS: tuple[str, ...] = ("/usr/share/locale", "/usr/share/locale-
 
 def locale_catalogs(locale_dirs: Iterable[str | os.PathLike], langs: Iterable[str] = TARGET_LANGS) -> dict[str, list[Path]]:
     """The ``.mo`` files per language under ``<dir>/<lang>/LC_MESSAGES`` (and ``<lang>_<LANG>``,
-    e.g. ``de_DE``), sorted by path."""
+    e.g. ``de_DE``), sorted by path. Catalogs reserved for the out-of-distribution evaluation
+    (:data:`~moe_slim.data.sources.debian.HELD_OUT_CATALOGS`) are never listed."""
     out: dict[str, list[Path]] = {}
     for lang in langs:
         files: set[Path] = set()
@@ -30,17 +32,25 @@ def locale_catalogs(locale_dirs: Iterable[str | os.PathLike], langs: Iterable[st
             for sub in (lang, f"{lang}_{lang.upper()}"):
                 msgdir = Path(d) / sub / "LC_MESSAGES"
                 if msgdir.is_dir():
-                    files.update(p for p in msgdir.glob("*.mo") if p.is_file())
+                    files.update(p for p in msgdir.glob("*.mo") if p.is_file() and not is_held_out_catalog(p))
         out[lang] = sorted(files)
     return out
 
 
 def translation_source(locale_dirs: Iterable[str | os.PathLike] | None = None, langs: Iterable[str] = TARGET_LANGS,
-                       *, min_words: int = 4, warn: Warn = _no_warn) -> SourceData:
-    """EN->lang sentence pairs from the installed gettext catalogs, filtered and deduplicated.
-    Records: ``src``, ``ref``, ``tgt_lang``, ``origin``. A corrupt catalog is skipped with a warning."""
+                       *, min_words: int = 4, debs: Iterable[DebCatalogs] = (), warn: Warn = _no_warn) -> SourceData:
+    """EN->lang sentence pairs from the installed gettext catalogs and those extracted from
+    downloaded Debian packages (``debs``), filtered and deduplicated. Records: ``src``, ``ref``,
+    ``tgt_lang``, ``origin`` (``<path>`` for installed catalogs, ``deb:<package>_<version>/<lang>/
+    LC_MESSAGES/<catalog>.mo`` for downloaded ones). A corrupt catalog is skipped with a warning."""
     dirs = [Path(d) for d in (locale_dirs if locale_dirs is not None else DEFAULT_LOCALE_DIRS)]
     catalogs = locale_catalogs([d for d in dirs if d.is_dir()], langs)
+    names = {p: str(p) for files in catalogs.values() for p in files}
+    debs = list(debs)
+    for deb in debs:
+        for lang, files in locale_catalogs([deb.root], langs).items():
+            catalogs[lang] = catalogs.get(lang, []) + files
+            names.update({p: f"{deb.label}/{p.relative_to(deb.root).as_posix()}" for p in files})
     if not any(catalogs.values()):
         raise SourceMissing(f"no gettext catalogs for {'/'.join(langs)} under {', '.join(map(str, dirs))} "
                             "(install the locale files of some packages, or pass --locale-dir DIR)")
@@ -57,7 +67,7 @@ def translation_source(locale_dirs: Iterable[str | os.PathLike] | None = None, l
             for msgid, msgstr in cat.pairs():
                 kept = clean_pair(msgid, msgstr, min_words=min_words)
                 if kept:
-                    pairs.append(Pair(src=kept[0], ref=kept[1], lang=lang, origin=str(path)))
+                    pairs.append(Pair(src=kept[0], ref=kept[1], lang=lang, origin=names[path]))
     pairs = dedupe_pairs(pairs)
     records = [{"src": p.src, "ref": p.ref, "tgt_lang": p.lang, "origin": f"gettext:{p.origin}"} for p in pairs]
     n_files = sum(len(f) for f in catalogs.values())
@@ -65,7 +75,7 @@ def translation_source(locale_dirs: Iterable[str | os.PathLike] | None = None, l
         name="gettext-catalogs",
         license="the licences of the Debian packages that ship each catalog (mostly GPL/LGPL; "
                 "see /usr/share/doc/<package>/copyright)",
-        location=", ".join(str(d) for d in dirs if d.is_dir()),
+        location=", ".join([str(d) for d in dirs if d.is_dir()] + ([f"{len(debs)} Debian packages"] if debs else [])),
         note=f"{n_files} catalogs ({', '.join(f'{k}: {len(v)}' for k, v in catalogs.items())}), "
              f"{skipped} unreadable skipped; software messages (UI strings, error messages), not prose",
     )

@@ -123,6 +123,7 @@ class LayersFromShards(InMemoryLayers):
         if self.sequential:  # the merged layer's outputs feed the next one
             si, i = self._position(layer)
             self._run(si, i)
+        self.source.unload(layer.name)  # the caller still holds this block: its memory must go now
         parent, _, attr = layer.name.rpartition(".")
         setattr(self.model.get_submodule(parent) if parent else self.model, attr, self.pristine)
         if self.sequential:
