@@ -37,8 +37,8 @@ def meta_model(config: Any) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    config = copy.deepcopy(config)  # from_config(dtype=...) sets the config's dtype: never the caller's object
     if hasattr(config, "quantization_config"):
-        config = copy.deepcopy(config)
         del config.quantization_config
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     with init_empty_weights():  # buffers computed at init (sinusoidal positions) in float32, as a float32 load has them
