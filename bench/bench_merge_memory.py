@@ -76,7 +76,7 @@ def main() -> int:
             print(f"{case:20s} {path:10s} {rss:8.0f} MB {wall:7.1f}s {o.total_bytes / 1e9:7.3f}GB  {','.join(dtypes)}")
             outs[path] = (rss, o)
         a, b = outs["at size"][1], outs["in memory"][1]
-        same = a.keys == b.keys and all(torch.equal(a.tensor(k), b.tensor(k)) for k in a.keys)
+        same = set(a.keys) == set(b.keys) and all(torch.equal(a.tensor(k), b.tensor(k)) for k in a.keys)
         print(f"{'':20s} same tensors on both paths: {same}")
         ratios.append((case, outs["at size"][0], outs["in memory"][0]))
     for case, at, mem in ratios:
