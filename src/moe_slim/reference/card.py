@@ -75,18 +75,24 @@ MC_CHANCE = 0.25  # four choices per item (moe_slim.evals.mc_items.N_CHOICES)
 
 
 def measure_split(model: Any, tok: Any, data_dir: str | os.PathLike, split: str, *, per_pair: int | None = None,
-                  mc_limit: int | None = None, ppl_docs: int | None = None, log: Any = print) -> dict[str, Any]:
+                  mc_limit: int | None = None, ppl_docs: int | None = None, log: Any = print,
+                  parts: tuple[str, ...] = ("translation", "mc")) -> dict[str, Any]:
     """One split's card figures: chrF/BLEU against copying the source (paired bootstrap), the MC tasks
     (accuracy and acc_norm with 95% intervals, against chance) and perplexity per domain. ``None``
-    limits mean the whole split; every figure carries its n."""
+    limits mean the whole split; every figure carries its n. ``parts`` picks what to measure
+    (``translation``; ``mc``: the MC tasks and perplexity), so a split can be measured in pieces."""
     import dataclasses
 
     from ..evals import suites
     from ..evals.mc_items import MC_TASKS
     from ..evals.run import plan_evaluation, run_plan
 
-    log(f"{split}: translating {per_pair or 'all'} sentences per pair against the copy baseline ...")
-    vs_copy = translation_against_copy(model, tok, data_dir, per_pair, split=split)
+    out: dict[str, Any] = {"split": split}
+    if "translation" in parts:
+        log(f"{split}: translating {per_pair or 'all'} sentences per pair against the copy baseline ...")
+        out["translation_vs_copy"] = translation_against_copy(model, tok, data_dir, per_pair, split=split)
+    if "mc" not in parts:
+        return out
     plan = plan_evaluation("full", tasks=[*MC_TASKS, "perplexity"], data_dir=data_dir, split=split)
     plan.suite = dataclasses.replace(suites.get_suite("full"), mc_limit=mc_limit, ppl_docs=ppl_docs)
     log(f"{split}: multiple choice ({mc_limit or 'all'} items per task) and perplexity "
@@ -101,7 +107,7 @@ def measure_split(model: Any, tok: Any, data_dir: str | os.PathLike, split: str,
             mc[t][k] = round(e[k], 4)
             mc[t][f"{k}_ci95"] = [round(max(0.0, e[k] - 1.96 * se), 4), round(min(1.0, e[k] + 1.96 * se), 4)]
     ppl = res["tasks"]["perplexity"]
-    return {"split": split, "translation_vs_copy": vs_copy, "mc": mc,
+    return {**out, "mc": mc,
             "perplexity": {d: {"ppl": round(v["ppl"], 3), "docs": v.get("docs"), "tokens": v.get("tokens")}
                            for d, v in ppl["domains"].items()},
             "data_files": res["data"]["files"]}
