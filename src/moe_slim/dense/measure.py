@@ -136,31 +136,64 @@ class OwnOutputs:
 
 def mc_correct(model: Any, tokenizer: Any, item: dict[str, Any], context: int = 128) -> float:
     """1.0 when the gold choice has the highest summed log-likelihood after the query (lm-eval's ``acc``)."""
+    return float(int(np.argmax(mc_scores(model, tokenizer, item, context))) == int(item["gold"]))
+
+
+def mc_scores(model: Any, tokenizer: Any, item: dict[str, Any], context: int = 128) -> list[float]:
+    """Summed log-likelihood of each choice's tokens after the query.
+
+    The query (its last ``context`` tokens) runs once; its key/value cache is repeated for the choices,
+    which run together (right-padded), so an item costs the query plus the choices' tokens."""
     import torch
 
     from ..evals.generation import pad_token_id
 
-    q = tokenizer(item["query"], add_special_tokens=False)["input_ids"][-context:]
-    conts = [tokenizer(item["query"] + c, add_special_tokens=False)["input_ids"] for c in item["choices"]]
     full_q = tokenizer(item["query"], add_special_tokens=False)["input_ids"]
-    # the continuation's tokens as lm-eval splits them: the whole string's tokens after the query's
-    conts = [c[len(full_q):] if c[: len(full_q)] == full_q else tokenizer(ch, add_special_tokens=False)["input_ids"]
-             for c, ch in zip(conts, item["choices"])]
-    seqs = [q + c for c in conts]
-    width = max(len(x) for x in seqs)
+    q = full_q[-context:]
+    conts = []
+    for ch in item["choices"]:
+        whole = tokenizer(item["query"] + ch, add_special_tokens=False)["input_ids"]
+        # the continuation's tokens as lm-eval splits them: the whole string's tokens after the query's
+        conts.append(whole[len(full_q):] if whole[: len(full_q)] == full_q and len(whole) > len(full_q)
+                     else tokenizer(ch, add_special_tokens=False)["input_ids"])
+    k, width = len(conts), max(len(c) for c in conts)
     pad = pad_token_id(model, tokenizer)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, x in enumerate(seqs):
-        ids[i, : len(x)] = torch.tensor(x)
-        mask[i, : len(x)] = 1
+    ids = torch.full((k, width), pad, dtype=torch.long)
+    mask = torch.zeros((k, len(q) + width), dtype=torch.long)
+    mask[:, : len(q)] = 1
+    for i, c in enumerate(conts):
+        ids[i, : len(c)] = torch.tensor(c)
+        mask[i, len(q): len(q) + len(c)] = 1
     with torch.inference_mode():
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1)
+        qo = model(input_ids=torch.tensor([q]), use_cache=True)
+        past = qo.past_key_values
+        past.batch_repeat_interleave(k)
+        pos = torch.arange(len(q), len(q) + width).unsqueeze(0).expand(k, -1)
+        co = model(input_ids=ids, attention_mask=mask, past_key_values=past, position_ids=pos, use_cache=True)
+        first = torch.log_softmax(qo.logits[0, -1].float(), -1)
+        rest = torch.log_softmax(co.logits.float(), -1)
     scores = []
     for i, c in enumerate(conts):
-        pos = torch.arange(len(q) - 1, len(q) - 1 + len(c))
-        scores.append(float(logp[i, pos, torch.tensor(c)].sum()) if c else float("-inf"))
-    return float(int(np.argmax(scores)) == int(item["gold"]))
+        lp = float(first[c[0]]) + sum(float(rest[i, j - 1, c[j]]) for j in range(1, len(c)))
+        scores.append(lp)
+    return scores
+
+
+def mc_scores_plain(model: Any, tokenizer: Any, item: dict[str, Any], context: int = 128) -> float:
+    """The same as :func:`mc_scores` without the cache: every choice runs with the query (for checking)."""
+    import torch
+
+    full_q = tokenizer(item["query"], add_special_tokens=False)["input_ids"]
+    q = full_q[-context:]
+    scores = []
+    for ch in item["choices"]:
+        whole = tokenizer(item["query"] + ch, add_special_tokens=False)["input_ids"]
+        c = whole[len(full_q):] if whole[: len(full_q)] == full_q and len(whole) > len(full_q) \
+            else tokenizer(ch, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([q + c]), use_cache=False).logits[0].float(), -1)
+        scores.append(sum(float(lp[len(q) - 1 + j, t]) for j, t in enumerate(c)))
+    return scores
 
 
 def _macro(items: dict[str, Sequence[float]]) -> float:

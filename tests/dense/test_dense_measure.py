@@ -1,0 +1,38 @@
+"""Measuring the slimmed model itself: the cached MC scorer equals the plain one; retention and paired
+bootstrap differences."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from moe_slim.dense.measure import mc_scores, mc_scores_plain, paired_difference, retention
+from moe_slim.dense.tiny import WORDS, tiny_model, toy_tokenizer
+
+
+def test_cached_mc_scores_equal_running_every_choice_with_the_query():
+    model, tok = tiny_model("llama", seed=3).eval(), toy_tokenizer()
+    rng = random.Random(0)
+    for _ in range(6):
+        item = {"query": " ".join(rng.choice(WORDS) for _ in range(9)), "gold": 0,
+                "choices": [" " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4))) for _ in range(4)]}
+        assert mc_scores(model, tok, item, 6) == pytest.approx(mc_scores_plain(model, tok, item, 6), abs=1e-4)
+
+
+def test_paired_difference_and_retention():
+    a = {"t1": [1, 1, 1, 0] * 10, "t2": [1, 0] * 20}
+    same = paired_difference(a, a, samples=200)
+    assert same["delta"] == 0 and same["ci95"] == [0.0, 0.0] and same["verdict"] == "tie" and same["n"] == 80
+    worse = {"t1": [0] * 40, "t2": [0] * 40}
+    d = paired_difference(a, worse, samples=500, scale=0.5)
+    assert d["delta"] == pytest.approx((0.75 + 0.5) / 2 / 0.5) and d["verdict"] == "better"
+    assert paired_difference(worse, a, samples=500)["verdict"] == "worse"
+    full = {"items": a, "accuracy": {"t1": 0.75, "t2": 0.5}, "ppl": {"general": 10.0, "code": 4.0}}
+    slim = {"items": {"t1": [1, 0] * 20, "t2": [1, 0] * 20}, "accuracy": {"t1": 0.5, "t2": 0.5},
+            "ppl": {"general": 20.0, "code": 4.0}}
+    r = retention(slim, full)
+    assert r["headline"] == pytest.approx(0.5 / 0.625) and r["headline_metric"] == "MC accuracy retention"
+    assert r["ppl_retention"] == pytest.approx(0.75) and r["n"] == 80
+    assert np.isclose(r["tasks"]["t1"]["full_accuracy"], 0.75)
