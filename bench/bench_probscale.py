@@ -94,21 +94,22 @@ def bench_model(name: str, path: str, args) -> dict:
     measurer: Measurer = res["measurer"]
     lp = res["layer_params"]
     total = sum(sum(v) for v in lp.values())
-    own = OwnOutputs(tok, kind, args.data, mc_limit=args.mc_limit, ppl_docs=args.ppl_docs, ppl_seq_len=128,
+    own = OwnOutputs(tok, kind, args.data, mc_limit=args.mc_limit, ppl_docs=args.ppl_docs, ppl_seq_len=args.heal_seq_len,
                      per_class=args.per_class, max_length=args.max_length, pooling=args.pooling, seed=args.seed,
-                     mc_cache_dir=str(Path(args.out) / "mc_cache"))
+                     mc_cache_dir=str(Path(args.out) / "mc_cache"), mc_context=args.mc_context)
     t0 = time.time()
     full = own.score(model)
     log(f"{name}: original own outputs {full['accuracy']} {full.get('ppl', '')} ({time.time() - t0:.0f}s)")
     budgets = {}
-    for b in BUDGETS:
+    for b in args.budgets.split(","):
         sels = all_selections(res["matrix"], lp, parse_budget(b, lp), seed=args.seed)
         sels = {m: sels[m] for m in METHODS if m in sels}
         log(f"{name} {b}: " + "; ".join(f"{m} keeps {s.keep}" for m, s in sels.items()))
         budgets[b] = compare_methods(model, tok, sels, measurer=measurer, own=own, full_scores=full,
                                      heal_steps=args.heal, heal_kwargs={"data_dir": args.data, "seed": args.seed,
-                                                                        "lr": args.heal_lr, "seq_len": 128},
-                                     bootstrap_samples=2000, seed=args.seed, log=lambda m, b=b: log(f"{name} {b}: {m}"))
+                                                                        "lr": args.heal_lr, "seq_len": args.heal_seq_len,
+                                                                        "batch_size": args.heal_batch},
+                                     bootstrap_samples=2000, seed=args.seed, probe_healed=not args.no_probe_healed, log=lambda m, b=b: log(f"{name} {b}: {m}"))
         (Path(args.out) / f"{name}.partial.json").write_text(json.dumps(budgets, indent=1, default=str))
     return {"model": path, "kind": kind, "family": res["summary"]["family"], "layers": {k: len(v) for k, v in lp.items()},
             "total_layer_params": total, "probe_tasks": {t.name: len(t.texts) for t in probe_tasks},
@@ -127,7 +128,7 @@ def write_report(results: dict, skipped: dict, out: Path, args, seconds: float) 
              f"(a) on the validation split); own outputs (b): decoders {args.mc_limit} MC items per task (test "
              f"split) and perplexity on {args.ppl_docs} test documents per domain (128-token windows); encoders "
              f"classifiers trained on the train split, scored on the test split. Healing: {args.heal} distillation "
-             f"steps (batch 4 x 128 tokens, lr {args.heal_lr}, general mix), the same for every method. "
+             f"steps (batch {args.heal_batch} x {args.heal_seq_len} tokens, lr {args.heal_lr}, general mix), the same for every method. "
              "Retention = slimmed / original. Differences: ProbScale minus the baseline in (b) retention, 95% "
              "paired bootstrap over items (2000 resamples); 'tie' when the interval holds 0.", ""]
     for name, (_, why) in skipped.items():
@@ -186,9 +187,16 @@ def main() -> int:
     ap.add_argument("--ppl-docs", type=int, default=4)
     ap.add_argument("--heal", type=int, default=30, help="distillation steps, the same for every method")
     ap.add_argument("--heal-lr", type=float, default=2e-4)
+    ap.add_argument("--heal-batch", type=int, default=4)
+    ap.add_argument("--heal-seq-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test of the bench)")
-    ap.add_argument("--models", default="SmolLM2-135M-Instruct,all-MiniLM-L6-v2")
+    ap.add_argument("--models", default="all-MiniLM-L6-v2,SmolLM2-135M-Instruct")
+    ap.add_argument("--path", action="append", default=[],
+                    help="NAME=PATH: use this checkpoint for a model (e.g. the GGUF already converted to safetensors)")
+    ap.add_argument("--budgets", default=",".join(BUDGETS))
+    ap.add_argument("--no-probe-healed", action="store_true", help="skip the probe retention (a) after healing")
+    ap.add_argument("--mc-context", type=int, default=64, help="query tokens kept for MC scoring")
     args = ap.parse_args()
     if args.quick:
         args.per_class, args.mc_limit, args.ppl_docs, args.heal = 6, 4, 1, 2
@@ -199,6 +207,9 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     found = find_models()
+    for spec in args.path:
+        n, _, p = spec.partition("=")
+        found[n] = (p, "")
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]
     skipped = {n: v for n, v in found.items() if n in wanted and v[0] is None}
     for n, (_, why) in skipped.items():

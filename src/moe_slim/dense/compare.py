@@ -60,7 +60,7 @@ def compare_methods(model: Any, tokenizer: Any, selections: dict[str, Selection]
                 score_log(f"{name} ({e['reduction']:.2f}x)", e["own"], log)
             if heal_steps:
                 e["heal"] = heal(slim, tokenizer, heal_steps, teacher=model, **(heal_kwargs or {}))
-                if measurer is not None:
+                if measurer is not None and probe_healed:
                     e["probe_healed"] = {k: v for k, v in measurer.measure_model(slim).items() if k != "tasks"}
                 if own is not None:
                     s = own.score(slim)
