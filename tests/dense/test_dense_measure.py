@@ -36,3 +36,31 @@ def test_paired_difference_and_retention():
     assert r["headline"] == pytest.approx(0.5 / 0.625) and r["headline_metric"] == "MC accuracy retention"
     assert r["ppl_retention"] == pytest.approx(0.75) and r["n"] == 80
     assert np.isclose(r["tasks"]["t1"]["full_accuracy"], 0.75)
+
+
+def test_probe_scores_every_plan_on_its_own_outputs_before_and_after_healing(tmp_path):
+    import json
+
+    from eval_fixtures import write_fixture_data
+
+    from moe_slim.cli import main
+    from moe_slim.dense.tiny import save_tiny, synthetic_tasks
+
+    data = write_fixture_data(tmp_path / "data", n_per_domain=8, splits=("train", "test"))
+    src = save_tiny(tiny_model("llama", seed=4), tmp_path / "model")
+    tasks = synthetic_tasks(tmp_path / "tasks", n_per_class=12)
+    out = tmp_path / "run"
+    assert main(["probe", str(src), "--tasks", str(tasks["topic"]), "--budget", "x2", "--scaling", "off", "--folds", "3",
+                 "--data", str(data), "--model-eval", "on", "--mc-limit", "3", "--heal", "2", "--out", str(out)]) == 0
+    own = json.loads((out / "own_outputs.json").read_text())
+    assert set(own["methods"]) >= {"probscale-contiguous", "block-influence", "angular", "last-layers", "random"}
+    sizes = {e["params"] for e in own["methods"].values()}
+    assert len(sizes) == 1  # equal size
+    for e in own["methods"].values():
+        assert e["own"]["n"] == e["own_healed"]["n"] > 0 and e["heal"]["steps"] == 2
+        assert set(e["own"]["ppl"]) == {"general", "math", "code", "translation"}
+    assert set(own["differences"]) == {"before", "after"}
+    d = own["differences"]["before"]["random"]
+    assert d["ci95"][0] <= d["delta"] <= d["ci95"][1]
+    compare = json.loads((out / "compare.json").read_text())
+    assert "own" in compare["probscale-contiguous"] and "own_healed" in compare["random"]
