@@ -109,7 +109,9 @@ def bench_model(name: str, path: str, args) -> dict:
                                      heal_steps=args.heal, heal_kwargs={"data_dir": args.data, "seed": args.seed,
                                                                         "lr": args.heal_lr, "seq_len": args.heal_seq_len,
                                                                         "batch_size": args.heal_batch},
-                                     bootstrap_samples=2000, seed=args.seed, probe_healed=not args.no_probe_healed, log=lambda m, b=b: log(f"{name} {b}: {m}"))
+                                     bootstrap_samples=2000, seed=args.seed, probe_healed=not args.no_probe_healed,
+                                     on_method=lambda m, e, b=b: (Path(args.out) / f"{name}.{b}.{m}.json").write_text(
+                                         json.dumps(e, default=str)), log=lambda m, b=b: log(f"{name} {b}: {m}"))
         (Path(args.out) / f"{name}.partial.json").write_text(json.dumps(budgets, indent=1, default=str))
     return {"model": path, "kind": kind, "family": res["summary"]["family"], "layers": {k: len(v) for k, v in lp.items()},
             "total_layer_params": total, "probe_tasks": {t.name: len(t.texts) for t in probe_tasks},

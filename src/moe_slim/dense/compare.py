@@ -70,6 +70,8 @@ def compare_methods(model: Any, tokenizer: Any, selections: dict[str, Selection]
             del slim
         e["seconds"] = round(time.time() - t, 1)
         methods[name] = e
+        if on_method is not None:
+            on_method(name, e)
     diffs: dict[str, Any] = {}
     scale = None
     if full_scores is not None:
