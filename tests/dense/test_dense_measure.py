@@ -64,3 +64,17 @@ def test_probe_scores_every_plan_on_its_own_outputs_before_and_after_healing(tmp
     assert d["ci95"][0] <= d["delta"] <= d["ci95"][1]
     compare = json.loads((out / "compare.json").read_text())
     assert "own" in compare["probscale-contiguous"] and "own_healed" in compare["random"]
+
+
+def test_compare_methods_reports_each_method_as_it_goes():
+    from moe_slim.dense.compare import compare_methods
+    from moe_slim.dense.select import Selection
+
+    model = tiny_model("llama", seed=1)
+    sels = {"probscale-contiguous": Selection("probscale-contiguous", {"decoder": [0, 1, 2]}, 30, 30, 60),
+            "random": Selection("random", {"decoder": [0, 2, 4]}, 30, 30, 60)}
+    seen = []
+    table = compare_methods(model, toy_tokenizer(), sels, on_method=lambda m, e: seen.append((m, e["params"])),
+                            probe_healed=False)
+    assert seen == [("probscale-contiguous", 30), ("random", 30)]
+    assert table["methods"]["random"]["reduction"] == 2.0 and table["differences"] == {}

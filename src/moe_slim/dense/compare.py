@@ -30,7 +30,8 @@ def _entry(sel: Selection) -> dict[str, Any]:
 def compare_methods(model: Any, tokenizer: Any, selections: dict[str, Selection], *, measurer: Any = None,
                     own: OwnOutputs | None = None, full_scores: dict[str, Any] | None = None, heal_steps: int = 0,
                     heal_kwargs: dict[str, Any] | None = None, primary: str = PRIMARY, bootstrap_samples: int = 2000,
-                    seed: int = 0, log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+                    seed: int = 0, log: Callable[[str], None] = lambda m: None, probe_healed: bool = True,
+                    on_method: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Measure every selection; returns ``{"methods": {name: {...}}, "full": {...}, "differences": {...}}``.
 
     ``measurer``: a :class:`~moe_slim.dense.pipeline.Measurer` for the probe retention (a) (skipped when
