@@ -75,3 +75,9 @@ def test_slim_dense_heals_and_writes_a_card(data_dir, tmp_path):
     # without --heal: the kept layers are the original's, and the card says there was no healing
     assert main(["slim-dense", str(src), "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "raw")]) == 0
     assert "none (run" in (tmp_path / "raw" / "README.md").read_text()
+
+
+def test_sft_healing_goes_through_recover(data_dir):
+    model = slim_model(tiny_model("llama", seed=2), {"decoder": [0, 5]})
+    info = heal(model, toy_tokenizer(), 2, mode="sft", data="general=1", data_dir=data_dir, batch_size=2, seq_len=16)
+    assert info["mode"] == "sft" and info["steps"] == 2 and info["tokens"] > 0

@@ -28,7 +28,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
         data_dir=args.data, split=args.split, per_class=args.per_class, seed=args.seed, pooling=args.pooling,
         max_length=args.max_length, batch_size=args.batch_size, n_folds=args.folds,
         scaling_fractions=_fractions(args.scaling), compare=not args.no_compare, eval_tasks=args.eval_tasks,
-        eval_split=args.eval_split, overwrite=args.overwrite,
+        eval_split=args.eval_split, overwrite=args.overwrite, model_eval=args.model_eval, mc_limit=args.mc_limit,
+        heal_steps=args.heal,
     )
     sel = res["plan"]
     b = res["summary"]["budget"]
@@ -37,6 +38,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
             f"layers, {sel.params:,} of {sel.total:,} layer parameters ({sel.total / sel.params:.2f}x fewer); every "
             "baseline at the same size")
     m = res["compare"].get(sel.method)
+    if m and m.get("own"):
+        o = m["own"]
+        line += f"; {o['headline_metric']} {o['headline']:.3f} (n={o['n']})"
+        if m.get("own_healed"):
+            line += f", after {args.heal} heal steps {m['own_healed']['headline']:.3f}"
     if m:
         line += f"; probe retention {m['retention']:.3f}"
     print(line)
@@ -88,6 +94,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scaling", default="0.1,0.2,0.3,0.4,0.5,0.65,0.8",
                    help="budget fractions measured for the scaling fit, or 'off'")
     p.add_argument("--no-compare", action="store_true", help="do not measure the baselines at the plan's budget")
+    p.add_argument("--model-eval", choices=("auto", "on", "off"), default="auto",
+                   help="score every compared plan on the model's own outputs (decoders: per-domain perplexity and "
+                        "the MC tasks; encoders: classifiers on train->test splits), the headline retention; auto: "
+                        "when --data has test splits (default)")
+    p.add_argument("--mc-limit", type=int, default=40, help="MC items per task for --model-eval (default 40)")
+    p.add_argument("--heal", type=_steps, default=0, metavar="STEPS",
+                   help="also heal every compared plan for STEPS distillation steps and score it again (default 0)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_probe)
 

@@ -112,6 +112,16 @@ class Measurer:
                      for f in self.full]
         else:
             feats = self.features(self.slim_copy(keep), final_only=True)
+        out = self._score(feats)
+        self.cache[key] = out
+        return out
+
+    def measure_model(self, model: Any) -> dict[str, Any]:
+        """Probe retention of any model with the same tokenizer (e.g. a slimmed model after healing)."""
+        return self._score(self.features(model, final_only=True))
+
+    def _score(self, feats: list[Features]) -> dict[str, Any]:
+        assert self.reference is not None
         scores = final_scores(feats, self.tasks, **self.pkw)
         per_task = {}
         for t in self.tasks:
@@ -130,9 +140,7 @@ class Measurer:
                   if self.reference[t.name] - per_task[t.name]["chance"] >= ABOVE_CHANCE_MIN]
         ret_c = float(sum(wi * per_task[t.name]["retention_above_chance"] for wi, t in usable)
                       / sum(wi for wi, _ in usable)) if usable else float("nan")
-        out = {"retention": ret, "retention_above_chance": ret_c, "tasks": per_task}
-        self.cache[key] = out
-        return out
+        return {"retention": ret, "retention_above_chance": ret_c, "tasks": per_task}
 
 
 def scaling_sweep(measurer: Measurer, relevance: dict[str, np.ndarray], layer_params: dict[str, list[int]], *,
@@ -211,13 +219,18 @@ def run_probe(
     model: Any = None,
     tokenizer: Any = None,
     log: Callable[[str], None] = _stderr,
+    model_eval: str = "auto",
+    mc_limit: int = 40,
+    heal_steps: int = 0,
 ) -> dict[str, Any]:
     """Probe MODEL on TASKS, choose layers for BUDGET, fit the scaling law, write everything to OUT.
 
     ``budget``: a spec for :func:`parse_budget`, or ``retain:0.95`` (the default) for the budget
     the scaling fit predicts for that retention. ``eval_tasks`` (or ``eval_split`` for the built-in
     tasks): held-out texts on which every retention is measured (default: the probing texts).
-    ``selection``: ``contiguous`` (plan.json removes one
+    ``model_eval``: also score every compared plan on the model's own outputs (:mod:`.measure`; the headline
+    retention): ``on``, ``off``, or ``auto`` (on when ``data_dir`` holds the test splits). ``heal_steps``:
+    heal every compared plan equally (:mod:`.heal`) and score it again. ``selection``: ``contiguous`` (plan.json removes one
     block of layers per stack) or ``free`` (any subset); both are written to ``plans/``. ``model``/``tokenizer`` may be passed already loaded.
     """
     from .slim import load_dense
@@ -319,6 +332,15 @@ def run_probe(
             m = measurer.measure(sel.keep)
             comparison[name] = {**sel.to_json(), "fraction": sel.fraction, **m}
             log(f"compare: {name:22s} kept {sel.fraction:.3f} -> retention {m['retention']:.4f}")
+    own_table = None
+    if compare and (heal_steps or model_eval != "off"):
+        from .compare import own_outputs_table
+
+        own_table = own_outputs_table(model, tokenizer, selections, data_dir=data_dir, model_eval=model_eval,
+                                      mc_limit=mc_limit, heal_steps=heal_steps, max_length=max_length,
+                                      batch_size=batch_size, pooling=pooling, seed=seed, log=log)
+        for name, e in (own_table or {}).get("methods", {}).items():
+            comparison[name].update({k: e[k] for k in ("own", "own_healed", "heal") if k in e})
 
     source = str(model_path)
     fp = model_fingerprint(model)
@@ -360,6 +382,8 @@ def run_probe(
             (tmp / "scaling.json").write_text(json.dumps(scaling, indent=1) + "\n")
         if comparison:
             (tmp / "compare.json").write_text(json.dumps(comparison, indent=1) + "\n")
+        if own_table:
+            (tmp / "own_outputs.json").write_text(json.dumps(own_table, indent=1, default=str) + "\n")
         plot_probe_matrix(pm, tmp / "probe_matrix.png", relevance, primary.keep,
                           title=f"{Path(source).name}: probe accuracy")
         if scaling is not None and scaling["points"]:

@@ -219,11 +219,13 @@ def run_mc(
     include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     resolver: TaskResolver | None = None,
     split: str = "test",
+    per_item: bool = False,
 ) -> dict[str, Any]:
     """Run MC tasks (ours by short name, others by lm-eval name) in one lm-eval call on the in-memory model.
 
     Returns ``{"tasks": {name: {"acc", "acc_norm", "acc_stderr", ..., "n"}}, "data": {name: info},
-    "lm_eval": {...}}``.
+    "lm_eval": {...}}``; with ``per_item``, also ``"items": {name: [acc of doc 0, doc 1, ...]}`` (for
+    paired bootstraps between models scored on the same items).
     """
     if not tasks:
         return {"tasks": {}, "data": {}}
@@ -252,7 +254,7 @@ def run_mc(
         try:
             # MC scoring draws no random numbers; leaving the seeds alone keeps the caller's RNG state.
             out = simple_evaluate(model=lm, tasks=specs, task_manager=manager, limit=limit, num_fewshot=None,
-                                  bootstrap_iters=1000, log_samples=False, cache_requests=False,
+                                  bootstrap_iters=1000, log_samples=per_item, cache_requests=False,
                                   confirm_run_unsafe_code=False, random_seed=None, numpy_random_seed=None,
                                   torch_random_seed=None, fewshot_random_seed=MC_SEED)
         except Exception as exc:  # dataset problems surface here with lm-eval's many exception types
@@ -277,7 +279,11 @@ def run_mc(
         if name in data_info:
             entry["lm_eval_task"] = lm_name
         results[name] = entry
-    return {"tasks": results, "data": data_info,
+    extra: dict[str, Any] = {}
+    if per_item:
+        extra["items"] = {names.get(k, k): [float(x.get("acc", 0.0)) for x in sorted(v, key=lambda x: x["doc_id"])]
+                          for k, v in (out.get("samples") or {}).items()}
+    return {"tasks": results, "data": data_info, **extra,
             "lm_eval": {"version": out.get("config", {}).get("lm_eval_version") or _lm_eval_version(),
                         "batch_size": batch_size, "max_length": max_length, "num_fewshot": 0,
                         "versions": {names.get(k, k): v for k, v in out.get("versions", {}).items()}}}
