@@ -44,6 +44,21 @@ def load(path: Path, **kw) -> torch.nn.Module:
     return auto.from_pretrained(str(path), **kw).eval()
 
 
+def streamed_and_in_memory_agree(src: Path, plan: Path, tmp_path: Path, before: dict[str, str]
+                                 ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """Apply ``plan`` streamed and in memory: the same tensors and dtypes; the source unchanged.
+    Returns the streamed model and its state dict."""
+    apply_checkpoint(src, plan, tmp_path / "streamed", max_shard_size="30KB", progress=False)
+    apply_checkpoint(src, plan, tmp_path / "memory", in_memory=True)
+    assert file_hashes(src) == before, "the source checkpoint must never change"
+    streamed, memory = load(tmp_path / "streamed"), load(tmp_path / "memory")
+    a, b = streamed.state_dict(), memory.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    return streamed, a
+
+
 def file_hashes(path: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.iterdir()) if f.is_file()}
 
@@ -55,14 +70,7 @@ def test_streamed_equals_in_memory_on_every_family(model_type: str, tmp_path: Pa
     plan = plan_for_model(tiny_model(model_type))
     plan.save(tmp_path / "plan.json")
     before = file_hashes(src)
-    apply_checkpoint(src, tmp_path / "plan.json", tmp_path / "streamed", max_shard_size="30KB", progress=False)
-    apply_checkpoint(src, tmp_path / "plan.json", tmp_path / "memory", in_memory=True)
-    assert file_hashes(src) == before, "the source checkpoint must never change"
-    streamed, memory = load(tmp_path / "streamed"), load(tmp_path / "memory")
-    a, b = streamed.state_dict(), memory.state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    streamed, a = streamed_and_in_memory_agree(src, tmp_path / "plan.json", tmp_path, before)
     assert all(l.num_experts == 4 for l in moe_layers(streamed))
     # the pruned checkpoint is the source with the removed experts gone: its expert tensors are the kept rows
     ref = tiny_model(model_type)

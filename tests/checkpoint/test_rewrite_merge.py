@@ -8,14 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_slim.api import apply_checkpoint
 from moe_slim.experts.merge.plan import MergeLayerPlan, MergePlan, _sha
 from moe_slim.experts.merge.runner import ExpertRunner
 from moe_slim.families import family_of, moe_layers
 from moe_slim.modeling.shards import ShardedCheckpoint
 from moe_slim.modeling.tiny import TINY_FAMILIES, tiny_model
 
-from test_rewrite import file_hashes, load, save_sharded
+from test_rewrite import file_hashes, save_sharded, streamed_and_in_memory_agree
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -47,15 +46,7 @@ def test_merge_plan_streamed_equals_in_memory_on_every_family(model_type: str, t
     (tmp_path / "plan").mkdir()
     plan.write_files(tmp_path / "plan")
     before = file_hashes(src)
-    apply_checkpoint(src, tmp_path / "plan" / "plan.json", tmp_path / "streamed", max_shard_size="30KB",
-                     progress=False)
-    apply_checkpoint(src, tmp_path / "plan" / "plan.json", tmp_path / "memory", in_memory=True)
-    assert file_hashes(src) == before, "the source checkpoint must never change"
-    streamed, memory = load(tmp_path / "streamed"), load(tmp_path / "memory")
-    a, b = streamed.state_dict(), memory.state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    streamed, _ = streamed_and_in_memory_agree(src, tmp_path / "plan" / "plan.json", tmp_path, before)
     stored = {ShardedCheckpoint(tmp_path / "streamed").entry(k).dtype for k in ShardedCheckpoint(tmp_path / "streamed").keys}
     assert stored == {"BF16"}, "every tensor keeps the source dtype"
     assert all(l.num_experts == 4 for l in moe_layers(streamed))
