@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-
 from typing import Any
 
 import torch
@@ -29,6 +28,14 @@ from ..recorder import Recorder, observing
 from .apply import merge_layer
 from .features import InMemoryLayers
 from .plan import MergePlan, validate_merge_plan
+
+
+def put_back(model: nn.Module, layer: MoeLayer, block: nn.Module) -> MoeLayer:
+    """Install ``block`` (an unloaded meta copy) where ``layer``'s loaded, merged block was: the
+    skeleton can load that layer again, and the loaded weights go once nothing else holds them."""
+    parent, _, attr = layer.name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, block)
+    return dataclasses.replace(layer, block=block)
 
 
 class MergedLayers:
@@ -55,16 +62,14 @@ class MergedLayers:
     @torch.no_grad()
     def _merge(self, li: int) -> dict[str, torch.Tensor]:
         layer, lp = self.layers[li], self.plan.layers[li]
-        parent, _, attr = layer.name.rpartition(".")
         pristine = copy.deepcopy(layer.block)  # on the meta device: no memory; merging reshapes the loaded one
         self.source.load(layer.name, "cpu", torch.float32)
         try:
             perms = self.plan.permutations.get(li) if lp.permutations_sha256 else None
             merge_layer(layer, lp.groups, lp.weights, perms)
             state = {f"{layer.name}.{k}": v for k, v in layer.block.state_dict().items()}
-        finally:  # the skeleton gets its unloaded block back (so a layer can be merged again), the memory goes
-            setattr(self.model.get_submodule(parent) if parent else self.model, attr, pristine)
-            self.layers[li] = dataclasses.replace(layer, block=pristine)
+        finally:  # so a layer can be merged again
+            self.layers[li] = put_back(self.model, layer, pristine)
         self.computed.append(li)
         return self.source.layout.to_disk(state)
 
@@ -124,8 +129,8 @@ class LayersFromShards(InMemoryLayers):
             si, i = self._position(layer)
             self._run(si, i)
         self.source.unload(layer.name)  # the caller still holds this block: its memory must go now
-        parent, _, attr = layer.name.rpartition(".")
-        setattr(self.model.get_submodule(parent) if parent else self.model, attr, self.pristine)
+        assert self.pristine is not None
+        put_back(self.model, layer, self.pristine)
         if self.sequential:
             self.source.unload(f"{self.stacks[si][0]}.{i}")
 
