@@ -65,3 +65,24 @@ def test_merge_at_size_from_observed_samples_equals_in_memory(model_type: str, m
     merge_checkpoint(src, tmp_path / "at_size", **kw)
     merge_checkpoint(src, tmp_path / "memory", in_memory=True, **kw)
     _same(tmp_path / "at_size", tmp_path / "memory")
+
+
+def test_layer_loaded_in_source_dtype_only_when_written_in_it(tmp_path: Path) -> None:
+    """A bf16 layer merged for a bf16 output is loaded in bf16 (half the memory, same bytes: the sums are
+    float32 and rounded once); for a float32 output it is loaded in float32, or the rounding would differ."""
+    from moe_slim.experts.merge.at_size import MergedLayers
+    from moe_slim.api.plans import load_plan
+    from moe_slim.modeling.loading import load_config
+
+    src = _source("qwen3_moe", tmp_path / "src")
+    kw = dict(method="hc-smoe", ratio=0.5, calib=TEXTS, seq_len=32, batch_size=2, max_tokens=256, device="cpu")
+    merge_checkpoint(src, tmp_path / "at_size", dtype="float32", **kw)
+    merge_checkpoint(src, tmp_path / "memory", dtype="float32", in_memory=True, **kw)
+    ta, tb = _tensors(tmp_path / "at_size"), _tensors(tmp_path / "memory")
+    assert ta.keys() == tb.keys()
+    assert all(ta[k].dtype == tb[k].dtype == torch.float32 and torch.equal(ta[k], tb[k]) for k in ta)
+    plan = load_plan(tmp_path / "at_size" / "plan.json")
+    config = load_config(src)
+    assert MergedLayers(src, config, plan).load_dtype(0) == torch.bfloat16
+    assert MergedLayers(src, config, plan, torch.bfloat16).load_dtype(0) == torch.bfloat16
+    assert MergedLayers(src, config, plan, torch.float32).load_dtype(0) == torch.float32

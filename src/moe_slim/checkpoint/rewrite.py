@@ -204,7 +204,7 @@ def rewrite_pruned(
     if why:
         raise MoeSlimError(f"cannot keep {n_keep} experts per layer: {why}")
     check_expert_layout(ckpt, layout, plan.num_experts)
-    merged = MergedLayers(src, config, plan) if isinstance(plan, MergePlan) else None
+    merged = MergedLayers(src, config, plan, dtype) if isinstance(plan, MergePlan) else None
     tensors = pruned_tensors(ckpt, layout, plan, dtype, merged)
 
     info = {"plan": plan.kind, "kept_per_layer": plan.kept_counts, "streamed": True}

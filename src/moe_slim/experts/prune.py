@@ -45,7 +45,7 @@ def slice_layer(layer: MoeLayer, keep: list[int]) -> None:
     idx = torch.tensor(keep, dtype=torch.long)
     if fam.layout == "fused":
         for name, p in layer.expert_params().items():
-            setattr(layer.experts, name, nn.Parameter(p.data[idx.to(p.device)].clone(), requires_grad=p.requires_grad))
+            setattr(layer.experts, name, nn.Parameter(p.data.index_select(0, idx.to(p.device)), requires_grad=p.requires_grad))
     else:
         experts = layer.experts
         old = {k: experts[k] for k in list(experts.keys())}
@@ -58,7 +58,7 @@ def slice_layer(layer: MoeLayer, keep: list[int]) -> None:
             continue
         t = get_path(layer.router, path)
         if t is not None:
-            _set_path(layer.router, path, t.data[idx.to(t.device)].clone())
+            _set_path(layer.router, path, t.data.index_select(0, idx.to(t.device)))
     set_expert_count(layer, len(keep))
 
 

@@ -70,13 +70,22 @@ class WeightSource:
         prefix = f"{module}." if module else ""
         wanted = [d for d in self.layout.tensors.values() if d.memory_key.startswith(prefix)
                   and not any(d.memory_key.startswith(f"{e}.") for e in exclude)]
-        assembled = self.layout.assemble({d.key: self.checkpoint.tensor(d.key) for d in wanted})
+        by_target: dict[str, list[str]] = {}
+        for d in wanted:
+            by_target.setdefault(d.memory_key, []).append(d.key)
         placed = 0
-        for name, t in assembled.items():
-            if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
-            _set(self.model, name, device, t)
-            placed += t.numel() * t.element_size()
+        # one in-memory tensor at a time: its on-disk pieces are read, assembled (given up as they are
+        # consumed), converted and placed before the next is read, so a layer's load holds the layer
+        # plus one fused tensor's pieces, not every piece and every assembled copy at once
+        for keys in by_target.values():
+            assembled = self.layout.assemble({k: self.checkpoint.tensor(k) for k in keys})
+            while assembled:
+                name, t = assembled.popitem()
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(dtype)
+                _set(self.model, name, device, t)
+                placed += t.numel() * t.element_size()
+                del t
         return placed
 
     def _check_loaded(self, module: str, exclude: tuple[str, ...]) -> None:

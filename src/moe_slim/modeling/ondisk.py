@@ -126,7 +126,9 @@ class DiskLayout:
         return [t for t in self.tensors.values() if t.memory_key.startswith(prefix)]
 
     def assemble(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """On-disk tensors -> the in-memory tensors they make (every member of a fused group must be given)."""
+        """On-disk tensors -> the in-memory tensors they make (every member of a fused group must be given).
+
+        Consumes ``tensors``: the pieces of a fused tensor are popped as they go to the converter."""
         out: dict[str, torch.Tensor] = {}
         groups: dict[str, list[DiskTensor]] = {}
         for key in tensors:
@@ -138,7 +140,7 @@ class DiskLayout:
         for mkey, members in groups.items():
             conv = copy.deepcopy(self._by_pattern[members[0].pattern])
             for d in sorted(members, key=lambda d: (d.expert if d.expert is not None else -1, d.key)):
-                conv.add_tensor(mkey, d.key, d.pattern, tensors[d.key])
+                conv.add_tensor(mkey, d.key, d.pattern, tensors.pop(d.key))  # the converter frees what it consumes
             result = conv.convert(mkey, model=self.model, config=self.model.config)
             for name, value in result.items():
                 out[name] = value[0] if isinstance(value, list) else value

@@ -62,6 +62,12 @@ class TensorEntry:
         """Bytes of one index of the first dimension (a whole scalar for 0-d tensors)."""
         return self.nbytes // self.shape[0] if self.shape and self.shape[0] else self.nbytes
 
+    def byte_ranges(self, rows: list[int] | None = None) -> list[tuple[int, int]]:
+        """The file byte ranges of the whole tensor, or of the given first-dimension ``rows`` in that order."""
+        if rows is None:
+            return [(self.start, self.end)]
+        return [(self.start + r * self.row_bytes, self.start + (r + 1) * self.row_bytes) for r in rows]
+
 
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     """The tensors of one safetensors file and its ``__metadata__``; one-line errors if it is corrupt."""
@@ -177,13 +183,8 @@ class ShardedCheckpoint:
     def iter_bytes(self, key: str, rows: list[int] | None = None, chunk: int = CHUNK_BYTES) -> Iterator[bytes]:
         """The bytes of ``key`` (or of the given first-dimension ``rows``, in that order), in chunks."""
         e = self.entries[key]
-        if rows is None:
-            ranges = [(e.start, e.end)]
-        else:
-            rb = e.row_bytes
-            ranges = [(e.start + r * rb, e.start + (r + 1) * rb) for r in rows]
         with e.file.open("rb") as f:
-            for a, b in ranges:
+            for a, b in e.byte_ranges(rows):
                 f.seek(a)
                 while a < b:
                     data = f.read(min(chunk, b - a))
@@ -193,15 +194,28 @@ class ShardedCheckpoint:
                     yield data
 
     def tensor(self, key: str, rows: list[int] | None = None) -> torch.Tensor:
-        """``key`` as a torch tensor (a copy), optionally only the given first-dimension rows."""
+        """``key`` as a torch tensor (a copy), optionally only the given first-dimension rows.
+
+        The bytes are read straight into the tensor's own memory: one copy of the tensor is held,
+        not the chunks, their join and a buffer besides (three times a 1 GB embedding)."""
         e = self.entries[key]
         if e.dtype not in TORCH_DTYPES:
             raise MoeSlimError(f"tensor {key} has dtype {e.dtype}, which torch cannot hold")
-        buf = bytearray(b"".join(self.iter_bytes(key, rows)))
         shape = e.shape if rows is None else (len(rows), *e.shape[1:])
-        if not buf:
-            return torch.empty(shape, dtype=TORCH_DTYPES[e.dtype])
-        return torch.frombuffer(buf, dtype=TORCH_DTYPES[e.dtype]).reshape(shape)
+        out = torch.empty(shape, dtype=TORCH_DTYPES[e.dtype])
+        raw = out.view(-1).view(torch.uint8) if out.numel() else torch.empty(0, dtype=torch.uint8)
+        if raw.numel():
+            view = memoryview(raw.numpy())
+            pos = 0
+            with e.file.open("rb") as f:
+                for a, b in e.byte_ranges(rows):
+                    f.seek(a)
+                    while a < b:
+                        n = f.readinto(view[pos : pos + min(CHUNK_BYTES, b - a)])
+                        if not n:
+                            raise MoeSlimError(f"{e.file} ended while reading tensor {key} (truncated file)")
+                        a, pos = a + n, pos + n
+        return out
 
     def dominant_float_dtype(self) -> torch.dtype | None:
         """The floating dtype holding most of the weights' bytes (the checkpoint's "source dtype")."""

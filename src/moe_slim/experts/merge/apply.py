@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...errors import MoeSlimError
 from ...families import (
     MoeLayer,
     family_of,
@@ -29,8 +30,10 @@ def merge_layer(layer: MoeLayer, groups: list[list[int]], weights: list[list[flo
     HC-SMoE and M-SMoE papers do, every member takes the merged weights and the router is untouched
     (the expert count does not change; the model does not shrink).
     """
+    members = [m for g in groups for m in g]
+    if len(set(members)) != len(members):
+        raise MoeSlimError(f"merge groups of {layer.name} share experts: {groups}")
     axes = layer.family.neuron_axes()
-    merged: list[dict[str, torch.Tensor]] = []
     for grp, ws in zip(groups, weights):
         acc: dict[str, torch.Tensor] = {}
         for m, w in zip(grp, ws):
@@ -39,17 +42,13 @@ def merge_layer(layer: MoeLayer, groups: list[list[int]], weights: list[list[flo
                 if permutations is not None and name in axes:
                     t = permute_neurons(t, axes[name], permutations[m])
                 acc[name] = acc[name] + w * t if name in acc else w * t
-        merged.append(acc)
-    if tied:
-        for grp, acc in zip(groups, merged):
-            for m in grp:
-                for name, t in expert_tensors(layer, m).items():
-                    t.data.copy_(acc[name].to(t.dtype))
-        return
-    slice_layer(layer, [g[0] for g in groups])
-    for j, acc in enumerate(merged):
-        for name, t in expert_tensors(layer, j).items():
-            t.data.copy_(acc[name].to(t.dtype))
+        # written in place at once: an expert is in one group only, so no later group reads it; one group's
+        # float32 sum is held at a time, not the whole layer's
+        for m in grp if tied else grp[:1]:
+            for name, t in expert_tensors(layer, m).items():
+                t.data.copy_(acc[name].to(t.dtype))
+    if not tied:
+        slice_layer(layer, [g[0] for g in groups])
 
 
 @torch.no_grad()

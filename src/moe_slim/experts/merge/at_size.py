@@ -22,6 +22,7 @@ from ...errors import MoeSlimError
 from ...families import MoeLayer, moe_layers
 from ...modeling.materialize import WeightSource
 from ...modeling.ondisk import meta_model
+from ...modeling.shards import TORCH_DTYPES
 from ..layerwise import LayerwiseRunner, OutputCache
 from ..observe import DEFAULT_CACHE_BYTES, _begin, calibration_items
 from ..recorder import Recorder, observing
@@ -41,11 +42,13 @@ def put_back(model: nn.Module, layer: MoeLayer, block: nn.Module) -> MoeLayer:
 class MergedLayers:
     """On-disk tensors of each merged MoE layer, computed on demand, one layer held at a time."""
 
-    def __init__(self, source: str | os.PathLike, config: object, plan: MergePlan) -> None:
+    def __init__(self, source: str | os.PathLike, config: object, plan: MergePlan,
+                 dtype: torch.dtype | None = None) -> None:
         self.model = meta_model(config)
         self.layers = validate_merge_plan(plan, self.model)
         self.plan = plan
         self.source = WeightSource(source, self.model)
+        self.dtype = dtype  # the output's dtype (None: each tensor keeps its on-disk dtype)
         self.held: tuple[int, dict[str, torch.Tensor]] | None = None
         self.computed: list[int] = []  # layer indices in the order they were merged (a repeat means re-reading)
 
@@ -59,11 +62,23 @@ class MergedLayers:
         except KeyError:
             raise MoeSlimError(f"internal error: the merged {self.layers[layer].name} has no tensor {key}") from None
 
+    def load_dtype(self, li: int) -> torch.dtype:
+        """The dtype layer ``li`` is loaded in to be merged: its on-disk dtype when every expert and router
+        tensor is stored in that one floating dtype and written in it too (the sums are float32 either
+        way and rounded once, as the in-memory path rounds at save: identical bytes, half the memory for
+        bf16); float32 otherwise (mixed or quantized tensors, or another output dtype)."""
+        ck = self.source.checkpoint
+        disk = {ck.entry(d.key).dtype for d in self.source.layout.of_layer(li)}
+        only = TORCH_DTYPES.get(next(iter(disk))) if len(disk) == 1 else None
+        if only is None or not only.is_floating_point or (self.dtype is not None and self.dtype != only):
+            return torch.float32
+        return only
+
     @torch.no_grad()
     def _merge(self, li: int) -> dict[str, torch.Tensor]:
         layer, lp = self.layers[li], self.plan.layers[li]
         pristine = copy.deepcopy(layer.block)  # on the meta device: no memory; merging reshapes the loaded one
-        self.source.load(layer.name, "cpu", torch.float32)
+        self.source.load(layer.name, "cpu", self.load_dtype(li))
         try:
             perms = self.plan.permutations.get(li) if lp.permutations_sha256 else None
             merge_layer(layer, lp.groups, lp.weights, perms)
