@@ -118,6 +118,9 @@ class LayersFromShards(InMemoryLayers):
         self.cache: OutputCache | None = None
         self.encoder: OutputCache | None = None
 
+    def merges(self) -> bool:
+        return self.sequential
+
     def open(self, li: int, layer: MoeLayer) -> MoeLayer:
         self.pristine = copy.deepcopy(layer.block)  # on the meta device: merging reshapes the loaded block
         if not self.sequential:

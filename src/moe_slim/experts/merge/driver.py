@@ -245,7 +245,8 @@ def merge_model(
                     perms[m] = hungarian(cost)
             permutations[li] = perms
         weights = [[round(w, 8) for w in ws] for ws in weights]  # as the plan stores them, so it replays exactly
-        merge_layer(layer, groups, weights, perms, tied=tied)
+        if access.merges():
+            merge_layer(layer, groups, weights, perms, tied=tied)
         scores = saliency if spec.weighting == "saliency" or spec.grouping == "ream" else frequency
         plan_layers.append(MergeLayerPlan(
             layer.name, [g[0] for g in groups], [round(float(v), 8) for v in scores.tolist()],

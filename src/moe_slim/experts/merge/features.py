@@ -90,6 +90,12 @@ class InMemoryLayers:
     """How :func:`~.driver.merge_model` reaches each MoE layer when the whole model is in memory:
     the weights are there already, and a sequential sample runs the model up to the layer."""
 
+    def merges(self) -> bool:
+        """Whether the opened layer must be merged once decided: the caller keeps this model, or later
+        layers' samples come through the merged one. (At size, a plan's layers are merged again as the
+        checkpoint is rewritten; merging them while deciding would only cost memory.)"""
+        return True
+
     def open(self, li: int, layer: MoeLayer) -> MoeLayer:
         """The layer, with its weights (merging changes it in place)."""
         return layer
