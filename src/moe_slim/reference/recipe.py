@@ -55,7 +55,7 @@ class Recipe:
     weight_decay: float = 0.05
     # general, math, code, translation: translation needs most of the steps to learn the mapping
     domain_weights: tuple[float, ...] = (0.1, 0.1, 0.1, 0.7)
-    max_docs_per_domain: int = 60000
+    max_docs_per_domain: int = 120000  # every train pair (104k translation); above it, a seeded sample
     # copied target-language text as extra translation pairs (source = target; Currey et al. 2017,
     # "Copied Monolingual Data Improves Low-Resource Neural Machine Translation"): teaches copying the
     # names, options and placeholders gettext messages are full of. A fraction of the train pairs.
@@ -72,18 +72,19 @@ class Recipe:
     label_smoothing: float = 0.1
 
 
-def _read_texts(data_dir: Path, domain: str, split: str, limit: int) -> list[str]:
+def _read_texts(data_dir: Path, domain: str, split: str, limit: int, seed: int = 0) -> list[str]:
+    """Up to ``limit`` texts of one domain's split: all of them, or a seeded sample of ``limit`` (in file
+    order). Not the first ``limit`` lines: the files are sorted by id, so those would be one language pair."""
     path = data_dir / domain / f"{split}.jsonl"
     if not path.exists():
         raise MoeSlimError(f"no {split} data for domain {domain} at {path} (run `moe-slim data build`)")
-    out = []
     with path.open(encoding="utf-8") as f:
-        for line in f:
-            if len(out) >= limit:
-                break
-            out.append(json.loads(line)["text"])
+        out = [json.loads(line)["text"] for line in f if line.strip()]
     if not out:
         raise MoeSlimError(f"domain {domain} has no {split} text at {path}")
+    if len(out) > limit:
+        picked = sorted(random.Random(f"{seed}:{domain}:{split}").sample(range(len(out)), limit))
+        out = [out[i] for i in picked]
     return out
 
 

@@ -63,14 +63,14 @@ def train_reference(
     data_dir = data_dir_or_default(data_dir)
     check_output(out, overwrite, inputs=[data_dir])
     data = Path(data_dir)
-    texts = {d: _read_texts(data, d, "train", recipe.max_docs_per_domain) for d in DOMAINS}
+    texts = {d: _read_texts(data, d, "train", recipe.max_docs_per_domain, recipe.seed) for d in DOMAINS}
     texts["translation"] += copied_pairs(data, recipe.copy_fraction, recipe.seed)
     random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
     t0 = time.perf_counter()
     load_start, cpu_start = os.getloadavg(), time.process_time()
     if not resume_from:
-        tok_corpus = [t for d in DOMAINS for t in texts[d][:20000]]
+        tok_corpus = [t for d in DOMAINS for t in random.Random(recipe.seed).sample(texts[d], min(20000, len(texts[d])))]
         tok = train_tokenizer(tok_corpus, recipe.vocab_size)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if resume_from:  # phase 1 already trained by this recipe: continue from its checkpoint
