@@ -213,3 +213,32 @@ def test_budget_that_keeps_every_layer_is_refused():
     for spec in ("1.0", "100%", "x1", "10L", "2000"):
         with pytest.raises(MoeSlimError, match="keeps every layer"):
             parse_budget(spec, lp)
+
+
+def _matrix(acc: list[float], bi: list[float], n: int) -> ProbeMatrix:
+    a = np.asarray(acc, float)[:, None]
+    return ProbeMatrix(["t"], {"t": 1.0}, {"layers": a}, {"layers": (a - 0.5) / 0.5}, {"t": 0.5},
+                       {"layers": np.asarray(bi, float)}, {"examples": {"t": n}})
+
+
+def test_probe_gains_within_the_noise_count_as_zero_and_block_influence_decides() -> None:
+    """On 40 examples a 2-point gain is noise (standard error of a difference ~0.11): every layer's relevance
+    is eps * BI, so the plan keeps the highest-BI layers, not the noisy gains'. On 40,000 it is not."""
+    acc = [0.50, 0.52, 0.50, 0.53, 0.55]   # rows: embeddings, then 4 layers
+    bi = [0.9, 0.1, 0.5, 0.2]
+    from moe_slim.dense.select import RELEVANCE_EPS, gain_noise, significant_gains
+
+    small = _matrix(acc, bi, 40)
+    se = gain_noise(small, "layers")
+    assert np.allclose(se, np.sqrt(2 * 0.51 * 0.49 / 40), atol=0.01)
+    rel = layer_relevance(small)["layers"]
+    assert np.allclose(rel, RELEVANCE_EPS * np.asarray(bi))
+    assert significant_gains(small) == {"layers": 0}
+    sel = select_layers(layer_relevance(small), {"layers": [1, 1, 1, 1]}, 2)
+    assert sel.keep == {"layers": [0, 2]}
+
+    large = _matrix(acc, bi, 40000)
+    rel = layer_relevance(large)["layers"]
+    assert np.allclose(rel, np.diff(acc) + RELEVANCE_EPS * np.asarray(bi))
+    assert significant_gains(large) == {"layers": 4}
+    assert np.allclose(layer_relevance(small, z=0)["layers"], rel)  # z=0 trusts every gain

@@ -33,10 +33,12 @@ from .plots import plot_probe_matrix, plot_scaling
 from .probes import DEFAULT_CS, ProbeMatrix, final_scores, probe_matrix, split_features
 from .scaling import ScalingFit, fit_scaling
 from .select import (
+    NOISE_Z,
     SELECTIONS,
     Selection,
     all_selections,
     layer_relevance,
+    significant_gains,
     parse_budget,
     round_up_budget,
     select_filled,
@@ -308,6 +310,14 @@ def run_probe(
     log(f"probes: {sum(v.size for v in pm.accuracy.values())} fits in {time.time() - t0:.0f}s; final-layer "
         f"accuracy {', '.join(f'{t}={pm.accuracy[last][-1, i]:.3f}' for i, t in enumerate(pm.tasks))}")
     relevance = layer_relevance(pm)
+    significant = significant_gains(pm)
+    n_layers = sum(len(v) for v in layer_params.values())
+    if sum(significant.values()) < n_layers:
+        log(f"warning: {n_layers - sum(significant.values())} of {n_layers} layers' probe gains are within "
+            f"{NOISE_Z} standard errors of zero (n = {pm.meta.get('examples')}); the plan treats them as no "
+            "gain and orders them by Block Influence" + (" - every layer: the plan is Block Influence's, "
+                                                          "more examples per task would let the probes decide"
+                                                          if not any(significant.values()) else ""))
 
     scaling: dict[str, Any] | None = None
     fit: ScalingFit | None = None
@@ -366,7 +376,9 @@ def run_probe(
         "pooling": pooling, "max_length": max_length, "n_folds": n_folds, "seed": seed,
         "layer_params": layer_params, "total_layer_params": total, "budget": budget_info,
         "plan": primary.to_json(), "selection": selection,
-        "relevance": "sum_t w_t (P[l,t]-P[l-1,t]) + 1e-3 * BI[l]  (signed marginal probe gain)",
+        "relevance": f"sum_t w_t (P[l,t]-P[l-1,t]) + 1e-3 * BI[l]  (signed marginal probe gain; gains within "
+                     f"{NOISE_Z} standard errors of zero count as zero)",
+        "layers_with_significant_gain": significant,
         "libraries": library_versions(), "seconds": round(time.time() - t_start, 1),
     }
     with atomic_dir(out, overwrite=overwrite) as tmp:

@@ -56,6 +56,7 @@ from .probes import ProbeMatrix
 
 RELEVANCE_EPS = 1e-3
 IDENTITY_TOL = 1e-6
+NOISE_Z = 1.96  # probe gains within this many standard errors of zero count as zero
 SELECTIONS: tuple[str, ...] = ("contiguous", "free")
 METHODS: tuple[str, ...] = ("probscale-contiguous", "probscale-free", "block-influence", "angular", "last-layers",
                              "random")
@@ -124,8 +125,30 @@ def round_up_budget(params: float, layer_params: dict[str, list[int]]) -> int:
 # relevance
 
 
-def layer_relevance(pm: ProbeMatrix, *, metric: str = "accuracy", eps: float = RELEVANCE_EPS) -> dict[str, np.ndarray]:
-    """``relevance[stack][l]`` for every layer (see the module docstring)."""
+def gain_noise(pm: ProbeMatrix, stack: str, metric: str = "accuracy") -> np.ndarray:
+    """Standard error of each layer's weighted probe gain ``sum_t w_t (P[l,t] - P[l-1,t])``.
+
+    Each task's accuracy is a mean over its ``n_t`` cross-validated examples; the difference of two
+    layers' accuracies on the same examples has variance at most about ``2 p(1-p) / n_t`` (the two
+    probes treated as independent; they agree on most examples, so this errs on the side of calling
+    a gain noise). Skill divides accuracy above chance by ``1 - chance``, and so its error. Zero
+    where the matrix does not record the example counts (matrices saved before it did)."""
+    P = pm.accuracy[stack]
+    n = np.array([float(pm.meta.get("examples", {}).get(t, 0)) for t in pm.tasks])
+    if not (n > 0).all() or P.shape[0] < 2:
+        return np.zeros(max(P.shape[0] - 1, 0))
+    pbar = np.clip((P[1:] + P[:-1]) / 2, 0.0, 1.0)
+    var = 2 * pbar * (1 - pbar) / n
+    if metric == "skill":
+        var = var / np.array([max(1.0 - pm.chance.get(t, 0.0), 1e-9) for t in pm.tasks]) ** 2
+    return np.sqrt(var @ pm.norm_weights() ** 2)
+
+
+def layer_relevance(pm: ProbeMatrix, *, metric: str = "accuracy", eps: float = RELEVANCE_EPS,
+                    z: float = NOISE_Z) -> dict[str, np.ndarray]:
+    """``relevance[stack][l]`` for every layer (see the module docstring). A gain within ``z`` standard
+    errors of zero (:func:`gain_noise`) counts as zero: the probes cannot tell that layer's worth, and
+    Block Influence decides among such layers (``z=0`` trusts every gain)."""
     table = {"accuracy": pm.accuracy, "skill": pm.skill}.get(metric)
     if table is None:
         raise MoeSlimError(f"unknown relevance metric {metric!r}; choose accuracy or skill")
@@ -133,11 +156,20 @@ def layer_relevance(pm: ProbeMatrix, *, metric: str = "accuracy", eps: float = R
     out = {}
     for stack, P in table.items():
         gain = np.diff(P, axis=0) @ w
+        if z > 0:
+            gain = np.where(np.abs(gain) <= z * gain_noise(pm, stack, metric), 0.0, gain)
         bi = np.asarray(pm.block_influence.get(stack, np.zeros(len(gain))), float)
         rel = gain + eps * np.clip(bi, 0.0, None)
         rel[np.abs(rel) < IDENTITY_TOL] = 0.0  # float noise of an identity layer (cos of equal vectors: 1 +- 1e-7)
         out[stack] = rel
     return out
+
+
+def significant_gains(pm: ProbeMatrix, *, metric: str = "accuracy", z: float = NOISE_Z) -> dict[str, int]:
+    """Per stack, how many layers' probe gains are beyond ``z`` standard errors of zero."""
+    table = {"accuracy": pm.accuracy, "skill": pm.skill}[metric]
+    return {s: int((np.abs(np.diff(P, axis=0) @ pm.norm_weights()) > z * gain_noise(pm, s, metric)).sum())
+            for s, P in table.items()}
 
 
 # --------------------------------------------------------------------------------------------
