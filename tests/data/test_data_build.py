@@ -127,6 +127,19 @@ def test_translation_records(built):
     assert manifest["domains"]["translation"]["languages"]["de"]["test"] > 0
 
 
+def test_calibration_split_interleaves_language_pairs(built):
+    """Calibration is read as a prefix (a token budget): its first rows must not all be one pair, as
+    rows sorted by id (``translation-de-...`` first) would be. Other splits stay sorted by id."""
+    out, _, _ = built
+    cal = load_split(out, "translation", "calibration")
+    assert len(cal) >= 6
+    ids = [r["id"] for r in cal]
+    assert ids != sorted(ids)
+    assert len({r["tgt_lang"] for r in cal[: len(cal) // 2]}) == 3
+    test = [r["id"] for r in load_split(out, "translation", "test")]
+    assert test == sorted(test)
+
+
 def test_no_text_crosses_splits(built):
     out, manifest, _ = built
     for domain in manifest["domains"]:

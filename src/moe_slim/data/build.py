@@ -337,7 +337,11 @@ def build_data(out: str | Path = "data", options: BuildOptions | None = None, *,
             (tmp / name).mkdir()
             files = {}
             for split in splits:
-                text = dumps_jsonl(splits[split])
+                rows = splits[split]
+                if split == "calibration":  # read as a prefix (a token budget): interleave the sources and
+                    # language pairs (ids sort by pair, so the first rows were EN->DE only); seeded
+                    rows = sorted(rows, key=lambda r: (stable_hash(opts.seed, "calibration-order", r["id"]), r["id"]))
+                text = dumps_jsonl(rows)
                 rel = f"{name}/{split}.jsonl"
                 (tmp / rel).write_text(text, encoding="utf-8")
                 files[split] = {"path": rel, "records": len(splits[split]), "bytes": len(text.encode("utf-8")),
