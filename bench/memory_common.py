@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 
-def build_model(path: Path) -> None:
+def build_model(path: Path, layers: int = 8) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -17,7 +17,7 @@ def build_model(path: Path) -> None:
 
     config = AutoConfig.for_model(
         "qwen3_moe", vocab_size=151936, hidden_size=768, intermediate_size=2048, moe_intermediate_size=384,
-        num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=4, head_dim=64, num_experts=96,
+        num_hidden_layers=layers, num_attention_heads=12, num_key_value_heads=4, head_dim=64, num_experts=96,
         num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=2048, tie_word_embeddings=False,
         pad_token_id=0, eos_token_id=1)
     torch.manual_seed(0)
@@ -37,8 +37,8 @@ def run(cmd: list[str]) -> tuple[float, float]:
     return int(proc.stderr.strip().splitlines()[-1]) / 1024, wall
 
 
-def source_model(work: Path) -> Path:
-    """The generated checkpoint under ``work/source``, built (once) when missing."""
+def source_model(work: Path, layers: int = 8) -> Path:
+    """The generated checkpoint under ``work/source`` (``layers`` decoder layers), built (once) when missing."""
     src = work / "source"
     if not (src / "config.json").is_file():
         import shutil
@@ -46,7 +46,7 @@ def source_model(work: Path) -> Path:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         t0 = time.perf_counter()
-        build_model(src)
+        build_model(src, layers)
         print(f"built {src} in {time.perf_counter() - t0:.0f}s")
     return src
 
@@ -59,3 +59,10 @@ def write_calib(path: Path, lines: int) -> Path:
     path.write_text("".join(json.dumps({"text": " ".join(words[(i + j) % len(words)] for j in range(60))}) + "\n"
                             for i in range(lines)))
     return path
+
+
+def baseline_rss() -> float:
+    """Peak RSS (MB) of a process that only imports torch, transformers and moe_slim's rewrite and merge
+    code: the interpreter-and-libraries floor every command starts from."""
+    return run([sys.executable, "-c", "import torch, transformers, accelerate; "
+                "import moe_slim.api, moe_slim.checkpoint.rewrite, moe_slim.experts.merge.at_size"])[0]
