@@ -38,6 +38,12 @@ def test_reference_loads_generates_and_matches_its_card(reference) -> None:
     card = json.loads((REFERENCE_DIR / "metrics.json").read_text())
     assert model_fingerprint(model) == card["fingerprint"]
     assert weights_hash(model) == card["weights_hash"]
+    cfg = model.config  # shaped like the fine-grained MoEs users prune (GPT-OSS-20B: 32 experts, top-4)
+    assert (cfg.model_type, cfg.num_hidden_layers >= 6, cfg.num_experts >= 32, cfg.num_experts_per_tok >= 4) == (
+        "qwen3_moe", True, True, True)
+    # the card's claim on whole catalogs never seen in training: chrF above copying the source on every pair
+    for pair, e in card["splits"]["catalog_test"]["translation_vs_copy"].items():
+        assert e["delta_ci95"][0] > 0, (pair, e)
     size = sum(p.stat().st_size for p in REFERENCE_DIR.iterdir() if p.is_file())
     assert size <= 60 * 10**6, f"reference model is {size / 10**6:.1f} MB on disk"
     assert tok.convert_tokens_to_ids("<|end|>") in model.generation_config.eos_token_id

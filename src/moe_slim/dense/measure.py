@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MoeSlimError
+from ..modeling.kv import cache_kwarg, returned_cache
 from .family import family_for
 
 PPL_DOMAINS: tuple[str, ...] = ("general", "math", "code", "translation")
@@ -166,10 +167,10 @@ def mc_scores(model: Any, tokenizer: Any, item: dict[str, Any], context: int = 1
         mask[i, len(q): len(q) + len(c)] = 1
     with torch.inference_mode():
         qo = model(input_ids=torch.tensor([q]), use_cache=True)
-        past = qo.past_key_values
+        past = returned_cache(qo)
         past.batch_repeat_interleave(k)
         pos = torch.arange(len(q), len(q) + width).unsqueeze(0).expand(k, -1)
-        co = model(input_ids=ids, attention_mask=mask, past_key_values=past, position_ids=pos, use_cache=True)
+        co = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kwarg(model): past})
         first = torch.log_softmax(qo.logits[0, -1].float(), -1)
         rest = torch.log_softmax(co.logits.float(), -1)
     scores = []

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..errors import MoeSlimError
+from ..modeling.kv import cache_kwarg, returned_cache
 from ..prompts import END_TAG
 
 #: Where a translation (or any one-line answer) ends.
@@ -164,6 +165,7 @@ def _generate_decoder_only(model: Any, tokenizer: Any, batch: list[list[int]], b
     if _accepts(forward, "logits_to_keep"):
         extra["logits_to_keep"] = 1
     use_positions = _accepts(forward, "position_ids")
+    cache_arg = cache_kwarg(model)
 
     generated: list[list[int]] = [[] for _ in batch]
     texts: list[str | None] = [None] * len(batch)
@@ -175,8 +177,8 @@ def _generate_decoder_only(model: Any, tokenizer: Any, batch: list[list[int]], b
         kwargs = dict(extra)
         if use_positions:
             kwargs["position_ids"] = step_pos
-        out = model(input_ids=step_ids, attention_mask=mask, past_key_values=cache, use_cache=True, **kwargs)
-        cache = out.past_key_values
+        out = model(input_ids=step_ids, attention_mask=mask, use_cache=True, **{cache_arg: cache}, **kwargs)
+        cache = returned_cache(out)
         next_tokens = out.logits[:, -1, :].argmax(dim=-1).tolist()
         keep: list[int] = []  # positions (in the current batch) of rows that continue
         for pos, (row, tok) in enumerate(zip(active, next_tokens)):
