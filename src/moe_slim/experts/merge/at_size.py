@@ -84,6 +84,9 @@ class MergedLayers:
             merge_layer(layer, lp.groups, lp.weights, perms)
             state = {f"{layer.name}.{k}": v for k, v in layer.block.state_dict().items()}
         finally:  # so a layer can be merged again
+            # the merged weights go with ``held`` (``state`` shares their memory), not with the block:
+            # other lists of the model's layers (the on-disk layout's) still hold this block object
+            self.source.unload(layer.name)
             self.layers[li] = put_back(self.model, layer, pristine)
         self.computed.append(li)
         return self.source.layout.to_disk(state)
