@@ -203,9 +203,8 @@ class ShardedCheckpoint:
             raise MoeSlimError(f"tensor {key} has dtype {e.dtype}, which torch cannot hold")
         shape = e.shape if rows is None else (len(rows), *e.shape[1:])
         out = torch.empty(shape, dtype=TORCH_DTYPES[e.dtype])
-        raw = out.view(-1).view(torch.uint8) if out.numel() else torch.empty(0, dtype=torch.uint8)
-        if raw.numel():
-            view = memoryview(raw.numpy())
+        if out.numel():
+            view = memoryview(out.view(-1).view(torch.uint8).numpy())
             pos = 0
             with e.file.open("rb") as f:
                 for a, b in e.byte_ranges(rows):
