@@ -125,6 +125,13 @@ def round_up_budget(params: float, layer_params: dict[str, list[int]]) -> int:
 # relevance
 
 
+def _metric_table(pm: ProbeMatrix, metric: str) -> dict[str, np.ndarray]:
+    table = {"accuracy": pm.accuracy, "skill": pm.skill}.get(metric)
+    if table is None:
+        raise MoeSlimError(f"unknown relevance metric {metric!r}; choose accuracy or skill")
+    return table
+
+
 def gain_noise(pm: ProbeMatrix, stack: str, metric: str = "accuracy") -> np.ndarray:
     """Standard error of each layer's weighted probe gain ``sum_t w_t (P[l,t] - P[l-1,t])``.
 
@@ -149,9 +156,7 @@ def layer_relevance(pm: ProbeMatrix, *, metric: str = "accuracy", eps: float = R
     """``relevance[stack][l]`` for every layer (see the module docstring). A gain within ``z`` standard
     errors of zero (:func:`gain_noise`) counts as zero: the probes cannot tell that layer's worth, and
     Block Influence decides among such layers (``z=0`` trusts every gain)."""
-    table = {"accuracy": pm.accuracy, "skill": pm.skill}.get(metric)
-    if table is None:
-        raise MoeSlimError(f"unknown relevance metric {metric!r}; choose accuracy or skill")
+    table = _metric_table(pm, metric)
     w = pm.norm_weights()
     out = {}
     for stack, P in table.items():
@@ -167,7 +172,7 @@ def layer_relevance(pm: ProbeMatrix, *, metric: str = "accuracy", eps: float = R
 
 def significant_gains(pm: ProbeMatrix, *, metric: str = "accuracy", z: float = NOISE_Z) -> dict[str, int]:
     """Per stack, how many layers' probe gains are beyond ``z`` standard errors of zero."""
-    table = {"accuracy": pm.accuracy, "skill": pm.skill}[metric]
+    table = _metric_table(pm, metric)
     return {s: int((np.abs(np.diff(P, axis=0) @ pm.norm_weights()) > z * gain_noise(pm, s, metric)).sum())
             for s, P in table.items()}
 
