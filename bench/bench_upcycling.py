@@ -13,7 +13,7 @@ trained on the same tokens, compared on the same items.
 
 The ratio printed last: layers with a quarter of the experts specialised, B ÷ A.
 
-    python bench/bench_upcycling.py --b runs/v4_scratch [--split catalog_test] [--per-pair N] [--threads 2]
+    python bench/bench_upcycling.py [--b runs/v4_scratch] [--split catalog_test] [--per-pair N] [--threads 2]
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def measure(path: str, records: list[dict], args, baseline_hyps: list[str] | Non
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--a", default=str(ROOT / "models" / "reference"), help="first checkpoint (default: the shipped one)")
-    ap.add_argument("--b", required=True, help="second checkpoint")
+    ap.add_argument("--b", default=str(ROOT / "runs" / "v4_scratch"),
+                    help="second checkpoint (default: runs/v4_scratch, the from-scratch run)")
     ap.add_argument("--data", default=str(ROOT / "data"))
     ap.add_argument("--split", default="catalog_test")
     ap.add_argument("--per-pair", type=int, default=None, help="translation sentences per pair (default: all)")
@@ -84,6 +85,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=12345)
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_upcycling.json"))
     args = ap.parse_args()
+    if not (Path(args.b) / "config.json").exists():
+        # make bench runs every script; the second model costs ~1 h of training, so say how to get it
+        print(f"bench_upcycling: skipped, no checkpoint at {args.b}; train it with `moe-slim "
+              f"train-reference --out {args.b} --dense-steps 0 --steps 4000` (about 56 min on 2 cores)")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     with (Path(args.data) / "translation" / f"{args.split}.jsonl").open(encoding="utf-8") as f:
