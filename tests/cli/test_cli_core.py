@@ -194,3 +194,19 @@ def test_json_output_and_version(workdir: Path, tmp_path: Path, capsys) -> None:
     assert "qwen3_moe" in names and "nllb_moe" in names
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("moe-slim ")
+
+
+def test_output_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
+    """`moe-slim data info --json | head -c 10`: the reader leaves early; no 'Broken pipe' line, exit 141."""
+    import subprocess
+    import sys
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"domains": {}, "warnings": ["x" * 100] * 5000}))
+    proc = subprocess.Popen([sys.executable, "-m", "moe_slim", "data", "info", "--json", "--data-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(10) == b'{\n  "data_'  # the output is far larger than the pipe's buffer
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert err == ""

@@ -62,6 +62,15 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not raise a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (captured in tests): nothing to flush into a pipe
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -85,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moe-slim: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `moe-slim ... | head`: the reader has what it wanted; say nothing
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, what a shell reports for a command whose reader left
     except OSError as exc:  # a file that cannot be read or written, said in one line
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         print(f"moe-slim: {exc.strerror or exc}{where}", file=sys.stderr)
