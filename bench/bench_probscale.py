@@ -120,6 +120,11 @@ def bench_model(name: str, path: str, args) -> dict:
             "seconds": round(time.time() - t_model, 1), "cpu_seconds": round(time.process_time() - c_model, 1)}
 
 
+def _cell(x: float | None) -> str:
+    """A retention figure, or '-' where it was not measured (encoders have no perplexity; --no-probe-healed)."""
+    return "-" if x is None or x != x else f"{x:.3f}"
+
+
 def _ci(d: dict) -> str:
     return f"{d['delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] {d['verdict']}"
 
@@ -147,11 +152,10 @@ def write_report(results: dict, skipped: dict, out: Path, args, seconds: float) 
             for m, e in tab["methods"].items():
                 o, oh = e.get("own", {}), e.get("own_healed", {})
                 kept = "; ".join(str(len(k)) for k in e["keep"].values())
-                lines.append(f"| {b} | {m} | {kept} | {e['reduction']:.2f}x | {o.get('headline', float('nan')):.3f} | "
-                             f"{oh.get('headline', float('nan')):.3f} | {o.get('ppl_retention', float('nan')):.3f} | "
-                             f"{oh.get('ppl_retention', float('nan')):.3f} | "
-                             f"{e.get('probe', {}).get('retention', float('nan')):.3f} | "
-                             f"{e.get('probe_healed', {}).get('retention', float('nan')):.3f} | {e['seconds']:.0f} |")
+                cells = (o.get("headline"), oh.get("headline"), o.get("ppl_retention"), oh.get("ppl_retention"),
+                         e.get("probe", {}).get("retention"), e.get("probe_healed", {}).get("retention"))
+                lines.append(f"| {b} | {m} | {kept} | {e['reduction']:.2f}x | " + " | ".join(map(_cell, cells))
+                             + f" | {e['seconds']:.0f} |")
         lines += ["", "ProbScale minus baseline, (b) retention, 95% paired bootstrap:", "",
                   "| budget | baseline | before heal | after heal |", "|---|---|---|---|"]
         for b, tab in r["budgets"].items():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -198,9 +200,6 @@ def test_json_output_and_version(workdir: Path, tmp_path: Path, capsys) -> None:
 
 def test_output_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
     """`moe-slim data info --json | head -c 10`: the reader leaves early; no 'Broken pipe' line, exit 141."""
-    import subprocess
-    import sys
-
     (tmp_path / "manifest.json").write_text(json.dumps({"domains": {}, "warnings": ["x" * 100] * 5000}))
     proc = subprocess.Popen([sys.executable, "-m", "moe_slim", "data", "info", "--json", "--data-dir", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
