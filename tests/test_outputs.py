@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from moe_slim.errors import MoeSlimError
-from moe_slim.outputs import atomic_dir
+from moe_slim.outputs import atomic_dir, atomic_file
 
 
 def _umask() -> int:
@@ -45,3 +45,18 @@ def test_atomic_dir_writes_nothing_on_error(tmp_path) -> None:
     with pytest.raises(MoeSlimError):
         with atomic_dir(out):
             pass
+
+
+def test_a_file_inside_a_directory_moe_slim_wrote_is_replaceable_and_elsewhere_is_not(tmp_path) -> None:
+    with atomic_dir(tmp_path / "ckpt") as tmp:
+        (tmp / "README.md").write_text("old card\n")
+    with atomic_file(tmp_path / "ckpt" / "README.md", overwrite=True) as tmp:
+        tmp.write_text("new card\n")
+    assert (tmp_path / "ckpt" / "README.md").read_text() == "new card\n"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("the user's\n")
+    with pytest.raises(MoeSlimError, match="not a moe_slim output"):
+        with atomic_file(mine / "README.md", overwrite=True) as tmp:
+            tmp.write_text("x")
+    assert (mine / "README.md").read_text() == "the user's\n"

@@ -56,8 +56,9 @@ def note(message: str) -> None:
 
 def is_moe_slim_output(path: str | os.PathLike) -> bool:
     """Whether ``path`` is something moe_slim wrote: a directory with the marker file (or, from versions
-    before the marker, stats, a data build, a sweep or a checkpoint with moe_slim's plan), or a JSON
-    results/plan file of ours."""
+    before the marker, stats, a data build, a sweep or a checkpoint with moe_slim's plan), a JSON
+    results/plan file of ours, or a file inside a directory with the marker (a model card moe_slim
+    rewrites in a checkpoint it trained)."""
     p = Path(path)
     if p.is_dir():
         if (p / MARKER).is_file():
@@ -67,7 +68,7 @@ def is_moe_slim_output(path: str | os.PathLike) -> bool:
                 return True
         return (p / "results.db").is_file() or (p / "config.json").is_file() and '"moe_slim"' in _read(p / "config.json")
     if p.is_file():
-        return any(_json_field(p, k).startswith("moe_slim") for k in ("kind", "format"))
+        return (p.parent / MARKER).is_file() or any(_json_field(p, k).startswith("moe_slim") for k in ("kind", "format"))
     return False
 
 

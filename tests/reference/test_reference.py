@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from moe_slim.api import plan_for
+from moe_slim.errors import MoeSlimError
 from moe_slim.evals.run import evaluate
 from moe_slim.experts.observe import observe
 from moe_slim.experts.prune import apply_plan, count_parameters
@@ -167,3 +168,35 @@ def test_train_reference_is_deterministic_and_writes_a_loadable_model(tmp_path, 
         hashes.append(weights_hash(model))
     assert hashes[0] == hashes[1]
     assert json.loads((tmp_path / "a" / "training.json").read_text())["recipe"]["label_smoothing"] == 0.1
+
+
+def test_reference_card_is_rewritten_in_place_and_refused_early_elsewhere(tmp_path, one_torch_thread) -> None:
+    """A retrained or re-measured reference model gets its card replaced (metrics.json and README.md are
+    moe_slim's own files inside the marked checkpoint); a directory moe_slim did not write is refused
+    before any measuring."""
+    from dataclasses import replace
+
+    from moe_slim.reference.card import write_card
+    from moe_slim.reference.recipe import Recipe
+    from moe_slim.reference.train import train_reference
+
+    tiny = replace(Recipe(), vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=16, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+                   seq_len=64, batch_size=2, steps=2, warmup=1, max_docs_per_domain=200)
+    out = tmp_path / "ref"
+    train_reference(out, data_dir=DATA, recipe=tiny, log_every=1)
+    limits = {s: {"per_pair": 1, "mc_limit": 4, "ppl_docs": 1} for s in ("catalog_test", "test")}
+    first = write_card(out, data_dir=DATA, calib_per_domain=2, limits=limits, log=lambda *a: None)
+    (out / "README.md").write_text("stale card\n")
+    second = write_card(out, data_dir=DATA, calib_per_domain=2, limits=limits, log=lambda *a: None)
+    assert second["weights_hash"] == first["weights_hash"]
+    assert json.loads((out / "metrics.json").read_text())["weights_hash"] == first["weights_hash"]
+    assert (out / "README.md").read_text().startswith("---") and "trained from scratch" in (out / "README.md").read_text()
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text("not json")  # would fail differently if it were loaded
+    (foreign / "metrics.json").write_text("{}")
+    with pytest.raises(MoeSlimError, match="not a checkpoint moe_slim wrote"):
+        write_card(foreign, data_dir=DATA, log=lambda *a: None)
+    assert (foreign / "metrics.json").read_text() == "{}"

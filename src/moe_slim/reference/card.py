@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..errors import MoeSlimError
 from ..experts.stats import RouterStats
 from .recipe import DOMAINS, REFERENCE_DIR, _read_texts
 
@@ -134,10 +135,15 @@ def write_card(
     from ..experts.prune import count_parameters
     from ..fingerprint import model_fingerprint, weights_hash
     from ..modeling.loading import load_model
-    from ..outputs import atomic_file
+    from ..outputs import MARKER, atomic_file, check_output
 
     data_dir = data_dir_or_default(data_dir)
     model_dir = Path(model_dir)
+    if not (model_dir / MARKER).is_file():  # before the minutes of measuring, not after
+        raise MoeSlimError(f"{model_dir} is not a checkpoint moe_slim wrote (no {MARKER} marker); "
+                           "reference-card writes the card of a model trained by `moe-slim train-reference`")
+    for name in ("metrics.json", "README.md"):
+        check_output(model_dir / name, overwrite=True)
     model, tok = load_model(model_dir, dtype=torch.float32)
     training = json.loads((model_dir / "training.json").read_text())
     log("observing the four domains for the specialisation report ...")
@@ -208,7 +214,8 @@ def _card_text(m: dict[str, Any], training: dict[str, Any]) -> str:
            f"(plus Gaussian noise of {r.get('upcycle_noise', 0)} × the weight's std) and the MoE trained on"
            if upcycled else ", trained from scratch") +
         ". It exists so that pruning and merging can be tried and measured on a MoE shaped like the fine-grained "
-        "MoEs users prune, on machines that cannot download one.",
+        "MoEs users prune, on machines that cannot download one. Why this recipe (upcycled against from scratch, "
+        "and the runs that did not ship): `docs/reference_recipe.md` in the moe_slim repository.",
         "",
         "## Data",
         "The `train` split built by `moe-slim data build` (see `calibration/README.md`): gettext catalogs of ~160 "
