@@ -6,6 +6,8 @@ One observation of the calibration split (translation and general texts); every 
 the model with a plan applied in memory. Translation is greedy on the first ``--per-pair`` sentences
 per language pair (0: the whole split); each variant's chrF carries its n and a paired-bootstrap 95%
 interval of its difference to the unpruned model on the same sentences (``evaluate(..., baseline=)``).
+A second table gives translation- minus general-calibrated chrF at each criterion and ratio, paired on
+the same sentences.
 
     python bench/bench_reference_pruning.py [--model models/reference] [--data data] [--per-pair 100]
         [--split catalog_test] [--ratios 0.25,0.5,0.75] [--out runs/bench_reference_pruning.json]
@@ -30,6 +32,7 @@ import torch  # noqa: E402
 
 from moe_slim.api import plan_for  # noqa: E402
 from moe_slim.evals.run import evaluate  # noqa: E402
+from moe_slim.evals.translation import compare_with_baseline, load_baseline, select_records  # noqa: E402
 from moe_slim.experts.observe import observe  # noqa: E402
 from moe_slim.experts.prune import apply_plan  # noqa: E402
 from moe_slim.modeling.loading import load_model  # noqa: E402
@@ -63,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         stats = observe(model, tok, {d: texts[d] for d in CALIBRATIONS}, seq_len=256, batch_size=8)
     base = evaluate(model, tok, "quick", tasks=["translation"], data_dir=args.data, limit=limit, split=args.split)
     rows = [{"calibration": "-", "criterion": "unpruned", "ratio": 0.0, **_scores(base)}]
+    results = {}
     print(f"unpruned: chrF {rows[0]['chrf']:.2f} (n {rows[0]['n']}) [{time.perf_counter() - t0:.0f}s]", flush=True)
     for calib in CALIBRATIONS:
         for crit in CRITERIA:
@@ -72,13 +76,17 @@ def main(argv: list[str] | None = None) -> int:
                 res = evaluate(pruned, tok, "quick", tasks=["translation"], data_dir=args.data, limit=limit,
                                split=args.split, baseline=base)
                 rows.append({"calibration": calib, "criterion": crit, "ratio": ratio, **_scores(res)})
+                results[calib, crit, ratio] = res
                 r = rows[-1]
                 print(f"{calib:11s} {crit:9s} {ratio:.2f}: chrF {r['chrf']:.2f} (n {r['n']}), Δ {r['delta']:+.2f} "
                       f"({r['delta_ci95'][0]:+.2f} … {r['delta_ci95'][1]:+.2f}) [{time.perf_counter() - t0:.0f}s]",
                       flush=True)
                 del pruned
     print("\n" + table(rows, args.split))
+    contrasts = calibration_contrasts(results, args.data, args.split, limit)
+    print("\n" + contrast_table(contrasts, args.split))
     out = {"model": str(args.model), "split": args.split, "per_pair": args.per_pair, "rows": rows,
+           "translation_minus_general": contrasts,
            "seconds": round(time.perf_counter() - t0, 1), "threads": args.threads}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
@@ -97,16 +105,42 @@ def _scores(res: dict) -> dict:
     return out
 
 
+def calibration_contrasts(results: dict, data: str, split: str, limit: int | None) -> list[dict]:
+    """Translation- minus general-calibrated chrF at the same criterion and ratio, paired bootstrap on the same
+    sentences: the difference calibration makes, measured directly rather than read off two intervals."""
+    with (Path(data) / "translation" / f"{split}.jsonl").open(encoding="utf-8") as f:
+        records = select_records([json.loads(line) for line in f if line.strip()], limit)
+    out = []
+    for (calib, crit, ratio), res in results.items():
+        if calib != "translation" or ("general", crit, ratio) not in results:
+            continue
+        hyps = load_baseline(res)
+        c = compare_with_baseline(records, [hyps.get(str(r["id"]), "") for r in records],
+                                  results["general", crit, ratio])["overall"]["chrf"]
+        out.append({"criterion": crit, "ratio": ratio, "n": len(records), "delta": round(c["delta"], 2),
+                    "delta_ci95": [round(x, 2) for x in c["delta_ci95"]], "p_value": c["p_value"]})
+    return out
+
+
+def _delta_text(delta: float, ci: list[float]) -> str:
+    lo, hi = ci
+    return f"{delta:+.2f} ({lo:+.2f} … {hi:+.2f})" + ("" if lo > 0 or hi < 0 else ", tie")
+
+
+def contrast_table(contrasts: list[dict], split: str) -> str:
+    lines = [f"| criterion | experts removed | n | chrF translation − general calibration ({split}, 95% CI) |",
+             "|---|---|---|---|"]
+    lines += [f"| {c['criterion']} | {int(c['ratio'] * 100)}% | {c['n']} | {_delta_text(c['delta'], c['delta_ci95'])} |"
+              for c in contrasts]
+    return "\n".join(lines)
+
+
 def table(rows: list[dict], split: str) -> str:
     """The markdown table of the README: chrF per variant, n, and the difference to the unpruned model."""
     lines = [f"| calibrated on | criterion | experts removed | chrF ({split}) | n | Δ vs unpruned (95% CI) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        if "delta" in r:
-            lo, hi = r["delta_ci95"]
-            d = f"{r['delta']:+.2f} ({lo:+.2f} … {hi:+.2f})" + ("" if lo > 0 or hi < 0 else ", tie")
-        else:
-            d = "—"
+        d = _delta_text(r["delta"], r["delta_ci95"]) if "delta" in r else "—"
         lines.append(f"| {r['calibration']} | {r['criterion']} | {int(r['ratio'] * 100)}% | {r['chrf']:.2f} | "
                      f"{r['n']} | {d} |")
     return "\n".join(lines)

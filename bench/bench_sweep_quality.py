@@ -6,8 +6,11 @@ Targets (chrF on the translation test split, pruning calibrated on translation t
 * ... and >= 90% at 75% removed;
 * at 50%, translation-calibrated beats general-calibrated on chrF.
 
-Runs as a sweep (resumable, results in runs/bench-sweep-quality/results.db) and prints every
-figure with its margin to the target. Usage:
+A target counts as met only when the paired-bootstrap interval clears it (the sweep's own rule): "keeps
+>= 98%" needs the lower end of the difference to the baseline >= -0.02 x baseline chrF; "beats" needs the
+two calibrations' intervals (both against the baseline, same sentences) not to overlap. Runs as a sweep
+(resumable, results in runs/bench-sweep-quality/results.db) and prints every figure with its n and
+interval; a missed target is reported, not an error (exit 0). Usage:
 
     OMP_NUM_THREADS=2 python bench/bench_sweep_quality.py [--limit 50] [--methods reap,task_contrast] [--jobs 1]
 """
@@ -36,8 +39,9 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=1)
     args = ap.parse_args()
     if not (Path(args.model) / "config.json").exists():
-        print(f"no reference model at {args.model} (train it with `moe-slim reference train`)")
-        return 1
+        print(f"bench_sweep_quality: no reference model at {args.model}; skipped "
+              "(train it with `moe-slim train-reference`)")
+        return 0
     methods = [m for m in args.methods.split(",") if m]
     spec = parse_spec({
         "name": "bench-sweep-quality", "model": args.model, "data_dir": args.data,
@@ -52,35 +56,43 @@ def main() -> int:
     rows, _ = read_rows(Path(args.out) / "results.db")
     print(f"\nsweep done in {time.perf_counter() - t:.0f}s; {args.limit} sentences per pair\n")
     print(pivot(rows, "chrf"))
-    base = next(r for r in rows if r["kind"] == "baseline")["chrf"]
+    base_row = next(r for r in rows if r["kind"] == "baseline")
+    base, n = base_row["chrf"], int(base_row["metrics"]["translation/n"])
 
-    def chrf(method: str, mix: str, ratio: float) -> float:
-        return next(r["chrf"] for r in rows if r["method"] == method and r["mix"] == mix and r["ratio"] == ratio)
+    def point(method: str, mix: str, ratio: float) -> dict:
+        r = next(r for r in rows if r["method"] == method and r["mix"] == mix and r["ratio"] == ratio)
+        m = r["metrics"]
+        return {"chrf": r["chrf"], "delta": m["translation/chrf_delta_vs_baseline"],
+                "lo": m["translation/chrf_delta_lo"], "hi": m["translation/chrf_delta_hi"]}
 
-    print(f"\nbaseline chrF {base:.2f}")
-    ok_all = True
+    def keeps(p: dict, share: float) -> tuple[bool, str]:
+        # the sweep's own rule: the interval of the difference must clear the target, not the point estimate
+        need = -(1 - share) * base
+        text = (f"chrF {p['chrf']:.2f} = {100 * p['chrf'] / base:.1f}%, Δ {p['delta']:+.2f} "
+                f"[{p['lo']:+.2f}, {p['hi']:+.2f}] (needs lower end >= {need:+.2f})")
+        return p["lo"] >= need, text
+
+    print(f"\nbaseline chrF {base:.2f}, n = {n} sentences; Δ: paired bootstrap 95% interval against the baseline")
+    missed = []
     for m in methods:
-        t50, t75 = chrf(m, "translation=1", 0.5), chrf(m, "translation=1", 0.75)
-        g50 = chrf(m, "general=1", 0.5)
+        t50, t75, g50 = point(m, "translation=1", 0.5), point(m, "translation=1", 0.75), point(m, "general=1", 0.5)
+        # translation vs general: both intervals are against the same baseline on the same sentences; the
+        # points' hypotheses are not stored, so "beats" asks for intervals that do not overlap (conservative)
+        beats = t50["lo"] > g50["hi"]
         checks = [
-            (f"{m}: translation-calibrated @50% keeps >= 98% of baseline chrF", t50 / base, 0.98,
-             f"{t50:.2f} = {100 * t50 / base:.1f}%"),
-            (f"{m}: translation-calibrated @75% keeps >= 90% of baseline chrF", t75 / base, 0.90,
-             f"{t75:.2f} = {100 * t75 / base:.1f}%"),
-            (f"{m}: @50% translation-calibrated beats general-calibrated", t50 - g50, 1e-9,
-             f"{t50:.2f} vs {g50:.2f} ({t50 - g50:+.2f} chrF)"),
+            (f"{m}: translation-calibrated @50% keeps >= 98% of baseline chrF", *keeps(t50, 0.98)),
+            (f"{m}: translation-calibrated @75% keeps >= 90% of baseline chrF", *keeps(t75, 0.90)),
+            (f"{m}: @50% translation-calibrated beats general-calibrated", beats,
+             f"Δ {t50['delta']:+.2f} [{t50['lo']:+.2f}, {t50['hi']:+.2f}] vs {g50['delta']:+.2f} "
+             f"[{g50['lo']:+.2f}, {g50['hi']:+.2f}]" + ("" if beats else " (intervals overlap: not shown)")),
         ]
-        for name, value, target, text in checks:
-            passed = value >= target
-            ok_all &= passed or m != "reap"
-            if passed:
-                miss = ""
-            elif "beats" in name:
-                miss = f"  MISSED by {target - value:.2f} chrF"
-            else:
-                miss = f"  MISSED by {100 * (target - value):.1f} percentage points of baseline chrF"
-            print(f"  [{'ok' if passed else '--'}] {name}: {text}{miss}")
-    return 0 if ok_all else 2
+        for name, passed, text in checks:
+            print(f"  [{'ok' if passed else '--'}] {name}: {text}")
+            if not passed:
+                missed.append(name)
+    # a missed target is a finding to report, not a failure of the benchmark (make bench runs every script)
+    print(f"\ntargets met: {sum(3 for _ in methods) - len(missed)} of {3 * len(methods)}")
+    return 0
 
 
 if __name__ == "__main__":
