@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from moe_slim.api import plan_for  # noqa: E402
 from moe_slim.evals.run import evaluate  # noqa: E402
-from moe_slim.evals.translation import compare_with_baseline, load_baseline, select_records  # noqa: E402
+from moe_slim.evals.translation import compare_results  # noqa: E402
 from moe_slim.experts.observe import observe  # noqa: E402
 from moe_slim.experts.prune import apply_plan  # noqa: E402
 from moe_slim.modeling.loading import load_model  # noqa: E402
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
                 del pruned
     print("\n" + table(rows, args.split))
-    contrasts = calibration_contrasts(results, args.data, args.split, limit)
+    contrasts = calibration_contrasts(results, args.data, args.split)
     print("\n" + contrast_table(contrasts, args.split))
     out = {"model": str(args.model), "split": args.split, "per_pair": args.per_pair, "rows": rows,
            "translation_minus_general": contrasts,
@@ -105,19 +105,16 @@ def _scores(res: dict) -> dict:
     return out
 
 
-def calibration_contrasts(results: dict, data: str, split: str, limit: int | None) -> list[dict]:
+def calibration_contrasts(results: dict, data: str, split: str) -> list[dict]:
     """Translation- minus general-calibrated chrF at the same criterion and ratio, paired bootstrap on the same
     sentences: the difference calibration makes, measured directly rather than read off two intervals."""
-    with (Path(data) / "translation" / f"{split}.jsonl").open(encoding="utf-8") as f:
-        records = select_records([json.loads(line) for line in f if line.strip()], limit)
     out = []
     for (calib, crit, ratio), res in results.items():
         if calib != "translation" or ("general", crit, ratio) not in results:
             continue
-        hyps = load_baseline(res)
-        c = compare_with_baseline(records, [hyps.get(str(r["id"]), "") for r in records],
-                                  results["general", crit, ratio])["overall"]["chrf"]
-        out.append({"criterion": crit, "ratio": ratio, "n": len(records), "delta": round(c["delta"], 2),
+        cmp = compare_results(res, results["general", crit, ratio], data, split)
+        c = cmp["overall"]["chrf"]
+        out.append({"criterion": crit, "ratio": ratio, "n": cmp["n"], "delta": round(c["delta"], 2),
                     "delta_ci95": [round(x, 2) for x in c["delta_ci95"]], "p_value": c["p_value"]})
     return out
 

@@ -8,7 +8,8 @@ On the reference MoE (``models/reference/``): observe the calibration split of e
 ``evaluate(tasks=["translation"], limit=--limit)`` (sentences per language pair, the same for every
 row) on the unpruned model, each pruned model before SFT and after it.
 
-Target: chrF after SFT at 75% pruned >= the unpruned model's.
+Target: chrF after SFT at 75% pruned >= the unpruned model's, shown by the paired-bootstrap interval of the
+difference (same sentences) lying at or above 0.
 
     OMP_NUM_THREADS=1 python bench/bench_sft_recovery.py [--ratios 0.75,0.875] [--steps 300] [--limit 40]
 """
@@ -32,6 +33,7 @@ import torch  # noqa: E402
 
 from moe_slim.api import plan_for
 from moe_slim.evals.run import evaluate
+from moe_slim.evals.translation import compare_results
 from moe_slim.experts.observe import observe
 from moe_slim.experts.prune import apply_plan, count_parameters
 from moe_slim.modeling.loading import load_model
@@ -40,10 +42,24 @@ from moe_slim.reference.card import calibration_texts
 from moe_slim.reference.recipe import REFERENCE_DIR
 
 
-def chrf(model, tok, data: str, limit: int) -> float:
-    res = evaluate(model, tok, "quick", data_dir=data, tasks=["translation"], limit=limit, bootstrap_samples=0,
-                   hash_weights=False)
+def translate(model, tok, data: str, limit: int, baseline: dict | None = None) -> dict:
+    """The quick suite's translation task; with ``baseline``, its paired bootstrap against those hypotheses."""
+    return evaluate(model, tok, "quick", data_dir=data, tasks=["translation"], limit=limit, hash_weights=False,
+                    baseline=baseline)
+
+
+def chrf_of(res: dict) -> float:
     return float(res["metrics"]["translation/chrf"])
+
+
+def delta_of(cmp: dict) -> dict:
+    c = cmp["overall"]["chrf"]
+    return {"delta": round(c["delta"], 2), "ci95": [round(x, 2) for x in c["delta_ci95"]]}
+
+
+def _delta_text(d: dict) -> str:
+    lo, hi = d["ci95"]
+    return f"{d['delta']:+.2f} [{lo:+.2f}, {hi:+.2f}]" + ("" if lo > 0 or hi < 0 else " tie")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,23 +97,30 @@ def main(argv: list[str] | None = None) -> int:
     stats = observe(model, tok, calibration_texts(args.data, args.calib_per_domain), seq_len=256)
     print(f"observed calibration in {time.perf_counter() - t0:.0f}s")
     t0 = time.perf_counter()
-    base_chrf = chrf(model, tok, args.data, args.limit)
-    print(f"unpruned chrF {base_chrf:.2f} ({time.perf_counter() - t0:.0f}s)")
+    base = translate(model, tok, args.data, args.limit)
+    base_chrf, n = chrf_of(base), int(base["metrics"]["translation/n"])
+    print(f"unpruned chrF {base_chrf:.2f} (n {n}; {time.perf_counter() - t0:.0f}s)")
     rows = []
     for ratio in [float(r) for r in args.ratios.split(",")]:
         pruned = copy.deepcopy(model)
         plan = plan_for(pruned, stats, criterion="reap", ratio=ratio, mix={"translation": 1})
         apply_plan(pruned, plan)
-        before = chrf(pruned, tok, args.data, args.limit)
+        before_res = translate(pruned, tok, args.data, args.limit, baseline=base)
+        before = chrf_of(before_res)
         print(f"{ratio:.1%} pruned: chrF {before:.2f} before SFT; {count_parameters(pruned):,} parameters")
         res = sft(pruned, tok, args.mix, data_dir=args.data, steps=args.steps, mode=args.mode, lr=args.lr,
                   batch_size=args.batch_size, grad_accum=args.grad_accum, eval_every=args.eval_every, patience=args.patience, seed=args.seed,
                   max_minutes=args.max_minutes, merge_lora=True, progress=sys.stderr.isatty())
-        after = chrf(res.model, tok, args.data, args.limit)
+        after_res = translate(res.model, tok, args.data, args.limit, baseline=base)
+        after = chrf_of(after_res)
+        gain = delta_of(compare_results(after_res, before_res, args.data))  # after SFT vs before, same sentences
         rows.append({
             "config": f"REAP {ratio:.1%} pruned (kept {plan.kept_counts[0]}/{plan.num_experts}) + SFT {res.mode}",
             "ratio": ratio, "chrf_before": round(before, 2), "chrf_after": round(after, 2),
-            "chrf_unpruned": round(base_chrf, 2), "steps": res.steps, "best_step": res.best_step,
+            "chrf_unpruned": round(base_chrf, 2), "n": n,
+            "before_vs_unpruned": delta_of(before_res["tasks"]["translation"]["baseline"]),
+            "after_vs_unpruned": delta_of(after_res["tasks"]["translation"]["baseline"]),
+            "after_vs_before": gain, "steps": res.steps, "best_step": res.best_step,
             "minutes": round(res.seconds / 60, 2), "val_loss_before": round(res.metrics_before["val_loss"], 4),
             "val_loss_after": round(res.metrics_after["val_loss"], 4), "lr": args.lr, "mix": args.mix,
             "limit_per_pair": args.limit,
@@ -107,16 +130,20 @@ def main(argv: list[str] | None = None) -> int:
         del pruned, res
 
     print()
-    print("| config | chrF before SFT | chrF after SFT | unpruned chrF | steps | minutes |")
-    print("|---|---|---|---|---|---|")
+    print("| config | n | chrF before SFT | chrF after SFT | unpruned chrF | after − unpruned [95% CI] | "
+          "after − before [95% CI] | steps | minutes |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['config']} | {r['chrf_before']:.2f} | {r['chrf_after']:.2f} | {r['chrf_unpruned']:.2f} | "
+        print(f"| {r['config']} | {r['n']} | {r['chrf_before']:.2f} | {r['chrf_after']:.2f} | {r['chrf_unpruned']:.2f} | "
+              f"{_delta_text(r['after_vs_unpruned'])} | {_delta_text(r['after_vs_before'])} | "
               f"{r['steps']} (best {r['best_step']}) | {r['minutes']:.1f} |")
     print(f"\nchrF on the translation test split, first {args.limit} sentences per pair; SFT data {args.mix}, "
           f"lr {args.lr:g}, batch {args.batch_size} x {args.grad_accum}, mode {args.mode}, CPU threads {args.threads}.")
     if rows:
-        ok = rows[0]["chrf_after"] >= base_chrf
-        print(f"target (chrF after SFT at {rows[0]['ratio']:.1%} >= unpruned): {'met' if ok else 'NOT met'}")
+        # met only when the paired interval shows no loss: its lower end at or above 0
+        ok = rows[0]["after_vs_unpruned"]["ci95"][0] >= 0
+        print(f"target (chrF after SFT at {rows[0]['ratio']:.1%} >= unpruned, interval's lower end >= 0): "
+              f"{'met' if ok else 'NOT met'}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

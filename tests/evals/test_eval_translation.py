@@ -12,6 +12,7 @@ import pytest
 
 from moe_slim.errors import MoeSlimError
 from moe_slim.evals.translation import (
+    compare_results,
     corpus_scores,
     load_baseline,
     paired_bootstrap,
@@ -110,3 +111,22 @@ def test_select_records_per_pair():
     recs = [{"id": str(i), "tgt_lang": lang} for i, lang in enumerate(["de", "de", "fr", "de", "es", "fr"])]
     assert [r["id"] for r in select_records(recs, 1)] == ["0", "2", "4"]
     assert len(select_records(recs, None)) == 6
+
+
+def test_compare_results_pairs_two_saved_results_on_the_sentences_both_translated(tmp_path):
+    langs = ["de", "de", "de", "fr", "fr", "es", "es", "de"]
+    records = [{"id": f"s{i}", "src": "x", "ref": r, "src_lang": "en", "tgt_lang": lang}
+               for i, (r, lang) in enumerate(zip(REFS, langs))]
+    (tmp_path / "translation").mkdir()
+    (tmp_path / "translation" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def results(hyps, ids):
+        return {"tasks": {"translation": {"hypotheses": [{"id": f"s{i}", "pair": "", "hyp": hyps[i]} for i in ids]}}}
+
+    base = [h.replace("Die", "Der") for h in HYPS]
+    ids = [0, 1, 2, 3, 5, 6]  # the system translated a subset (e.g. --limit); only those are compared
+    out = compare_results(results(HYPS, ids), results(base, range(8)), tmp_path, n_samples=200, seed=7)
+    direct = paired_bootstrap([HYPS[i] for i in ids], [base[i] for i in ids], [REFS[i] for i in ids],
+                              n_samples=200, seed=7)
+    assert out["n"] == len(ids)
+    assert out["overall"]["chrf"] == direct["chrf"]

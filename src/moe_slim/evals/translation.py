@@ -211,6 +211,18 @@ def evaluate_translation(
     return result
 
 
+def compare_results(system: Mapping[str, Any], baseline: Mapping[str, Any], data_dir: str | os.PathLike,
+                    split: str = "test", *, n_samples: int = 1000, seed: int = 12345) -> dict[str, Any]:
+    """Paired bootstrap between two saved evaluation results (``evaluate``'s hypotheses) on the sentences
+    both translated: for comparing two variants after the fact, neither of which was the other's baseline."""
+    from .data import data_file, read_jsonl
+
+    hyps = load_baseline(system)
+    records = [r for r in read_jsonl(data_file(data_dir, "translation", split)) if str(r["id"]) in hyps]
+    return compare_with_baseline(records, [hyps[str(r["id"])] for r in records], baseline,
+                                 n_samples=n_samples, seed=seed)
+
+
 def compare_with_baseline(records: Sequence[Mapping[str, Any]], hyps: Sequence[str],
                           baseline: str | os.PathLike | Sequence[str] | Mapping[str, str], *,
                           n_samples: int = 1000, seed: int = 12345) -> dict[str, Any]:
