@@ -1,8 +1,9 @@
 """Sparse upcycling against training from scratch: two reference-MoE checkpoints of the same shape,
 trained on the same tokens, compared on the same items.
 
-``--a`` (default: the shipped, upcycled ``models/reference``) and ``--b`` (e.g. a run of
-``moe-slim train-reference --dense-steps 0 --steps 4000``). Prints, for the split given (default
+``--a`` (default ``runs/v4_upcycled``, a run of ``moe-slim train-reference --dense-steps 1000 --steps
+3000``: the recipe v4 first shipped) and ``--b`` (default: the shipped ``models/reference``, trained from
+scratch by the recipe's defaults). Prints, for the split given (default
 ``catalog_test``: whole gettext catalogs never seen in training):
 
 * translation chrF per pair for both, and B − A with a 95% paired bootstrap (same sentences);
@@ -13,7 +14,7 @@ trained on the same tokens, compared on the same items.
 
 The ratio printed last: layers with a quarter of the experts specialised, B ÷ A.
 
-    python bench/bench_upcycling.py [--b runs/v4_scratch] [--split catalog_test] [--per-pair N] [--threads 2]
+    python bench/bench_upcycling.py [--a runs/v4_upcycled] [--b models/reference] [--split catalog_test] [--per-pair N] [--threads 2]
 """
 
 from __future__ import annotations
@@ -73,9 +74,10 @@ def measure(path: str, records: list[dict], args, baseline_hyps: list[str] | Non
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--a", default=str(ROOT / "models" / "reference"), help="first checkpoint (default: the shipped one)")
-    ap.add_argument("--b", default=str(ROOT / "runs" / "v4_scratch"),
-                    help="second checkpoint (default: runs/v4_scratch, the from-scratch run)")
+    ap.add_argument("--a", default=str(ROOT / "runs" / "v4_upcycled"),
+                    help="first checkpoint (default: runs/v4_upcycled, the upcycled run)")
+    ap.add_argument("--b", default=str(ROOT / "models" / "reference"),
+                    help="second checkpoint (default: the shipped one, trained from scratch)")
     ap.add_argument("--data", default=str(ROOT / "data"))
     ap.add_argument("--split", default="catalog_test")
     ap.add_argument("--per-pair", type=int, default=None, help="translation sentences per pair (default: all)")
@@ -85,10 +87,10 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=12345)
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_upcycling.json"))
     args = ap.parse_args()
-    if not (Path(args.b) / "config.json").exists():
-        # make bench runs every script; the second model costs ~1 h of training, so say how to get it
-        print(f"bench_upcycling: skipped, no checkpoint at {args.b}; train it with `moe-slim "
-              f"train-reference --out {args.b} --dense-steps 0 --steps 4000` (about 56 min on 2 cores)")
+    if not (Path(args.a) / "config.json").exists():
+        # make bench runs every script; the upcycled model costs ~40 min of training, so say how to get it
+        print(f"bench_upcycling: skipped, no checkpoint at {args.a}; train it with `moe-slim "
+              f"train-reference --out {args.a} --dense-steps 1000 --steps 3000` (about 40 min on 2 cores)")
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -45,11 +45,13 @@ class Recipe:
     router_aux_loss_coef: float = 0.02
     seq_len: int = 256
     batch_size: int = 8
-    # sparse upcycling: steps of the dense model (FFN as wide as one expert) before the MoE; 0 = from scratch
-    dense_steps: int = 1000
+    # sparse upcycling: steps of the dense model (FFN as wide as one expert) before the MoE; 0 = from scratch.
+    # v4 ships from scratch: upcycled (1000 dense + 3000 MoE steps) tied on quality but specialised in 2 of 6
+    # layers against 4 of 6 (docs/reference_recipe.md, bench/bench_upcycling.py)
+    dense_steps: int = 0
     # std of the Gaussian noise added to each expert copy, relative to the std of the copied weight
     upcycle_noise: float = 0.01
-    steps: int = 3000
+    steps: int = 4000
     lr: float = 3e-3
     warmup: int = 100
     weight_decay: float = 0.05
