@@ -139,6 +139,8 @@ def write_card(
 
     data_dir = data_dir_or_default(data_dir)
     model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise MoeSlimError(f"model {model_dir} does not exist (give the directory of a trained reference model)")
     if not (model_dir / MARKER).is_file():  # before the minutes of measuring, not after
         raise MoeSlimError(f"{model_dir} is not a checkpoint moe_slim wrote (no {MARKER} marker); "
                            "reference-card writes the card of a model trained by `moe-slim train-reference`")
