@@ -30,6 +30,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from figures import difference_text  # noqa: E402
 from moe_slim.api import plan_for  # noqa: E402
 from moe_slim.evals.run import evaluate  # noqa: E402
 from moe_slim.evals.translation import compare_results  # noqa: E402
@@ -119,15 +120,10 @@ def calibration_contrasts(results: dict, data: str, split: str) -> list[dict]:
     return out
 
 
-def _delta_text(delta: float, ci: list[float]) -> str:
-    lo, hi = ci
-    return f"{delta:+.2f} ({lo:+.2f} … {hi:+.2f})" + ("" if lo > 0 or hi < 0 else ", tie")
-
-
 def contrast_table(contrasts: list[dict], split: str) -> str:
     lines = [f"| criterion | experts removed | n | chrF translation − general calibration ({split}, 95% CI) |",
              "|---|---|---|---|"]
-    lines += [f"| {c['criterion']} | {int(c['ratio'] * 100)}% | {c['n']} | {_delta_text(c['delta'], c['delta_ci95'])} |"
+    lines += [f"| {c['criterion']} | {int(c['ratio'] * 100)}% | {c['n']} | {difference_text(c['delta'], c['delta_ci95'])} |"
               for c in contrasts]
     return "\n".join(lines)
 
@@ -137,7 +133,7 @@ def table(rows: list[dict], split: str) -> str:
     lines = [f"| calibrated on | criterion | experts removed | chrF ({split}) | n | Δ vs unpruned (95% CI) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        d = _delta_text(r["delta"], r["delta_ci95"]) if "delta" in r else "—"
+        d = difference_text(r["delta"], r["delta_ci95"]) if "delta" in r else "—"
         lines.append(f"| {r['calibration']} | {r['criterion']} | {int(r['ratio'] * 100)}% | {r['chrf']:.2f} | "
                      f"{r['n']} | {d} |")
     return "\n".join(lines)

@@ -31,6 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from figures import difference_text
 from moe_slim.api import plan_for
 from moe_slim.evals.run import evaluate
 from moe_slim.evals.translation import compare_results
@@ -55,11 +56,6 @@ def chrf_of(res: dict) -> float:
 def delta_of(cmp: dict) -> dict:
     c = cmp["overall"]["chrf"]
     return {"delta": round(c["delta"], 2), "ci95": [round(x, 2) for x in c["delta_ci95"]]}
-
-
-def _delta_text(d: dict) -> str:
-    lo, hi = d["ci95"]
-    return f"{d['delta']:+.2f} [{lo:+.2f}, {hi:+.2f}]" + ("" if lo > 0 or hi < 0 else " tie")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['config']} | {r['n']} | {r['chrf_before']:.2f} | {r['chrf_after']:.2f} | {r['chrf_unpruned']:.2f} | "
-              f"{_delta_text(r['after_vs_unpruned'])} | {_delta_text(r['after_vs_before'])} | "
+              f"{difference_text(**r['after_vs_unpruned'])} | {difference_text(**r['after_vs_before'])} | "
               f"{r['steps']} (best {r['best_step']}) | {r['minutes']:.1f} |")
     print(f"\nchrF on the translation test split, first {args.limit} sentences per pair; SFT data {args.mix}, "
           f"lr {args.lr:g}, batch {args.batch_size} x {args.grad_accum}, mode {args.mode}, CPU threads {args.threads}.")

@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
 
+from figures import difference_text  # noqa: E402
 from moe_slim.dense.measure import paired_difference  # noqa: E402
 from moe_slim.evals.mc import run_mc  # noqa: E402
 from moe_slim.evals.mc_items import MC_TASKS  # noqa: E402
@@ -110,16 +111,14 @@ def main() -> int:
     print("\n| pair | n | chrF A | chrF B | B − A (95% CI) |\n|---|---|---|---|---|")
     for p, e in b["translation"]["baseline"]["pairs"].items():
         d = e["chrf"]
-        lo, hi = d["delta_ci95"]
-        tie = ", tie" if lo <= 0 <= hi else ""
         print(f"| {p} | {a['translation']['pairs'][p]['n']} | {a['translation']['pairs'][p]['chrf']:.2f} | "
-              f"{b['translation']['pairs'][p]['chrf']:.2f} | {d['delta']:+.2f} ({lo:+.2f} … {hi:+.2f}){tie} |")
+              f"{b['translation']['pairs'][p]['chrf']:.2f} | {difference_text(d['delta'], d['delta_ci95'])} |")
     print("\n| MC task | n | acc A | acc B | B − A (95% CI) |\n|---|---|---|---|---|")
     for t in MC_TASKS:
         ia, ib = a["mc"]["items"][t], b["mc"]["items"][t]
         d = paired_difference({t: ib}, {t: ia}, samples=2000, seed=0)
-        print(f"| {t} | {len(ia)} | {sum(ia) / len(ia):.3f} | {sum(ib) / len(ib):.3f} | {d['delta']:+.3f} "
-              f"({d['ci95'][0]:+.3f} … {d['ci95'][1]:+.3f}){', tie' if d['verdict'] == 'tie' else ''} |")
+        print(f"| {t} | {len(ia)} | {sum(ia) / len(ia):.3f} | {sum(ib) / len(ib):.3f} | "
+              f"{difference_text(d['delta'], d['ci95'], 3)} |")
     print("\n| domain | tokens | ppl A | ppl B |\n|---|---|---|---|")
     for dom in DOMAINS:
         print(f"| {dom} | {a['ppl'][dom]['tokens']} | {a['ppl'][dom]['ppl']:.2f} | {b['ppl'][dom]['ppl']:.2f} |")
