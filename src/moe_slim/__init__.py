@@ -30,6 +30,7 @@ _PUBLIC: dict[str, str] = {
     "apply_checkpoint": "moe_slim.api",
     "merge_checkpoint": "moe_slim.api",
     "sft_checkpoint": "moe_slim.api",
+    "oneshot": "moe_slim.recipe.run",
 }
 __all__ = ["__version__", *_PUBLIC]
 

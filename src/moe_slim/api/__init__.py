@@ -20,10 +20,10 @@ from ..modeling.loading import load_model
 from ..recover.loop import sft
 from .merge import merge_checkpoint
 from .mone import mone_checkpoint
-from .observe import needs_layerwise, observe_checkpoint
+from .observation import needs_layerwise, observe_checkpoint
 from .plans import apply_plan_file, load_plan, parse_weights, plan_for, write_plan
 from .prune import apply_checkpoint, prune_checkpoint
-from .sft import sft_checkpoint
+from .healing import sft_checkpoint
 
 __all__ = [
     "ExpertPlan", "MergePlan", "RouterStats", "apply_checkpoint", "apply_merge_plan", "apply_plan", "apply_plan_file",

@@ -22,7 +22,7 @@ from ..data.paths import data_dir_or_default
 from ..errors import MoeSlimError
 from ..modeling.hub import resolve_model
 from ..outputs import MARKER, atomic_dir, check_output, is_moe_slim_output
-from .spec import Recipe
+from .spec import Recipe, recipe_of
 
 
 def _done(path: Path) -> bool:
@@ -117,6 +117,20 @@ def run_recipe(recipe: Recipe, raw: dict[str, Any], out: str | os.PathLike, *, r
             add_eval_results(tmp / "README.md", out.name, results["metrics"])
     shutil.rmtree(work, ignore_errors=True)
     return steps
+
+
+def oneshot(recipe: dict[str, Any] | str | os.PathLike, out: str | os.PathLike, *, model: str | None = None,
+            overwrite: bool = False, progress: bool = False, log: Callable[[str], None] | None = None
+            ) -> dict[str, Any]:
+    """One call for a whole recipe, as llm-compressor's ``oneshot``: ``recipe`` is a dict or a YAML path.
+
+    ``model`` (a directory or Hub id) replaces the recipe's; the steps, the work directory and the
+    output are those of ``moe-slim run`` (:func:`run_recipe`), which this returns the result of."""
+    path = None if isinstance(recipe, dict) else str(recipe)
+    if model is not None:
+        recipe = {**(recipe if isinstance(recipe, dict) else recipe_of(recipe)[1]), "model": str(model)}
+    spec, raw = recipe_of(recipe)
+    return run_recipe(spec, raw, out, recipe_path=path, overwrite=overwrite, progress=progress, log=log)
 
 
 def add_eval_results(card_path: Path, name: str, metrics: dict[str, Any]) -> None:

@@ -88,3 +88,11 @@ def load_recipe(path: str | Path) -> tuple[Recipe, dict[str, Any]]:
     """The checked recipe and the mapping it was read from; one-line errors."""
     raw = read_yaml(path, "recipe")
     return validate(Recipe, raw, "recipe"), raw
+
+
+def recipe_of(recipe: dict[str, Any] | str | Path) -> tuple[Recipe, dict[str, Any]]:
+    """A recipe given as a mapping (checked the same way) or as the path of its YAML file."""
+    if isinstance(recipe, dict):
+        raw = dict(recipe)
+        return validate(Recipe, raw, "recipe"), raw
+    return load_recipe(recipe)
