@@ -241,3 +241,28 @@ def test_unknown_quantization_is_refused(tmp_path: Path) -> None:
     (src / "config.json").write_text(json.dumps(cfg))
     plan_for_model(tiny_model("qwen3_moe")).save(tmp_path / "plan.json")
     _expect_refusal(tmp_path, src, tmp_path / "plan.json", "quantized with 'gptq'")
+
+
+def test_every_tensor_keeps_its_own_dtype_on_both_paths(tmp_path: Path) -> None:
+    """DeepSeek-V3 stores its router and correction bias in F32 beside bf16 weights: both paths keep each
+    tensor's dtype and value (the in-memory path once rounded the F32 ones to the most common dtype)."""
+    src = save_sharded("deepseek_v3", tmp_path / "src", dtype=torch.bfloat16, shard="1GB")
+    fp32 = tiny_model("deepseek_v3").state_dict()
+    sd = load_file(str(src / "model.safetensors"))
+    router = [k for k in sd if k.endswith(("mlp.gate.weight", "e_score_correction_bias"))]
+    assert router
+    for k in router:  # values bf16 cannot hold
+        sd[k] = fp32[k] + torch.linspace(0, 1e-3, fp32[k].numel()).reshape(fp32[k].shape)
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    plan_for_model(tiny_model("deepseek_v3")).save(tmp_path / "plan.json")
+    apply_checkpoint(src, tmp_path / "plan.json", tmp_path / "s", progress=False)
+    apply_checkpoint(src, tmp_path / "plan.json", tmp_path / "m", in_memory=True)
+    s, m = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("s", "m"))
+    assert s.keys() == m.keys()
+    for k in s:
+        assert s[k].dtype == m[k].dtype and torch.equal(s[k], m[k]), k
+        if k in router:
+            assert s[k].dtype == torch.float32
+            keep = plan_for_model(tiny_model("deepseek_v3")).layers
+            assert any(torch.equal(s[k], sd[k][lp.keep]) for lp in keep if k.startswith(lp.name)), k
+    assert {v.dtype for k, v in s.items() if k not in router} == {torch.bfloat16}

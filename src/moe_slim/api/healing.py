@@ -17,10 +17,7 @@ from ..errors import MoeSlimError
 from ..experts.plan import ExpertPlan
 from ..modeling import devices
 from ..modeling.hub import resolve_model
-from ..modeling.loading import (
-    load_model,
-    output_dtype,
-)
+from ..modeling.loading import load_model, parse_dtype
 from ..outputs import atomic_dir, check_output
 from ..recover.data import load_sft_data
 from ..recover.loop import SftResult, sft
@@ -52,7 +49,7 @@ def sft_checkpoint(
     mode = check_mode(mode)
     if not isinstance(steps, int) or steps <= 0:
         raise MoeSlimError(f"--steps must be a positive integer (got {steps!r})")
-    save_dtype = output_dtype(dtype, model_path)
+    save_dtype = parse_dtype(dtype)  # None: computed in float32 on CPUs, each tensor written in its source dtype
     data = load_sft_data(data, data_dir=kwargs["data_dir"], val_data=kwargs.pop("val_data", None),
                          seed=kwargs.get("seed", 0))  # bad data fails before the model is loaded
     dev = devices.resolve_device(device)
@@ -80,5 +77,5 @@ def sft_checkpoint(
         except Exception:
             plan = None
     save_checkpoint(result.model, tok, out, card=sft_card(source=source, result=result, adapter=False), plan=plan,
-                    extra_json={"sft.json": log_json}, dtype=save_dtype, overwrite=overwrite)
+                    extra_json={"sft.json": log_json}, dtype=save_dtype, source=model_path, overwrite=overwrite)
     return result

@@ -38,7 +38,6 @@ from ..modeling.loading import (
     load_config,
     load_model,
     load_tokenizer,
-    output_dtype,
     parse_dtype,
 )
 from ..modeling.materialize import WeightSource
@@ -93,7 +92,7 @@ def merge_checkpoint(
     data_dir = data_dir_or_default(data_dir)
     check_output(out, overwrite, inputs=[model_path, stats_path, plan_path, data_dir, *calibration_inputs(calib)])
     family_of(load_config(model_path))
-    save_dtype = output_dtype(dtype, model_path)  # merging computes in float32 on CPUs; the output keeps the source dtype
+    save_dtype = parse_dtype(dtype)  # None: computed in float32 on CPUs, each tensor written in its source dtype
     dev = devices.resolve_device(device)
     run = dict(device=dev, dtype=devices.compute_dtype(compute_dtype, dev, model_path))
     at_size = not in_memory and has_safetensors(model_path) and not choices.get("tied")
@@ -155,7 +154,7 @@ def merge_checkpoint(
     if plan_only:  # the decisions without the checkpoint (they replay with apply/eval --plan)
         write_plan(plan, out, overwrite=overwrite)
     else:
-        save_checkpoint(model, tok, out, card=card, plan=plan, overwrite=overwrite, dtype=save_dtype)
+        save_checkpoint(model, tok, out, card=card, plan=plan, overwrite=overwrite, dtype=save_dtype, source=model_path)
     return plan
 
 

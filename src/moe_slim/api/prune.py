@@ -27,7 +27,7 @@ from ..modeling.loading import (
     parse_dtype,
 )
 from ..modeling.ondisk import meta_model
-from ..modeling.shards import has_safetensors, source_dtype
+from ..modeling.shards import has_safetensors, load_dtype
 from ..outputs import check_output
 from .plans import load_plan, plan_for, write_plan
 
@@ -78,7 +78,7 @@ def prune_checkpoint(
         check_quantization(config, str(model_path))
         model, tok = meta_model(config), None
     else:
-        model, tok = load_model(model_path, dtype=want or source_dtype(model_path))
+        model, tok = load_model(model_path, dtype=load_dtype(want, model_path))
     plan = plan_for(model, stats, criterion=criterion, ratio=ratio, mix=mix, reference=reference, budget=budget,
                     floor=floor, seed=seed, protect_super=protect_super)
     plan.info["stats_path"] = str(stats_path)
@@ -123,7 +123,7 @@ def apply_checkpoint(
         from .merge import merge_checkpoint
 
         return merge_checkpoint(model_path, out, plan_path=plan_path, overwrite=overwrite, dtype=dtype)
-    model, tok = load_model(model_path, dtype=want or source_dtype(model_path))
+    model, tok = load_model(model_path, dtype=load_dtype(want, model_path))
     _write(model, tok, plan, model_path, out, overwrite, None, want, shard_bytes)
     return plan
 
@@ -150,5 +150,5 @@ def _write(model: nn.Module, tok: Any, plan: ExpertPlan, source: Any, out: Any, 
     plan.info.update(params_before=before, params_after=after)
     card = prune_card(source=str(source), plan=plan, params_before=before, params_after=after, model=model,
                       stats_info=stats_meta)
-    save_checkpoint(model, tok, out, card=card, plan=plan, overwrite=overwrite, dtype=dtype or source_dtype(source),
+    save_checkpoint(model, tok, out, card=card, plan=plan, overwrite=overwrite, dtype=dtype, source=source,
                     max_shard_bytes=shard_bytes)

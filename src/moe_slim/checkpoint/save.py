@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..modeling.ondisk import cast_like_source
+from ..modeling.shards import has_safetensors
 from ..outputs import atomic_dir, pause_point
 from ..prompts import END_TAG
 
@@ -59,6 +61,7 @@ def save_checkpoint(
     plan: Any = None,
     extra_json: dict[str, Any] | None = None,
     dtype: torch.dtype | None = None,
+    source: str | os.PathLike | None = None,
     max_shard_bytes: int | None = None,
     overwrite: bool = False,
 ) -> Path:
@@ -66,13 +69,16 @@ def save_checkpoint(
 
     ``plan`` (an :class:`~moe_slim.experts.plan.ExpertPlan` or a merge plan) must be writable as a
     standard checkpoint and writes its own files (``plan.json``, and a merge plan's permutations).
-    ``dtype`` casts the floating-point weights first (moe_slim computes in float32 on CPUs and writes
-    checkpoints in their source dtype: see :func:`moe_slim.modeling.loading.output_dtype`).
+    ``dtype`` casts the floating-point weights first; without it, given the ``source`` checkpoint, every
+    tensor is written in its own source dtype (moe_slim computes in float32 on CPUs; DeepSeek-V3 keeps
+    F32 routers beside bf16 weights, and those stay F32).
     """
     if plan is not None:
         plan.check_writable()
     if dtype is not None:
         model.to(dtype)
+    elif source is not None and has_safetensors(source):
+        cast_like_source(model, source)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(str(tmp), **({"max_shard_size": max_shard_bytes} if max_shard_bytes else {}))
         pause_point("after-first-file")

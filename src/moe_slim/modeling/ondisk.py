@@ -151,3 +151,42 @@ class DiskLayout:
         from transformers.core_model_loading import revert_weight_conversion
 
         return revert_weight_conversion(self.model, dict(tensors))
+
+
+def source_dtypes(model: nn.Module, path: Any) -> dict[str, torch.dtype]:
+    """The dtype each in-memory tensor of ``model`` has in the checkpoint at ``path`` (its state-dict
+    names; the on-disk tensors that feed one fused tensor give the widest of their dtypes)."""
+    from transformers.core_model_loading import rename_source_key
+
+    from .shards import FLOATING, TORCH_DTYPES, ShardedCheckpoint
+
+    ckpt = ShardedCheckpoint(path)
+    renamings, converters = _transforms(model)
+    state = model.state_dict()
+    out: dict[str, torch.dtype] = {}
+    for key in ckpt.keys:
+        stored = ckpt.entry(key).dtype
+        if stored not in FLOATING:
+            continue
+        mkey, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
+        dtype = TORCH_DTYPES[stored]
+        if mkey not in out or dtype.itemsize > out[mkey].itemsize:
+            out[mkey] = dtype
+    return out
+
+
+def cast_like_source(model: nn.Module, path: Any) -> None:
+    """Cast every floating tensor of ``model`` to its dtype in the source checkpoint at ``path`` (tensors
+    the source lacks, such as new or tied ones, to its most common floating dtype). Quantized (8-bit)
+    tensors stay as they are."""
+    from .shards import ShardedCheckpoint
+
+    dominant = ShardedCheckpoint(path).dominant_float_dtype()
+    if dominant is None:
+        return
+    wanted = source_dtypes(model, path)
+    saved = set(model.state_dict())
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        dtype = wanted.get(name, dominant)
+        if name in saved and t.is_floating_point() and t.dtype.itemsize > 1 and t.dtype != dtype:
+            t.data = t.data.to(dtype)

@@ -216,6 +216,11 @@ class ShardedCheckpoint:
                         a, pos = a + n, pos + n
         return out
 
+    def float_dtypes(self) -> set[torch.dtype]:
+        """The (unquantized) floating dtypes the checkpoint stores: more than one when, as in DeepSeek-V3,
+        routers are kept in F32 beside bf16 weights."""
+        return {TORCH_DTYPES[e.dtype] for e in self.entries.values() if e.dtype in FLOATING}
+
     def dominant_float_dtype(self) -> torch.dtype | None:
         """The floating dtype holding most of the weights' bytes (the checkpoint's "source dtype")."""
         sizes: dict[str, int] = {}
@@ -234,3 +239,12 @@ def has_safetensors(path: str | os.PathLike) -> bool:
 def source_dtype(path: str | os.PathLike) -> torch.dtype | None:
     """The dtype a checkpoint stores its weights in (None when it has no safetensors weights)."""
     return ShardedCheckpoint(path).dominant_float_dtype() if has_safetensors(path) else None
+
+
+def load_dtype(requested: torch.dtype | None, path: str | os.PathLike) -> torch.dtype | None:
+    """The dtype to load ``path`` in so that nothing is rounded: the one asked for, float32 when the
+    checkpoint mixes floating dtypes (each tensor goes back to its own on save), else the source's."""
+    if requested is not None or not has_safetensors(path):
+        return requested
+    ckpt = ShardedCheckpoint(path)
+    return torch.float32 if len(ckpt.float_dtypes()) > 1 else ckpt.dominant_float_dtype()
