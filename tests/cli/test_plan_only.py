@@ -12,6 +12,8 @@ from eval_fixtures import write_fixture_data
 
 from moe_slim.cli import main
 from moe_slim.evals.run import evaluate
+from moe_slim.experts.merge.apply import apply_merge_plan
+from moe_slim.experts.merge.plan import MergePlan
 from moe_slim.experts.plan import ExpertPlan
 from moe_slim.experts.prune import apply_plan
 from moe_slim.modeling.loading import load_model
@@ -38,6 +40,10 @@ def test_global_budget_plan_is_written_and_evaluated_in_memory(w, tmp_path, caps
                  "--plan-only", "--out", str(out)]) == 0
     plan = ExpertPlan.load(out / "plan.json")
     assert sum(plan.kept_counts) == 8 and sorted(out.iterdir()) == [out / ".moe_slim", out / "plan.json"]
+    model, _ = load_model(w["model"])
+    before = model.num_parameters()
+    apply_plan(model, plan)  # the counts printed are those of the model the plan makes
+    assert f"parameters {before:,} -> {model.num_parameters():,}" in capsys.readouterr().out
     res = tmp_path / "r.json"
     assert main(["eval", str(w["model"]), "--plan", str(out / "plan.json"), "--tasks", "perplexity", "--limit", "2",
                  "--data-dir", str(w["data"]), "--out", str(res), "--quiet"]) == 0
@@ -63,11 +69,17 @@ def test_a_uniform_budget_without_ratio_is_one_line(w, tmp_path, capsys) -> None
     assert capsys.readouterr().err.strip() == "moe-slim: a uniform budget needs --ratio"
 
 
-def test_merge_plan_only_writes_plan_and_permutations_and_replays(w, tmp_path) -> None:
+def test_merge_plan_only_writes_plan_and_permutations_and_replays(w, tmp_path, capsys) -> None:
     out = tmp_path / "merge-plan"
     assert main(["merge", str(w["model"]), "--stats", str(w["stats"]), "--ratio", "0.5", "--method", "ream",
-                 "--max-tokens", "256", "--plan-only", "--out", str(out), "--quiet"]) == 0
+                 "--max-tokens", "256", "--plan-only", "--out", str(out), "--quiet", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
     assert (out / "plan.json").is_file() and (out / "merge_permutations.safetensors").is_file()
+    # the parameter counts of the checkpoint the plan would make (once printed as "N -> 0")
+    model, _ = load_model(w["model"])
+    before = model.num_parameters()
+    apply_merge_plan(model, MergePlan.load(out / "plan.json"))
+    assert (printed["params_before"], printed["params_after"]) == (before, model.num_parameters())
     assert not (out / "config.json").exists()
     res = tmp_path / "r.json"
     assert main(["eval", str(w["model"]), "--plan", str(out / "plan.json"), "--tasks", "perplexity", "--limit", "2",

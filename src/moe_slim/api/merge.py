@@ -44,7 +44,7 @@ from ..modeling.materialize import WeightSource
 from ..modeling.ondisk import meta_model
 from ..modeling.shards import has_safetensors
 from ..outputs import check_output
-from .plans import write_plan
+from .plans import plan_parameters, write_plan
 
 
 def merge_checkpoint(
@@ -164,6 +164,7 @@ def _write_at_size(model_path: str | os.PathLike, out: str | os.PathLike, plan: 
     """The merged checkpoint streamed from the source's shards, one MoE layer merged at a time."""
     plan.info.update(params_before=before, source=str(model_path))
     if plan_only:
+        plan.info["params_after"] = plan_parameters(load_config(model_path), plan)[1]
         write_plan(plan, out, overwrite=overwrite)
         return plan
 

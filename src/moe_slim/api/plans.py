@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -13,10 +14,11 @@ from ..errors import MoeSlimError
 from ..experts.criteria import ALL_CRITERIA, score
 from ..experts.merge.apply import apply_merge_plan
 from ..experts.merge.plan import MergePlan
-from ..experts.plan import ExpertPlan, check_ratio, make_plan
-from ..experts.prune import apply_plan
+from ..experts.plan import ExpertPlan, LayerPlan, check_ratio, make_plan
+from ..experts.prune import apply_plan, count_parameters
 from ..experts.stats import RouterStats
 from ..families import moe_layers
+from ..modeling.ondisk import meta_model
 from ..outputs import atomic_dir
 
 
@@ -51,6 +53,16 @@ def plan_for(
             "stats_fingerprint": stats.meta.get("model_fingerprint"), "stats_domains": list(stats.domains)}
     return make_plan(scores, family=layers[0].family, config=model.config, layer_names=[l.name for l in layers],
                      ratio=ratio, budget=budget, floor=floor, info=info)
+
+
+def plan_parameters(config: Any, plan: ExpertPlan) -> tuple[int, int]:
+    """Parameters of the model ``config`` describes before and after ``plan`` (a merge keeps as many as it
+    has representatives), counted on a weightless skeleton: what a plan-only run reports."""
+    model = meta_model(config)
+    before = count_parameters(model)
+    apply_plan(model, ExpertPlan(plan.family, plan.num_experts, plan.top_k, [LayerPlan(l.name, list(l.keep))
+                                                                             for l in plan.layers]))
+    return before, count_parameters(model)
 
 
 def parse_weights(text: str | None) -> dict[str, float] | None:

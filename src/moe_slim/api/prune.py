@@ -29,7 +29,7 @@ from ..modeling.loading import (
 from ..modeling.ondisk import meta_model
 from ..modeling.shards import has_safetensors, load_dtype
 from ..outputs import check_output
-from .plans import load_plan, plan_for, write_plan
+from .plans import load_plan, plan_for, plan_parameters, write_plan
 
 
 def prune_checkpoint(
@@ -83,6 +83,7 @@ def prune_checkpoint(
                     floor=floor, seed=seed, protect_super=protect_super)
     plan.info["stats_path"] = str(stats_path)
     if plan_only:
+        plan.info["params_before"], plan.info["params_after"] = plan_parameters(config, plan)
         write_plan(plan, out, overwrite=overwrite)
     elif streaming:
         _stream(model_path, out, plan, stats.meta, want, shard_bytes, overwrite, progress)

@@ -52,6 +52,9 @@ from .shard_writer import DEFAULT_MAX_SHARD_BYTES, OutTensor, write_shards
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 #: files a rewrite writes itself, so a source's copies (e.g. of an earlier moe_slim output) are not carried over
 OWN_FILES = {"config.json", "README.md", "plan.json", "model.safetensors.index.json"}
+#: files that describe how the source was trained or scored: the derived model is another model
+SOURCE_ONLY_FILES = {"metrics.json", "training.json", "results.json", "sft.json", "all_results.json",
+                     "eval_results.json", "train_results.json", "trainer_state.json", "recipe.yaml"}
 
 
 def check_quantization(config: Any, where: str) -> str | None:
@@ -157,7 +160,8 @@ def copy_small_files(src: Path, dst: Path) -> list[str]:
     """Tokenizer, generation config and other non-weight files of the source directory (top level only)."""
     copied = []
     for f in sorted(src.iterdir()):
-        if not f.is_file() or f.name in OWN_FILES or f.name.startswith(".") or f.suffix in WEIGHT_SUFFIXES:
+        skip = f.name in OWN_FILES | SOURCE_ONLY_FILES or f.name.startswith(".") or f.suffix in WEIGHT_SUFFIXES
+        if not f.is_file() or skip:
             continue
         shutil.copyfile(f, dst / f.name)
         copied.append(f.name)

@@ -52,8 +52,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, plan_only=args.plan_only, protect_super=args.protect_super, **_write_options(args),
     )
     if args.plan_only:
-        emit(args, {"plan": f"{args.out}/plan.json", "kept_per_layer": plan.kept_counts, "num_experts": plan.num_experts},
-             f"wrote {args.out}/plan.json: keeps {plan.kept_counts} experts per layer of {plan.num_experts} "
+        i = plan.info
+        emit(args, {"plan": f"{args.out}/plan.json", "kept_per_layer": plan.kept_counts, "num_experts": plan.num_experts,
+                    "params_before": i.get("params_before"), "params_after": i.get("params_after")},
+             f"wrote {args.out}/plan.json: keeps {plan.kept_counts} experts per layer of {plan.num_experts}, "
+             f"parameters {i.get('params_before', 0):,} -> {i.get('params_after', 0):,} "
              f"(evaluate it with: moe-slim eval {args.model} --plan {args.out}/plan.json --out results.json)")
         return 0
     _print_plan(args, plan, args.out)

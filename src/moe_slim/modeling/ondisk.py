@@ -43,6 +43,7 @@ def meta_model(config: Any) -> nn.Module:
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     with init_empty_weights():  # buffers computed at init (sinusoidal positions) in float32, as a float32 load has them
         model = auto.from_config(config, dtype=torch.float32)
+    model.tie_weights()  # as from_pretrained does: a tied lm_head is the embedding, counted and sized once
     return model.eval()
 
 
