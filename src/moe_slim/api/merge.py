@@ -31,7 +31,7 @@ from ..experts.stats import RouterStats
 from ..families import family_of
 from ..modeling import devices
 from ..modeling.hub import resolve_model
-from ..checkpoint.rewrite import rewrite_pruned
+from ..checkpoint.rewrite import refuse_quantized_merge, rewrite_pruned
 from ..checkpoint.shard_writer import DEFAULT_MAX_SHARD_BYTES, parse_size
 from ..modeling.dispatch import prepare_model
 from ..modeling.loading import (
@@ -91,7 +91,9 @@ def merge_checkpoint(
     model_path = resolve_model(model_path)  # a local directory, or a Hugging Face Hub id
     data_dir = data_dir_or_default(data_dir)
     check_output(out, overwrite, inputs=[model_path, stats_path, plan_path, data_dir, *calibration_inputs(calib)])
-    family_of(load_config(model_path))
+    config = load_config(model_path)
+    family_of(config)
+    refuse_quantized_merge(config, model_path)
     save_dtype = parse_dtype(dtype)  # None: computed in float32 on CPUs, each tensor written in its source dtype
     dev = devices.resolve_device(device)
     run = dict(device=dev, dtype=devices.compute_dtype(compute_dtype, dev, model_path))

@@ -66,6 +66,21 @@ def check_quantization(config: Any, where: str) -> str | None:
     return method
 
 
+def refuse_quantized_merge(config: Any, where: Any) -> None:
+    """Merging averages expert weights, which a quantized checkpoint does not hold as numbers: every merge
+    path (at size, in memory, apply of a merge plan) refuses it with this one line, naming the way out."""
+    method = quant_method(config)
+    if method is None:
+        return
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
+
+    cls = AUTO_QUANTIZATION_CONFIG_MAPPING.get(method)
+    how = (f"AutoModelForCausalLM.from_pretrained(SRC, quantization_config={cls.__name__}(dequantize=True))"
+           ".save_pretrained(DIR)" if cls is not None else "dequantize it")
+    raise MoeSlimError(f"{where} is quantized ({method}); merging averages expert weights, so it needs a dequantized "
+                       f"checkpoint: write one ({how}) and merge that (pruning slices these experts as they are)")
+
+
 def _convert(source: Callable[[], torch.Tensor], dtype: torch.dtype) -> Callable[[], Iterator[bytes]]:
     def chunks() -> Iterator[bytes]:
         t = source().to(dtype).contiguous()
@@ -192,8 +207,8 @@ def rewrite_pruned(
     check_quantization(config, str(src))
     if plan.kind not in ("prune", "merge"):
         raise MoeSlimError(f"this is a {plan.kind} plan; a streaming rewrite applies prune and merge plans")
-    if plan.kind == "merge" and check_quantization(config, str(src)) is not None:
-        raise MoeSlimError(f"{src} is quantized; merging averages weights, which needs them dequantized first")
+    if plan.kind == "merge":
+        refuse_quantized_merge(config, src)
     plan.check_writable()
     ckpt = ShardedCheckpoint(src)
     model = meta_model(config)
