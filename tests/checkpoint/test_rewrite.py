@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -138,7 +139,7 @@ def _mxfp4_checkpoint(path: Path) -> Path:
     return path
 
 
-def _fp8_checkpoint(path: Path) -> Path:
+def _fp8_checkpoint(path: Path, block: int = 128) -> Path:
     """A tiny DeepSeek-V3 whose routed experts are float8_e4m3fn with block scales (``weight_scale_inv``)."""
     save_sharded("deepseek_v3", path, shard="1GB")
     sd = load_file(str(path / "model.safetensors"))
@@ -147,13 +148,13 @@ def _fp8_checkpoint(path: Path) -> Path:
     for k, t in sd.items():
         if ".mlp.experts." in k and k.endswith("_proj.weight"):
             out[k] = t.to(torch.float8_e4m3fn)
-            out[k[: -len("weight")] + "weight_scale_inv"] = torch.rand(-(-t.shape[0] // 128), -(-t.shape[1] // 128),
-                                                                       generator=g) + 0.5
+            out[k[: -len("weight")] + "weight_scale_inv"] = torch.rand(-(-t.shape[0] // block),
+                                                                       -(-t.shape[1] // block), generator=g) + 0.5
         else:
             out[k] = t
     save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((path / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128],
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [block, block],
                                   "activation_scheme": "dynamic", "fmt": "e4m3"}
     (path / "config.json").write_text(json.dumps(cfg))
     return path
@@ -194,6 +195,18 @@ def test_quantized_experts_are_sliced_without_dequantizing(kind: str, tmp_path: 
     apply_plan(source, plan)
     a, b = pruned.state_dict(), source.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fp8_shapes_the_block_grid_does_not_divide_fail_in_one_line_naming_the_cause(tmp_path: Path) -> None:
+    """transformers reports the cause in a loading report the commands silence, then raises "look at the
+    CONVERSION entries of the above report": the one line carries the cause itself."""
+    src = _fp8_checkpoint(tmp_path / "src", block=12)  # tiny experts are [16, 32]: a 2 x 3 grid of 12-blocks
+    plan_for_model(tiny_model("deepseek_v3")).save(tmp_path / "plan.json")
+    with pytest.raises(MoeSlimError) as err:
+        apply_checkpoint(src, tmp_path / "plan.json", tmp_path / "out", in_memory=True)
+    (line,) = str(err.value).splitlines()
+    assert re.search(r"Weight shape \(\d+, \d+\) not divisible by scale grid \(\d, \d\)", line), line
+    assert "report" not in line and not (tmp_path / "out").exists()
 
 
 # -- bad input -----------------------------------------------------------------------------------------

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +76,41 @@ def require_safetensors(path: str | os.PathLike) -> None:
             f"AutoModel.from_pretrained('{p}', use_safetensors=False).save_pretrained('{p}-safetensors')\"")
 
 
+@contextmanager
+def load_report() -> Iterator[list[str]]:
+    """transformers' loading report, which it logs as a warning and then raises "look at the CONVERSION
+    entries of the above report" about: kept here (the commands silence transformers' warnings, so the
+    report was never seen), and passed on as before once loading is over."""
+    log = logging.getLogger("transformers.modeling_utils")
+    records: list[logging.LogRecord] = []
+    messages: list[str] = []
+    keep = logging.Handler(logging.WARNING)
+    keep.emit = lambda r: (records.append(r), messages.append(r.getMessage()))  # type: ignore[method-assign]
+    shown, level, propagate = log.isEnabledFor(logging.WARNING), log.level, log.propagate
+    log.setLevel(logging.WARNING)
+    log.propagate = False
+    log.addHandler(keep)
+    try:
+        yield messages
+    finally:
+        log.removeHandler(keep)
+        log.setLevel(level)
+        log.propagate = propagate
+        for r in records if shown else []:
+            log.handle(r)
+
+
+def load_error_cause(exc: BaseException, report: list[str]) -> str:
+    """The first line of a failed load's cause: the error inside transformers' report when it points there
+    (FP8 weights whose shape the block-scale grid does not divide), else the exception's own first line."""
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "report" in first:
+        found = re.search(r"^\s*\w*(?:Error|Exception): (.+)$", "\n".join(report), flags=re.M)
+        if found:
+            return found.group(1).strip()
+    return first
+
+
 def load_model(
     path: str | os.PathLike,
     *,
@@ -103,10 +142,11 @@ def load_model(
         kwargs["device_map"] = device_map
     if offload_folder is not None:
         kwargs["offload_folder"] = offload_folder
-    try:
-        model = auto.from_pretrained(str(path), **kwargs)
-    except Exception as exc:
-        raise MoeSlimError(f"could not load model {path}: {str(exc).splitlines()[0]}") from exc
+    with load_report() as report:
+        try:
+            model = auto.from_pretrained(str(path), **kwargs)
+        except Exception as exc:
+            raise MoeSlimError(f"could not load model {path}: {load_error_cause(exc, report)}") from exc
     model.eval()
     from .dispatch import prepare_model
 
