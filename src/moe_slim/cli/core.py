@@ -125,7 +125,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("observe", help="record router statistics per calibration domain")
     p.add_argument("model")
     p.add_argument("--calib", required=True,
-                   help="general=a.jsonl,translation=b.jsonl | a directory | a mix over --data (translation=3,general=1@200k)")
+                   help="general=a.jsonl,translation=b.jsonl | a directory | a mix over --data-dir (translation=3,general=1@200k)")
     p.add_argument("--out", required=True, help="stats directory to write")
     add_data_dir(p)
     p.add_argument("--seq-len", type=positive_int, default=512)
