@@ -45,7 +45,7 @@ def _copies(mt: str) -> tuple[torch.nn.Module, RouterStats]:
     duplicate_experts(model, PAIRS)
     stats = observe(model, tiny_tokenizer(), TEXTS, seq_len=48, batch_size=2, samples=96)
     for dom in stats.domains.values():
-        for f in ("count", "weight_sum", "norm_sum", "wnorm_sum"):
+        for f in ("count", "weight_sum", "norm_sum", "wnorm_sum", "rwnorm_sum"):
             dom[f][:, [d for _, d in PAIRS]] = 0
     return model, stats
 
