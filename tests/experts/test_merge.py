@@ -105,7 +105,7 @@ def _duplicate_pairs(model: torch.nn.Module) -> None:
 def _never_routed(stats: RouterStats, experts: list[int]) -> None:
     """Statistics in which ``experts`` were never selected (the copies: saliency and frequency 0)."""
     for d in stats.domains.values():
-        for f in ("count", "weight_sum", "norm_sum", "wnorm_sum"):
+        for f in ("count", "weight_sum", "norm_sum", "wnorm_sum", "rwnorm_sum"):
             d[f][:, experts] = 0
 
 

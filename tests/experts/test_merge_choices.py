@@ -45,7 +45,7 @@ def _copies(mt: str) -> tuple[torch.nn.Module, RouterStats]:
     duplicate_experts(model, PAIRS)
     stats = observe(model, tiny_tokenizer(), TEXTS, seq_len=48, batch_size=2, samples=96)
     for dom in stats.domains.values():
-        for f in ("count", "weight_sum", "norm_sum", "wnorm_sum"):
+        for f in ("count", "weight_sum", "norm_sum", "wnorm_sum", "rwnorm_sum"):
             dom[f][:, [d for _, d in PAIRS]] = 0
     return model, stats
 
@@ -179,7 +179,7 @@ def test_ream_notes_a_group_size_as_large_as_the_expert_count_and_weighs_by_p2_n
     model, stats = _copies("qwen3_moe")
     plan = merge_model(copy.deepcopy(model), stats, "ream", 0.5, group_size=8)
     assert "at least the expert count (8)" in capsys.readouterr().err
-    assert plan.info["weighting"] == "ream-repo"  # REAM's repository weights by default
+    assert plan.info["weighting"] == "p2norm-all"  # p^2*||f|| over every sample token by default
     freq, sal, p2 = torch.tensor([0.5, 0.5, 0.0]), torch.tensor([1.0, 3.0, 0.0]), torch.tensor([2.0, 6.0, 1.0])
-    assert group_weights([[0, 1, 2]], "ream-repo", freq, sal, p2) == [[2 / 9, 6 / 9, 1 / 9]]
-    assert group_weights([[0, 1, 2]], "saliency", freq, sal, p2) == [[1 / 5, 3 / 5, 1 / 5]]  # unused: the least
+    assert group_weights([[0, 1, 2]], "p2norm-all", freq, p2) == [[2 / 9, 6 / 9, 1 / 9]]
+    assert group_weights([[0, 1, 2]], "saliency", freq, sal) == [[1 / 5, 3 / 5, 1 / 5]]  # unused: the least

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from moe_slim.api import plan_for
+from moe_slim.checkpoint.substitution import check_substitution, substitution_config
 from moe_slim.cli import main
 from moe_slim.errors import MoeSlimError
 from moe_slim.experts.merge.runner import ExpertRunner
@@ -82,12 +83,18 @@ def test_output_sums_are_sums_per_domain_and_old_stats_still_load(tmp_path: Path
         plan_for(model, old, criterion="mone", ratio=0.5)
 
 
-def test_mone_in_memory_and_both_checkpoints(tmp_path: Path, capsys) -> None:
+def _saved_with_stats(tmp_path: Path) -> tuple[Path, torch.nn.Module, RouterStats]:
+    """A tiny Qwen3-MoE saved to TMP/model, loaded, and its statistics saved to TMP/stats."""
     src = tmp_path / "model"
     save_tiny("qwen3_moe", src, seed=3)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     stats = observe(model, tiny_tokenizer(), TEXTS, seq_len=48, batch_size=2)
     stats.save(tmp_path / "stats")
+    return src, model, stats
+
+
+def test_mone_in_memory_and_both_checkpoints(tmp_path: Path, capsys) -> None:
+    src, model, stats = _saved_with_stats(tmp_path)
     plan = plan_for(model, stats, criterion="mone", ratio=0.5)
     nplan = novice_plan(plan, stats)
     mone = install_novices(copy.deepcopy(model), nplan)
@@ -109,6 +116,7 @@ def test_mone_in_memory_and_both_checkpoints(tmp_path: Path, capsys) -> None:
     values = load_file(str(tmp_path / "sub" / "novices.safetensors"))
     name = target["replacements"][str(novices0[0])]["tensors"]["value"]
     torch.testing.assert_close(values[name].float(), nplan.values[0][novices0[0]], rtol=1e-3, atol=1e-6)
+    check_substitution(sub)  # the written block follows the format's rules
     weights = load_file(str(tmp_path / "sub" / "model.safetensors"))
     stored = sorted({int(k.split(".")[5]) for k in weights if k.startswith("model.layers.0.mlp.experts.")})
     assert stored == sorted(plan.layers[0].keep)
@@ -118,3 +126,25 @@ def test_mone_in_memory_and_both_checkpoints(tmp_path: Path, capsys) -> None:
                  str(tmp_path / "std")]) == 0
     std = AutoModelForCausalLM.from_pretrained(tmp_path / "std", dtype=torch.float32)
     torch.testing.assert_close(forward_logits(std, ids), forward_logits(pruned, ids), rtol=1e-4, atol=1e-5)
+
+
+def test_a_ratio_that_rounds_to_no_novice_is_refused_in_one_line(tmp_path: Path, capsys) -> None:
+    src, model, stats = _saved_with_stats(tmp_path)
+    for extra in ([], ["--standard"]):
+        assert main(["mone", str(src), "--stats", str(tmp_path / "stats"), "--ratio", "0.01", "--out",
+                     str(tmp_path / "sub"), *extra]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "rounds to no novice" in err[0], err
+        assert not (tmp_path / "sub").exists()
+    # the block itself: a layer without novices gets no target, and no novice at all is no valid block
+    nplan = novice_plan(plan_for(model, stats, criterion="mone", ratio=0.5), stats)
+    for lp in nplan.plan.layers[1:]:
+        lp.keep = list(range(nplan.plan.num_experts))
+    block = substitution_config(["a", "b"], nplan)
+    assert list(block["targets"]) == ["a"]
+    check_substitution(block)
+    nplan.plan.layers[0].keep = list(range(nplan.plan.num_experts))
+    with pytest.raises(MoeSlimError, match="targets must name at least one"):
+        check_substitution(substitution_config(["a", "b"], nplan))
+    with pytest.raises(MoeSlimError, match="replacements must not be empty"):
+        check_substitution({**block, "targets": {"a": {**block["targets"]["a"], "replacements": {}}}})

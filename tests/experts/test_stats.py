@@ -48,7 +48,7 @@ def test_mix_is_the_weighted_sum_of_domains(setup) -> None:
     mixed = st.mix({"general": 3, "code": 1})
     t_mix = t_g + t_c
     c_g, c_c = 0.75 * t_mix / t_g, 0.25 * t_mix / t_c
-    for f in ("count", "weight_sum", "soft_sum", "norm_sum", "wnorm_sum"):
+    for f in ("count", "weight_sum", "soft_sum", "norm_sum", "wnorm_sum", "rwnorm_sum"):
         expected = c_g.view(-1, 1) * st.domains["general"][f] + c_c.view(-1, 1) * st.domains["code"][f]
         torch.testing.assert_close(mixed.tensors[f], expected, rtol=1e-12, atol=1e-12)
     for f in MAX_FIELDS:
@@ -118,7 +118,9 @@ def test_every_criterion_is_computable_from_saved_stats(setup, tmp_path) -> None
     torch.testing.assert_close(freq.sum(1), torch.full((2,), 2.0, dtype=torch.float64))
     reap = score(st, "reap", mix={"code": 1})
     d = st.domains["code"]
-    torch.testing.assert_close(reap, d["wnorm_sum"] / d["count"].clamp_min(1))
+    torch.testing.assert_close(reap, d["rwnorm_sum"] / d["count"].clamp_min(1))
+    # this router renormalises its top-k weights, so the model-weight form is the same
+    torch.testing.assert_close(score(st, "reap_weights", mix={"code": 1}), reap)
     assert torch.equal(score(st, "random", seed=5), score(st, "random", seed=5))
 
 

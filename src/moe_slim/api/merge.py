@@ -16,12 +16,8 @@ from ..data.paths import data_dir_or_default
 from ..errors import MoeSlimError
 from ..experts.merge.apply import apply_merge_plan
 from ..experts.merge.driver import merge_model
-from ..experts.merge.methods import (
-    DEFAULT_ALIGN_TOKENS,
-    DEFAULT_SAMPLE_TOKENS,
-    method_spec,
-    samples_hint,
-)
+from ..experts.merge.config import MergeOptions
+from ..experts.merge.methods import samples_hint
 from ..experts.merge.plan import MergePlan
 from ..experts.merge.at_size import LayersFromShards
 from ..experts.observe import observe, observe_layerwise
@@ -51,22 +47,16 @@ def merge_checkpoint(
     model_path: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    method: str = "ream",
+    method: str | MergeOptions = "ream",
     ratio: float | None = None,
     stats_path: str | os.PathLike | None = None,
     calib: str | dict[str, list[str]] | None = None,
     plan_path: str | os.PathLike | None = None,
     mix: dict[str, float] | None = None,
-    group_size: int | None = None,
-    max_tokens: int = DEFAULT_SAMPLE_TOKENS,
-    align_tokens: int = DEFAULT_ALIGN_TOKENS,
     samples: int | None = None,
-    grouping: str | None = None,
-    sequential: bool = False,
     seq_len: int = 512,
     batch_size: int = 8,
     data_dir: str | os.PathLike | None = None,
-    seed: int = 0,
     overwrite: bool = False,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = "auto",
@@ -75,6 +65,7 @@ def merge_checkpoint(
     plan_only: bool = False,
     in_memory: bool = False,
     max_shard_size: str | int | None = None,
+    progress: bool = False,
     **choices: Any,
 ) -> MergePlan:
     """Merge a checkpoint's experts and write the smaller checkpoint (plan, permutations and card beside it).
@@ -84,10 +75,13 @@ def merge_checkpoint(
     (``plan_path``, replayed without statistics). A safetensors source is merged at size: one MoE
     layer's weights in memory at a time, read from the shards (sequentially through a layer-wise run),
     and the output streamed shard by shard in the source dtype; ``in_memory=True`` loads the model.
-    ``choices`` go to :func:`~moe_slim.experts.merge.driver.merge_model` (``router_row``, ``tied``, ``align``,
-    ``weighting``, ``pca_dims``, ``dominants``, ``global_dominants``, ``protect_super``); a tied merge
-    (nothing shrinks) is made in memory.
+    ``method`` is a method or preset name, or a :class:`~moe_slim.experts.merge.config.MergeOptions`;
+    ``choices`` are its fields one by one (``group_size``, ``weighting``, ``sequential``, ``tied``, ...),
+    checked before anything is loaded; a tied merge (nothing shrinks) is made in memory.
     """
+    opts = MergeOptions.build(method, **choices)
+    resolved = opts.resolved()  # a bad combination fails before any model is read
+    sequential, max_tokens = resolved.sequential, resolved.max_tokens
     model_path = resolve_model(model_path)  # a local directory, or a Hugging Face Hub id
     data_dir = data_dir_or_default(data_dir)
     check_output(out, overwrite, inputs=[model_path, stats_path, plan_path, data_dir, *calibration_inputs(calib)])
@@ -97,7 +91,7 @@ def merge_checkpoint(
     save_dtype = parse_dtype(dtype)  # None: computed in float32 on CPUs, each tensor written in its source dtype
     dev = devices.resolve_device(device)
     run = dict(device=dev, dtype=devices.compute_dtype(compute_dtype, dev, model_path))
-    at_size = not in_memory and has_safetensors(model_path) and not choices.get("tied")
+    at_size = not in_memory and has_safetensors(model_path) and not resolved.tied
     stats = None
     texts = None
     if plan_path is not None:
@@ -111,7 +105,6 @@ def merge_checkpoint(
         if not at_size:
             apply_merge_plan(model, plan)
     else:
-        method_spec(method, grouping)
         if ratio is None:
             raise MoeSlimError("merging needs --ratio (the share of experts removed), or --plan")
         check_ratio(ratio)
@@ -139,10 +132,8 @@ def merge_checkpoint(
             stats = (observe_layerwise(model_path, tok, texts, **settings, **run) if at_size  # type: ignore[arg-type]
                      else observe(model, tok, texts, **settings))  # type: ignore[arg-type]
         access = LayersFromShards(WeightSource(model_path, model), sequential=sequential, **run) if at_size else None
-        plan = merge_model(model, stats, method, ratio, mix=mix, group_size=group_size, max_tokens=max_tokens,
-                           align_tokens=align_tokens, grouping=grouping, sequential=sequential, calibration=texts,
-                           tokenizer=tok, seq_len=seq_len, batch_size=batch_size, seed=seed, log=log, access=access,
-                           **choices)
+        plan = merge_model(model, stats, opts, ratio, mix=mix, calibration=texts, tokenizer=tok, seq_len=seq_len,
+                           batch_size=batch_size, log=log, progress=progress, access=access)
         plan.info.update(stats_path=str(stats_path) if stats_path else None,
                          calibration=calib if isinstance(calib, str) else ("in-memory" if calib else None))
     if at_size:

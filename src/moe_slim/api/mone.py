@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from ..errors import MoeSlimError
 from ..checkpoint.cards import prune_card
 from ..checkpoint.substitution import SUBSTITUTION_NOTE, write_mone_checkpoint
 from ..experts.mone import NovicePlan, novice_plan
@@ -40,6 +41,9 @@ def mone_checkpoint(
     save_dtype = output_dtype(dtype, model_path)
     model, tok = load_model(model_path, dtype=torch.float32)
     plan = plan_for(model, stats, criterion="mone", ratio=ratio, mix=mix, protect_super=protect_super)
+    if all(len(lp.keep) == plan.num_experts for lp in plan.layers):
+        raise MoeSlimError(f"--ratio {ratio:g} of {plan.num_experts} experts rounds to no novice in any layer "
+                           f"(a ratio above {0.5 / plan.num_experts:.3g} makes at least one); nothing written")
     plan.info.update(method="mone", stats_path=str(stats_path), standard=standard)
     nplan = novice_plan(plan, stats, mix)
     before = count_parameters(model)

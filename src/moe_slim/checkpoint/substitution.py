@@ -11,6 +11,10 @@ What is written, field by field (``config.json`` → ``compression_config.transf
   rows in logical order), and ``replacements``: for each novice id ``{"format": "constant-v1",
   "tensors": {"value": NAME}}``, NAME being a ``[hidden]`` tensor in ``novices.safetensors``.
 
+:func:`check_substitution` checks a block against those rules before anything is written: a layer
+without novices gets no target (a target's ``replacements`` is never empty), and a plan with no novice
+at all is refused (:func:`write_mone_checkpoint` raises), since the format would reject it.
+
 Not written: the older ``approximate_experts`` config key of the MoNE authors' code (the pull request
 rejects a config that has both). **Plain transformers cannot load this checkpoint** (the expert tensors
 hold fewer experts than the config says, and nothing in transformers adds the constants); it is for a
@@ -30,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import MoeSlimError
 from ..experts.mone import NovicePlan
 from ..experts.prune import apply_plan
 from ..families import moe_layers
@@ -43,9 +48,12 @@ SUBSTITUTION_NOTE = ("This checkpoint uses vLLM's expert-substitution format (Mo
 
 
 def substitution_config(paths: list[str], nplan: NovicePlan) -> dict[str, Any]:
-    """``compression_config.transform_config.expert_substitution`` for the novices of ``nplan``."""
+    """``compression_config.transform_config.expert_substitution`` for the novices of ``nplan`` (layers
+    without novices have no target)."""
     targets = {}
     for li, path in enumerate(paths):
+        if not nplan.novices(li):
+            continue
         targets[path] = {
             "num_logical_experts": nplan.plan.num_experts,
             "weight_layout": "compact_retained_experts",
@@ -56,6 +64,32 @@ def substitution_config(paths: list[str], nplan: NovicePlan) -> dict[str, Any]:
             "router_semantics": {"preserve_logical_expert_ids": True, "preserve_router_weights": True,
                                  "renormalize_after_substitution": False},
             "targets": targets}
+
+
+def check_substitution(block: dict[str, Any]) -> None:
+    """Raise :class:`MoeSlimError` unless ``block`` follows the expert-substitution rules above."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise MoeSlimError(f"invalid expert-substitution block: {what}")
+
+    need(block.get("version") == 1, "version must be 1")
+    sem = block.get("router_semantics") or {}
+    need(all(isinstance(sem.get(k), bool) for k in _SEMANTICS), f"router_semantics needs booleans {', '.join(_SEMANTICS)}")
+    targets = block.get("targets")
+    need(isinstance(targets, dict) and len(targets) > 0, "targets must name at least one experts module")
+    for path, t in targets.items():
+        E = t.get("num_logical_experts")
+        need(isinstance(E, int) and E >= 1, f"{path}: num_logical_experts must be a positive integer")
+        need(t.get("weight_layout") == "compact_retained_experts", f"{path}: unknown weight_layout")
+        reps = t.get("replacements")
+        need(isinstance(reps, dict) and len(reps) > 0, f"{path}: replacements must not be empty")
+        for e, r in reps.items():
+            need(e.isdigit() and int(e) < E, f"{path}: replacement id {e!r} is not a logical expert id below {E}")
+            need(r.get("format") == "constant-v1" and isinstance((r.get("tensors") or {}).get("value"), str),
+                 f"{path}.{e}: a replacement is {{format: constant-v1, tensors: {{value: NAME}}}}")
+
+
+_SEMANTICS = ("preserve_logical_expert_ids", "preserve_router_weights", "renormalize_after_substitution")
 
 
 def value_name(path: str, e: int) -> str:
@@ -106,6 +140,11 @@ def write_mone_checkpoint(model: nn.Module, tokenizer: Any, out: str | os.PathLi
     layers = moe_layers(model)
     names = {id(mod): n for n, mod in model.named_modules()}
     paths = [names[id(l.experts)] for l in layers]
+    if not any(nplan.novices(li) for li in range(len(layers))):
+        raise MoeSlimError("this MoNE plan has no novice in any layer (the ratio rounds to zero experts), and an "
+                           "expert-substitution block needs at least one; use a larger --ratio")
+    block = substitution_config(paths, nplan)
+    check_substitution(block)
     if dtype is not None:
         model.to(dtype)
     vdtype = dtype or next(model.parameters()).dtype
@@ -115,7 +154,7 @@ def write_mone_checkpoint(model: nn.Module, tokenizer: Any, out: str | os.PathLi
         _drop_novice_weights(layer, keep)
         if layer.family.layout == "fused":
             renames[paths[li]] = keep
-    model.config.compression_config = {"transform_config": {"expert_substitution": substitution_config(paths, nplan)}}
+    model.config.compression_config = {"transform_config": {"expert_substitution": block}}
     values = {value_name(p, e): nplan.values[li][e].to(vdtype).contiguous()
               for li, p in enumerate(paths) for e in nplan.novices(li)}
     with atomic_dir(out, overwrite=overwrite) as tmp:

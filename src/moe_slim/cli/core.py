@@ -18,7 +18,7 @@ from .common import (
 
 # Heavy modules (transformers) are imported inside the commands, so `moe-slim --help` and
 # one-line errors come fast.
-CRITERIA_HELP = "frequency, gate, weighted_frequency, ean, reap, reap_mass, mone, task_contrast, random"
+CRITERIA_HELP = "frequency, gate, weighted_frequency, ean, reap, reap_weights, reap_mass, mone, task_contrast, random"
 
 
 def cmd_observe(args: argparse.Namespace) -> int:

@@ -7,7 +7,17 @@ re-scored on any calibration mix without running the model again.
 * ``gate``: soft gate mass, the mean of the router's normalised score over all tokens.
 * ``weighted_frequency``: mean routing weight the expert receives (0 when not selected).
 * ``ean``: expert activation norm, sum of ||output|| over routed tokens, per token seen.
-* ``reap``: REAP, mean over the tokens routed to the expert of weight * ||output||.
+* ``reap``: REAP as its repository defines it since 2026-03-11 (CerebrasResearch/reap
+  ``pruning_metrics.update_pruning_state`` with ``renormalize_router_weights=True``): the mean, over
+  the tokens routed to the expert, of weight * ||output||, each token's top-k weights renormalised to
+  sum to 1. REAP takes the weights from a softmax of the logits; here they are the model's own routing
+  weights, which is the same for softmax routers (ours: a sigmoid router, DeepSeek-V3, is renormalised
+  from its sigmoid scores). Statistics gathered before the renormalised sum was recorded fall back to
+  ``reap_weights`` with a note.
+* ``reap_weights``: the mean over routed tokens of the model's own routing weight * ||output|| (moe_slim's
+  ``reap`` before issue 31). It equals ``reap`` on routers that renormalise top-k (``norm_topk_prob``,
+  Mixtral, GPT-OSS, the reference model) and REAP's definition before 2026-03-11 on softmax routers that
+  do not (OLMoE, Qwen2-MoE).
 * ``task_contrast``: saliency on a target mix times the share of that saliency owed to the
   target rather than a reference mix (experts a task does not need score low).
 * ``mone``: MoNE (Mixture of Novices and Experts, ICLR 2026; its code's ``fusion`` metric): mean routing
@@ -49,6 +59,14 @@ def ean(s: DomainStats) -> torch.Tensor:
 
 
 def reap(s: DomainStats) -> torch.Tensor:
+    if "rwnorm_sum" not in s.tensors:
+        note("these statistics predate REAP's renormalised saliency: reap is scored with the model's own routing "
+             "weights (reap_weights; the same on routers that renormalise top-k); observe again for the current REAP")
+        return reap_weights(s)
+    return s.rwnorm_sum / s.count.clamp_min(1)
+
+
+def reap_weights(s: DomainStats) -> torch.Tensor:
     return s.wnorm_sum / s.count.clamp_min(1)
 
 
@@ -77,6 +95,7 @@ CRITERIA: dict[str, Callable[[DomainStats], torch.Tensor]] = {
     "weighted_frequency": weighted_frequency,
     "ean": ean,
     "reap": reap,
+    "reap_weights": reap_weights,
     "reap_mass": reap_mass,
     "mone": mone,
 }

@@ -149,14 +149,16 @@ class Recorder:
             dense = torch.zeros(n_tokens, self.n_experts, dtype=torch.float32, device=exp.device)
             dense[tok[sel], exp[sel]] = weight[sel].float()
             res.put("route", slots, dense[rows.to(dense.device)])
+        per_token = torch.zeros(n_tokens, dtype=torch.float64, device=tok.device).index_add_(0, tok, weight.double())
+        rweight = weight.double() / per_token[tok].clamp_min(1e-30)  # REAP: the token's top-k weights sum to 1
         valid = self._valid(layer, n_tokens, tok.device)
         if valid is not None:
             keep = valid[tok]
-            tok, exp, weight, norm = tok[keep], exp[keep], weight[keep], norm[keep]
+            tok, exp, weight, norm, rweight = tok[keep], exp[keep], weight[keep], norm[keep], rweight[keep]
             out = out[keep] if out is not None else None
         E = self.n_experts
         keep = exp < E  # expert-parallel sentinels never count
-        tok, exp = tok[keep], exp[keep]
+        tok, exp, rweight = tok[keep], exp[keep], rweight[keep]
         out = out[keep] if out is not None else None
         weight, norm = weight[keep].double(), norm[keep].double()
         acc = self.domains[self.domain]
@@ -168,6 +170,9 @@ class Recorder:
         acc["wnorm_sum"][li] += (
             torch.zeros(E, dtype=torch.float64, device=exp.device).index_add_(0, exp, weight * norm).cpu()
         )
+        if "rwnorm_sum" in acc:
+            acc["rwnorm_sum"][li] += torch.zeros(E, dtype=torch.float64, device=exp.device).index_add_(
+                0, exp, rweight * norm).cpu()
         mx = torch.zeros(E, dtype=torch.float64, device=exp.device).scatter_reduce_(0, exp, norm, "amax")
         acc["norm_max"][li] = torch.maximum(acc["norm_max"][li], mx.cpu())
         if out is not None and "out_sum" in acc:

@@ -43,6 +43,9 @@ SUM_FIELDS: tuple[str, ...] = (
 # out_sum [layer, expert, hidden]: sum of the expert's (unweighted) output vectors when selected;
 # out_sq_sum [layer, expert]: sum of ||expert output||^2 when selected (MoNE: mean output and its variance)
 OPTIONAL_FIELDS: tuple[str, ...] = ("out_sum", "out_sq_sum")
+# rwnorm_sum [layer, expert]: sum of w / (sum of the token's top-k w) * ||expert output|| when selected: REAP's
+# renormalised routing weight (REAP since 2026-03-11); stats files written before it lack it
+RENORM_FIELDS: tuple[str, ...] = ("rwnorm_sum",)
 MAX_FIELDS: tuple[str, ...] = ("norm_max",)  # [layer, expert] max of ||expert output||
 PAIR_FIELDS: tuple[str, ...] = ("coselect",)  # [layer, expert, expert] tokens that selected both
 TOKEN_FIELD = "tokens"  # [layer] tokens seen (padding excluded)
@@ -54,7 +57,7 @@ def empty_domain(n_layers: int, n_experts: int, hidden: int = 0) -> dict[str, to
 
     ``hidden > 0`` also keeps the output sums (``out_sum``: ``L x E x hidden`` float64 per domain)."""
     d = {TOKEN_FIELD: torch.zeros(n_layers, dtype=torch.float64)}
-    for f in (*SUM_FIELDS, *MAX_FIELDS):
+    for f in (*SUM_FIELDS, *RENORM_FIELDS, *MAX_FIELDS):
         d[f] = torch.zeros(n_layers, n_experts, dtype=torch.float64)
     d["coselect"] = torch.zeros(n_layers, n_experts, n_experts, dtype=torch.float64)
     if hidden > 0:
@@ -117,7 +120,7 @@ class RouterStats:
         """
         self._check_domains(coeffs)
         out: dict[str, torch.Tensor] = {}
-        optional = [f for f in OPTIONAL_FIELDS if all(f in self.domains[d] for d in coeffs)]
+        optional = [f for f in (*OPTIONAL_FIELDS, *RENORM_FIELDS) if all(f in self.domains[d] for d in coeffs)]
         for f in (TOKEN_FIELD, *SUM_FIELDS, *PAIR_FIELDS, *optional):
             acc = None
             for d, c in coeffs.items():
@@ -165,7 +168,7 @@ class RouterStats:
                 continue
             for f in ALL_FIELDS:
                 domains[d][f] = torch.maximum(domains[d][f], t[f]) if f in MAX_FIELDS else domains[d][f] + t[f]
-            for f in OPTIONAL_FIELDS:  # a sum only one run has does not describe the union
+            for f in (*OPTIONAL_FIELDS, *RENORM_FIELDS):  # a sum only one run has does not describe the union
                 if f in domains[d] and f in t:
                     domains[d][f] = domains[d][f] + t[f]
                 else:

@@ -72,11 +72,11 @@ def run_recipe(recipe: Recipe, raw: dict[str, Any], out: str | os.PathLike, *, r
         else:
             m = recipe.merge
             say(f"merge: {m.method} ratio {m.ratio}")
-            plan = merge_checkpoint(model, slim, method=m.method, ratio=m.ratio, stats_path=stats,
-                                    calib=recipe.observe.calib if m.sequential and recipe.observe else None,
-                                    mix=m.mix, group_size=m.group_size, max_tokens=m.max_tokens,
-                                    align_tokens=m.align_tokens, sequential=m.sequential, data_dir=data_dir,
-                                    seed=m.seed, dtype=recipe.dtype, device=recipe.device, overwrite=True, log=log)
+            sequential = m.resolved().sequential
+            plan = merge_checkpoint(model, slim, method=m, ratio=m.ratio, stats_path=stats,
+                                    calib=recipe.observe.calib if sequential and recipe.observe else None,
+                                    mix=m.mix, data_dir=data_dir, dtype=recipe.dtype, device=recipe.device,
+                                    overwrite=True, log=log)
         steps["kept_per_layer"] = plan.kept_counts
     final = slim
 

@@ -5,7 +5,7 @@
     stats: runs/stats                  # reuse saved statistics ... or observe them:
     observe: {calib: "translation=1,general=1@64k", seq_len: 256, batch_size: 8, samples: 32k}
     prune: {criterion: reap, ratio: 0.5, mix: {translation: 1}}     # exactly one of prune and merge
-    merge: {method: ream, ratio: 0.5, mix: {translation: 1}}
+    merge: {method: ream, ratio: 0.5, mix: {translation: 1}}        # any MergeOptions field; method: or a preset
     recover: {sft: {steps: 200, mix: "translation=0.8,general=0.2", mode: experts}}   # optional
     eval: {suite: quick, limit: 100}                                 # optional
     dtype: auto                        # of the written weights (auto: the source's)
@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
+from ..experts.merge.config import MergeOptions
 from ..recover.stage import SftStage
 from ..schema import (
     EvalSettings,
@@ -50,15 +51,12 @@ class PruneStep(Strict):
     seed: NonNegativeInt = 0
 
 
-class MergeStep(Strict):
-    method: str = "ream"
+class MergeStep(MergeOptions):
+    """Every :class:`~moe_slim.experts.merge.config.MergeOptions` field (``method``: a method or a preset
+    such as ``ream-repo``), plus the ratio and the calibration mix."""
+
     ratio: float = Field(gt=0, lt=1)
     mix: dict[str, float] | None = None
-    group_size: PositiveInt | None = None
-    max_tokens: Tokens = 32_000
-    align_tokens: Tokens = 8192
-    sequential: bool = False
-    seed: NonNegativeInt = 0
 
 
 class Recipe(Strict):
@@ -77,7 +75,7 @@ class Recipe(Strict):
     def _one_of_each(self) -> Recipe:
         if (self.prune is None) == (self.merge is None):
             raise ValueError("a recipe has exactly one of 'prune' and 'merge'")
-        if self.stats is None and self.observe is None and not (self.merge and self.merge.sequential):
+        if self.stats is None and self.observe is None and not (self.merge and self.merge.resolved().sequential):
             raise ValueError("give 'stats' (a saved statistics directory) or an 'observe' step")
         if self.recover is not None and set(self.recover) != {"sft"}:
             raise ValueError(f"recover must be {{sft: {{steps: N, ...}}}} (got keys {sorted(self.recover)})")

@@ -31,11 +31,12 @@ def write_best(out: str | os.PathLike, target: str, log: Callable[[str], None] |
                          overwrite=True)
     else:
         from ..api import merge_checkpoint
+        from .targets import merge_choices
 
         mc = cfg.get("merge") or {}
         merge_checkpoint(meta["model"], dest, method=best["method"], ratio=best["ratio"], stats_path=meta["stats_dir"],
-                         mix=mix, group_size=mc.get("group_size"), max_tokens=mc.get("max_tokens", 4096),
-                         align_tokens=mc.get("align_tokens", 2048), seed=cfg.get("seed", 0), overwrite=True)
+                         mix=mix, overwrite=True, **{"max_tokens": 4096, "align_tokens": 2048,
+                                                     "seed": cfg.get("seed", 0), **merge_choices(mc)})
     (log or print)(f"write_best: {best['method']} ratio {best['ratio']:g} mix {best['mix']} -> {dest}")
     if cfg.get("recover"):
         from .targets import command_for

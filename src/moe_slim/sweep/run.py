@@ -128,6 +128,7 @@ class PointRunner:
     def run(self, point: Point, key: str) -> dict[str, Any]:
         from ..api import plan_for
         from ..experts.merge.driver import merge_model
+        from .targets import merge_choices
         from ..experts.prune import apply_plan, count_parameters
         from ..fingerprint import model_fingerprint
 
@@ -151,10 +152,8 @@ class PointRunner:
                 else:
                     apply_plan(m, plan)
             else:
-                mc = spec.merge
                 plan = merge_model(m, self.stats, point.method, point.ratio, mix=point.mix,
-                                   max_tokens=mc["max_tokens"], align_tokens=mc["align_tokens"],
-                                   group_size=mc.get("group_size"), seed=spec.seed)
+                                   **{"seed": spec.seed, **merge_choices(spec.merge)})
             kept = plan.kept_counts
         timings["apply_s"] = time.perf_counter() - t0
         ev = dict(spec.eval, data_dir=spec.data_dir)

@@ -43,6 +43,7 @@ from pydantic import Field, field_validator
 
 from ..data.paths import data_dir_or_default
 from ..errors import MoeSlimError
+from ..experts.merge.config import MergeOptions
 from ..recover.stage import SftStage
 from ..schema import (
     EvalSettings,
@@ -84,12 +85,12 @@ class SweepSpec:
 
     @property
     def has_merge(self) -> bool:
-        from ..experts.merge.methods import METHODS
+        from ..experts.merge.config import NAMES
 
-        return any(m in METHODS for m in self.methods)
+        return any(m in NAMES for m in self.methods)
 
     def points(self) -> list[Point]:
-        from ..experts.merge.methods import METHODS
+        from ..experts.merge.config import NAMES as METHODS
 
         pts = [Point("none", "baseline", 0.0, "-", None)]
         for mix in self.mixes:
@@ -124,10 +125,17 @@ class CalibrationSettings(Strict):
         return v
 
 
-class MergeSettings(Strict):
+class MergeSettings(MergeOptions):
+    """The merge options every merge point shares (the point gives ``method``); smaller samples by default."""
+
     max_tokens: Tokens = 4096
-    group_size: PositiveInt | None = None  # REAM's C; None: max(2, round(E/8)), at least ceil(E/E')
     align_tokens: Tokens = 2048
+
+
+def merge_settings(m: MergeSettings) -> dict[str, Any]:
+    """What a sweep stores: the sample sizes and C always (older sweeps' points stay reusable), other choices as set."""
+    return {"max_tokens": m.max_tokens, "group_size": m.group_size, "align_tokens": m.align_tokens,
+            **m.model_dump(exclude_unset=True, exclude={"method", "preset"})}
 
 
 class SpecModel(Strict):
@@ -154,7 +162,7 @@ class SpecModel(Strict):
     @classmethod
     def _methods(cls, v: list[str]) -> list[str]:
         from ..experts.criteria import ALL_CRITERIA
-        from ..experts.merge.methods import METHODS
+        from ..experts.merge.config import NAMES as METHODS
 
         for m in v:
             if m not in (*ALL_CRITERIA, *METHODS):
@@ -276,7 +284,7 @@ def parse_spec(raw: Any, *, check_files: bool = True) -> SweepSpec:
     data_dir = str(data_dir_or_default(m.data_dir))
     spec = SweepSpec(model=m.model, data_dir=data_dir, calibration=cal, mixes=mixes, methods=list(m.methods),
                      ratios=[float(r) for r in m.ratios], budgets=list(m.budgets), floor=m.floor,
-                     merge=m.merge.model_dump(), eval=ev, seed=m.seed, name=m.name, write_best=m.write_best,
+                     merge=merge_settings(m.merge), eval=ev, seed=m.seed, name=m.name, write_best=m.write_best,
                      recover=recover, device=m.device, dtype=m.dtype, raw=raw, mix_names=mix_names)
     if check_files:
         check_inputs(spec)

@@ -9,6 +9,11 @@ from typing import Any
 
 from ..errors import MoeSlimError
 
+
+def merge_choices(stored: dict[str, Any]) -> dict[str, Any]:
+    """A sweep's stored merge settings as :class:`~moe_slim.experts.merge.config.MergeOptions` fields (unset dropped)."""
+    return {k: v for k, v in stored.items() if v is not None and k not in ("method", "preset")}
+
 _TARGET = re.compile(r"^\s*([A-Za-z0-9_/+\-.]+)\s*(>=|<=)\s*(?:([0-9.eE+-]+)\s*\*\s*baseline|baseline|([0-9.eE+-]+))\s*$")
 LOWER_IS_BETTER = {"ppl"}
 
@@ -159,9 +164,11 @@ def _slim_command(row: dict[str, Any], meta: dict[str, Any], out: str) -> str:
         return "(the unpruned model: nothing to write)"
     if row["kind"] == "merge":
         mc = cfg.get("merge") or {}
+        choices = {"max_tokens": 4096, "align_tokens": 2048, **merge_choices(mc), "seed": cfg.get("seed", 0)}
+        flags = " ".join(f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')} {q(str(v))}"
+                         for k, v in choices.items() if v is not False)
         return (f"moe-slim merge {q(model)} --stats {q(stats)} --method {row['method']} --ratio {row['ratio']:g} "
-                f"--mix {q(mix)} --max-tokens {mc.get('max_tokens', 4096)} --align-tokens {mc.get('align_tokens', 2048)} "
-                + (f"--group-size {mc['group_size']} " if mc.get("group_size") else "") + f"--seed {cfg.get('seed', 0)} --out {q(out)}")
+                f"--mix {q(mix)} {flags} --out {q(out)}")
     if row["method"] == "mone" and row.get("budget") != "global":
         return (f"moe-slim mone {q(model)} --stats {q(stats)} --ratio {row['ratio']:g} --mix {q(mix)} --out {q(out)} "
                 "(vLLM expert substitution; add --standard for a checkpoint plain transformers loads)")

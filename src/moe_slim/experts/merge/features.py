@@ -4,6 +4,7 @@ gated mean outputs; and, for sequential merging, the sample re-gathered through 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,10 +24,12 @@ _CHUNK = 2048  # tokens per expert call when recomputing outputs
 
 
 @torch.no_grad()
-def layer_features(layer: MoeLayer, runner: ExpertRunner, sample: dict[str, torch.Tensor], *, outputs: bool
-                   ) -> dict[str, torch.Tensor]:
-    """Per-expert mean output, router-gated mean output, sample REAP/frequency and REAM's repository saliency
-    ``p2norm`` = mean over tokens of p² ‖f(x)‖ (p: the router's full normalised score), every expert on every token."""
+def layer_features(layer: MoeLayer, runner: ExpertRunner, sample: dict[str, torch.Tensor], *, outputs: bool,
+                   tick: Callable[[int], Any] = lambda n: None) -> dict[str, torch.Tensor]:
+    """Per-expert mean output, router-gated mean output, sample REAP/frequency and REAM's p²·‖f‖ saliency
+    (p: the router's full normalised score): ``p2norm-all``, its mean over every sample token (the form of
+    REAM's ``saliency.reap(top_k=None)``), and ``p2norm-routed``, its mean over the tokens routed to the expert
+    (``top_k`` given: REAM's default; ``ream/saliency.py`` multiplies the gated output ``p·f`` by ``p`` again)."""
     x, logits, route = sample["x"], sample["logits"], sample["route"]
     n, E = logits.shape
     feats: dict[str, torch.Tensor] = {
@@ -37,22 +40,28 @@ def layer_features(layer: MoeLayer, runner: ExpertRunner, sample: dict[str, torc
     dev = runner.device
     scores = layer.router_scores(logits).to(dev)
     route_d = route.to(dev)
+    renorm = route_d / route_d.sum(1, keepdim=True).clamp_min(1e-30)  # REAP: each token's top-k weights sum to 1
     H = x.shape[1]
     mean = torch.zeros(E, H, dtype=torch.float64, device=dev)
     gated = torch.zeros(E, H, dtype=torch.float64, device=dev)
     wnorm = torch.zeros(E, dtype=torch.float64, device=dev)
     p2norm = torch.zeros(E, dtype=torch.float64, device=dev)
+    p2routed = torch.zeros(E, dtype=torch.float64, device=dev)
     for e in range(E):
         for s in range(0, n, _CHUNK):
             y = runner.output(e, x[s : s + _CHUNK]).float()
             mean[e] += y.sum(0).double()
             gated[e] += (scores[s : s + _CHUNK, e, None] * y).sum(0).double()
             norm = y.norm(dim=-1)
-            wnorm[e] += (route_d[s : s + _CHUNK, e] * norm).sum().double()
-            p2norm[e] += (scores[s : s + _CHUNK, e].float() ** 2 * norm).sum().double()
+            wnorm[e] += (renorm[s : s + _CHUNK, e] * norm).sum().double()
+            p2 = scores[s : s + _CHUNK, e].float() ** 2 * norm
+            p2norm[e] += p2.sum().double()
+            p2routed[e] += (p2 * (route_d[s : s + _CHUNK, e] > 0)).sum().double()
+        tick(1)
     mean, gated, wnorm = mean.cpu(), gated.cpu(), wnorm.cpu()
-    feats.update(mean=mean / max(n, 1), gated=gated / max(n, 1), p2norm=p2norm.cpu() / max(n, 1),
-                 reap=wnorm / (route > 0).double().sum(0).clamp_min(1))
+    routed = (route > 0).double().sum(0).clamp_min(1)
+    feats.update({"mean": mean / max(n, 1), "gated": gated / max(n, 1), "p2norm-all": p2norm.cpu() / max(n, 1),
+                  "p2norm-routed": p2routed.cpu() / routed, "reap": wnorm / routed})
     return feats
 
 

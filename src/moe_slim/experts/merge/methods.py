@@ -43,14 +43,14 @@ DEFAULT_ALIGN_TOKENS = 8192
 class MethodSpec:
     grouping: str  # "ream" | "hc" | "msmoe"
     align: str  # "ream" (activations + weights) | "weights" (weight matching) | "none"
-    weighting: str  # "saliency" (REAP) | "ream-repo" (mean p^2 * ||f||) | "frequency" | "uniform"
+    weighting: str  # "saliency" (REAP) | "p2norm-routed" | "p2norm-all" (mean p^2 * ||f||) | "frequency" | "uniform"
     router: str  # which member's router row the merged expert keeps
 
 
 SPECS: dict[str, MethodSpec] = {
-    # REAM weighs by its repository's p^2*||f|| (measured on the reference model: KL to the original 0.035 vs
-    # 0.112 with REAP saliency at 25% removed; README "Merging: measured"); --weighting saliency for REAP's
-    "ream": MethodSpec("ream", "ream", "ream-repo", "centroid (most salient member)"),
+    # REAM weighs by p^2*||f|| over all sample tokens (ours; the repository's default averages it over the routed
+    # tokens: weighting p2norm-routed); chosen by measurement, README "Merging: REAM variants"
+    "ream": MethodSpec("ream", "ream", "p2norm-all", "centroid (most salient member)"),
     "hc-smoe": MethodSpec("hc", "none", "frequency", "representative (member closest to the cluster's mean output)"),
     "m-smoe": MethodSpec("msmoe", "weights", "frequency", "dominant (most frequent member)"),
     "average": MethodSpec("ream", "none", "uniform", "centroid (most salient member)"),

@@ -25,22 +25,7 @@ import math
 
 import torch
 
-from ...errors import MoeSlimError
 from ...outputs import note
-
-ROUTER_ROWS: tuple[str, ...] = ("frequency", "saliency", "method")
-WEIGHTINGS: tuple[str, ...] = ("saliency", "ream-repo", "frequency", "uniform")
-ALIGNS: tuple[str, ...] = ("ream", "weights", "none")
-
-
-def default_router_row(grouping: str) -> str:
-    return "saliency" if grouping == "ream" else "frequency"
-
-
-def check_choice(name: str, value: str | None, allowed: tuple[str, ...]) -> None:
-    if value is not None and value not in allowed:
-        raise MoeSlimError(f"unknown {name} '{value}' (choose from: {', '.join(allowed)})")
-
 
 def order_groups(groups: list[list[int]], rule: str, frequency: torch.Tensor, saliency: torch.Tensor
                  ) -> list[list[int]]:
@@ -76,31 +61,52 @@ def align_rows(n_rows: int, n_take: int, seed: int) -> torch.Tensor:
 
 
 def pca_rows(a: torch.Tensor, b: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both neuron-feature matrices projected on the top ``dims`` principal axes of their union (REAM: 64)."""
+    """``pca="pair"`` (ours): both neuron-feature matrices projected on the top ``dims`` principal axes of
+    their union, raw rows, no singular-value scaling."""
     if dims <= 0 or a.shape[1] <= dims:
         return a, b
-    both = torch.cat([a, b]).double()
-    mean = both.mean(0, keepdim=True)
-    q = min(dims, both.shape[0], both.shape[1])
-    with torch.random.fork_rng(devices=[]):  # pca_lowrank draws a random projection: seeded, so merges replay
-        torch.manual_seed(0)
-        _, _, v = torch.pca_lowrank(both - mean, q=q, center=False, niter=4)
-    proj = (both - mean) @ v
+    proj = _pca(torch.cat([a, b]).double(), dims, scale=False)
     return proj[: a.shape[0]].float(), proj[a.shape[0]:].float()
 
 
-def group_weights(groups: list[list[int]], weighting: str, frequency: torch.Tensor, saliency: torch.Tensor,
-                  p2norm: torch.Tensor | None = None) -> list[list[float]]:
-    """Merge weights per group (each sums to 1)."""
+def pca_layer(features: torch.Tensor, dims: int) -> torch.Tensor:
+    """``pca="layer"`` (REAM's repository, ``weight_utils.pca_reduce``): every expert's neuron rows ``[E, n, D]``
+    normalised to unit length, one PCA for the whole layer, projected onto V·diag(s): ``[E, n, dims]``."""
+    E, n, D = features.shape
+    if dims <= 0 or D <= dims:
+        return features
+    rows = torch.nn.functional.normalize(features.double().reshape(E * n, D), dim=1, eps=1e-8)
+    return _pca(rows, dims, scale=True).reshape(E, n, -1).float()
+
+
+def _pca(x: torch.Tensor, dims: int, *, scale: bool) -> torch.Tensor:
+    centred = x - x.mean(0, keepdim=True)
+    q = min(dims, x.shape[0], x.shape[1])
+    with torch.random.fork_rng(devices=[]):  # pca_lowrank draws a random projection: seeded, so merges replay
+        torch.manual_seed(0)
+        _, s, v = torch.pca_lowrank(centred, q=q, center=False, niter=4)
+    return centred @ (v * s.unsqueeze(0) if scale else v)
+
+
+def group_weights(groups: list[list[int]], weighting: str, frequency: torch.Tensor, saliency: torch.Tensor
+                  ) -> list[list[float]]:
+    """Merge weights per group (each sums to 1): ``uniform``, ``frequency``, or proportional to ``saliency``
+    (whichever saliency the weighting names: REAP or p²·‖f‖), unused experts lifted to the smallest positive one."""
     if weighting == "uniform":
         return [[1.0 / len(g)] * len(g) for g in groups]
     if weighting == "frequency":
         s = frequency.double()
         return [_normalise([float(s[m]) for m in g]) for g in groups]
-    s = (p2norm if weighting == "ream-repo" else saliency).double().clone()
-    pos = s[s > 0]
-    s[s <= 0] = float(pos.min()) if pos.numel() else 1.0  # REAM: unused experts still count a little
+    s = lift_zeros(saliency)
     return [_normalise([float(s[m]) for m in g]) for g in groups]
+
+
+def lift_zeros(saliency: torch.Tensor) -> torch.Tensor:
+    """REAM: an expert no token used still counts a little (its zero becomes the smallest positive value)."""
+    s = saliency.double().clone()
+    pos = s[s > 0]
+    s[s <= 0] = float(pos.min()) if pos.numel() else 1.0
+    return s
 
 
 def _normalise(values: list[float]) -> list[float]:
