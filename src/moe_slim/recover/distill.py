@@ -12,7 +12,7 @@ tokens, which is the exact KL between the two coarsened distributions (never mor
 and equal to it when the teacher puts all its mass in the k tokens).
 
 :class:`ModelTeacher` runs a teacher model in inference mode, one batch at a time, and hands back its
-log-probabilities; it holds no optimizer state and none of its parameters require gradients.
+log-probabilities; it holds no optimizer state and builds no autograd graph.
 ``dense/heal.py`` (ProbScale) uses :func:`kl_to_teacher` too: one KL loss for the whole toolkit.
 """
 
@@ -80,6 +80,8 @@ class Teacher(Protocol):
 
     def targets(self, batch: Mapping[str, torch.Tensor], key: Any = None) -> torch.Tensor | TopK: ...
 
+    def describe(self) -> dict[str, Any]: ...
+
 
 class ModelTeacher:
     """A teacher model in inference mode: its log-probabilities for one batch at a time (or their top-k)."""
@@ -87,10 +89,14 @@ class ModelTeacher:
     def __init__(self, model: nn.Module, k: int | None = None) -> None:
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             raise MoeSlimError("distillation is for decoder-only models; this teacher is an encoder-decoder")
-        self.model = model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
+        self.model = model.eval()  # inference mode below: no gradient, no optimizer state, flags left as they are
         self.k = k
+
+    def describe(self) -> dict[str, Any]:
+        from ..fingerprint import model_fingerprint
+
+        return {"kind": "model, on the fly", "fingerprint": model_fingerprint(self.model),
+                "name_or_path": str(getattr(self.model.config, "_name_or_path", "") or ""), "topk": self.k}
 
     def targets(self, batch: Mapping[str, torch.Tensor], key: Any = None) -> torch.Tensor | TopK:
         device = next(self.model.parameters()).device

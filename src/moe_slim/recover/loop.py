@@ -84,6 +84,8 @@ class SftResult:
     metrics_after: dict[str, float]
     lora: dict[str, Any] | None = None
     merged: bool = False
+    loss: str = "ce"
+    teacher: dict[str, Any] | None = None  # what the student distilled from (kind, fingerprint, top-k)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps({k: v for k, v in self.__dict__.items() if k != "model"}, default=str))
@@ -352,4 +354,4 @@ def sft(
     return SftResult(model=model, mode=mode, data=sft_data.spec, steps=step, max_steps=steps, best_step=best_step,
                      stopped_early=stopped, tokens=tokens, seconds=round(seconds, 2), trainable_params=trainable,
                      settings=settings, history=history, metrics_before=before, metrics_after=after,
-                     lora=lora_info, merged=merged)
+                     lora=lora_info, merged=merged, loss=loss, teacher=teacher.describe() if teacher else None)
