@@ -135,6 +135,8 @@ def sft_card(*, source: str, result: SftResult, adapter: bool) -> str:
            + (f" and {len(result.lora['expert_parameters'])} fused expert weights"
               if result.lora.get("expert_parameters") else "")
            if result.lora else ""),
+        f"- Loss: `{result.loss}`" + (f" (KL to the teacher {result.teacher.get('kind')}, fingerprint "
+                                      f"`{result.teacher.get('fingerprint')}`)" if result.teacher else ""),
         f"- Data: `{result.data}` (train split; validation on the validation split)",
         f"- Steps: {result.steps} of {result.max_steps} (batch {s['batch_size']} x accumulation {s['grad_accum']}, "
         f"seq_len {s['seq_len']}); best validation loss at step {result.best_step}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..recover.loop import SCHEDULERS
+from ..recover.distill import DEFAULT_TOPK, LOSSES
 from ..recover.modes import MODES
 from .common import (
     add_json,
@@ -36,8 +37,11 @@ def cmd_sft(args: argparse.Namespace) -> int:
     if args.mix is None:
         raise MoeSlimError("sft needs --mix, e.g. --mix translation=0.8,general=0.2 (see moe-slim sft --help)")
 
+    loss = args.loss or ("kd" if args.teacher or args.teacher_cache else "ce")
     result = sft_checkpoint(
         args.model, args.out, data=args.mix, steps=args.steps, mode=args.mode, merge_lora=args.merge_lora,
+        loss=loss, teacher=args.teacher, teacher_cache=args.teacher_cache, teacher_topk=args.teacher_topk,
+        layerwise_teacher=args.layerwise_teacher, kd_weight=args.kd_weight,
         overwrite=args.overwrite, device_map=args.device_map, data_dir=args.data_dir, lr=args.lr,
         batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len, warmup=warmup,
         scheduler=args.scheduler, weight_decay=args.weight_decay, eval_every=args.eval_every,
@@ -51,12 +55,14 @@ def cmd_sft(args: argparse.Namespace) -> int:
     )
     b, a = result.metrics_before, result.metrics_after
     parts = [f"val_loss {b.get('val_loss', float('nan')):.4f} -> {a.get('val_loss', float('nan')):.4f}"]
+    if "val_kd" in a:
+        parts.append(f"val KL to teacher {b['val_kd']:.4f} -> {a['val_kd']:.4f}")
     if "chrf" in a:
         parts.append(f"chrF {b['chrf']:.2f} -> {a['chrf']:.2f}")
     what = "LoRA adapter" if result.mode == "lora" and not result.merged else "checkpoint"
-    emit(args, {"out": args.out, "mode": result.mode, "steps": result.steps, "best_step": result.best_step,
+    emit(args, {"out": args.out, "mode": result.mode, "loss": result.loss, "steps": result.steps, "best_step": result.best_step,
                 "before": result.metrics_before, "after": result.metrics_after},
-         f"wrote {what} {args.out}: {result.mode} SFT, {result.steps} steps (best {result.best_step}); "
+         f"wrote {what} {args.out}: {result.mode} {result.loss} SFT, {result.steps} steps (best {result.best_step}); "
          + "; ".join(parts))
     return 0
 
@@ -70,7 +76,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=positive_int, required=True, help="optimizer steps (at most; early stopping may end sooner)")
     p.add_argument("--out", required=True)
     p.add_argument("--mode", default="experts", choices=MODES,
-                   help="full | experts (experts and routers only; default) | lora (attention/MLP linears)")
+                   help="full | experts (experts and routers only; default) | router (router weights only) "
+                        "| lora (attention/MLP linears)")
+    p.add_argument("--teacher", help="the unpruned checkpoint to distil from (implies --loss kd)")
+    p.add_argument("--loss", choices=LOSSES, help="ce (references' target tokens; the default without --teacher) | "
+                   "kd (KL to the teacher on every position) | kd+ce (--kd-weight blend)")
+    p.add_argument("--kd-weight", type=probability, default=0.5, help="kd+ce: weight of the KL term (default 0.5)")
+    p.add_argument("--teacher-cache", help="safetensors file of the teacher's top-k distributions: built there "
+                   "(before the student is loaded) or reused when it matches the run")
+    p.add_argument("--teacher-topk", type=positive_int, default=DEFAULT_TOPK,
+                   help=f"tokens per position kept in the teacher cache (default {DEFAULT_TOPK})")
+    p.add_argument("--layerwise-teacher", action="store_true",
+                   help="build the teacher cache one teacher layer in memory at a time (for teachers that do not "
+                        "fit beside the student)")
     p.add_argument("--merge-lora", action="store_true", help="lora: write merged weights instead of an adapter")
     p.add_argument("--data-dir", dest="data_dir", default=None,
                    help="built data directory (default: $MOE_SLIM_DATA, else ./data, else the checkout's data/)")

@@ -56,13 +56,12 @@ def distill_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch: dict
     states (encoders)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     m = mask.bool()
-    if causal:
+    if causal:  # the one KL loss of the toolkit, shared with MoE recovery (moe_slim.recover.distill)
+        from ..recover.distill import kl_to_teacher
+
         with torch.no_grad():
-            t = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-        s = student(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-        kl = torch.nn.functional.kl_div(torch.log_softmax(s, -1), torch.log_softmax(t, -1), log_target=True,
-                                        reduction="none").sum(-1)
-        return kl[m].mean()
+            t = torch.log_softmax(teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1)
+        return kl_to_teacher(student(input_ids=ids, attention_mask=mask, use_cache=False).logits, t, mask)
     with torch.no_grad():
         t = teacher.base_model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
     s = student.base_model(input_ids=ids, attention_mask=mask).last_hidden_state.float()

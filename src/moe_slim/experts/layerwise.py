@@ -261,6 +261,15 @@ class LayerwiseRunner:
         raise MoeSlimError(f"layer {i} of {self.family.layer_stacks[stack_index]} never ran (unexpected model)")
 
     @torch.no_grad()
+    def model_output(self, mods: nn.ModuleList, inputs: OutputCache, b: int) -> Any:
+        """A decoder-only model's whole output for batch ``b`` (logits: final norm and head applied) from its
+        last layer's output, every layer short-circuited."""
+        item = self.items[b]
+        with _short_circuit(mods, len(mods), _to(inputs.get(b), self.device), None):
+            return self.model(input_ids=item.batch.input_ids.to(self.device),
+                              attention_mask=item.batch.attention_mask.to(self.device), use_cache=False)
+
+    @torch.no_grad()
     def encoder_output(self, mods: nn.ModuleList, inputs: OutputCache, b: int) -> torch.Tensor:
         """The encoder's final hidden states of batch ``b`` (after its last norm) from its last layer's output."""
         item = self.items[b]

@@ -84,11 +84,12 @@ def run_recipe(recipe: Recipe, raw: dict[str, Any], out: str | os.PathLike, *, r
         healed = work / "healed"
         if not _done(healed):
             stage = recipe.recover["sft"]
-            say(f"sft: {stage.steps} steps on {stage.data}")
+            say(f"sft: {stage.steps} steps on {stage.data} ({stage.loss})")
             result = sft_checkpoint(slim, healed, data=stage.data, dtype=recipe.dtype, device=recipe.device,
                                     data_dir=data_dir, progress=progress, overwrite=True, merge_lora=True,
-                                    **stage.sft_kwargs())
-            steps["sft"] = {"before": result.metrics_before, "after": result.metrics_after, "steps": result.steps}
+                                    teacher=model if stage.loss != "ce" else None, **stage.sft_kwargs())
+            steps["sft"] = {"before": result.metrics_before, "after": result.metrics_after, "steps": result.steps,
+                            "loss": result.loss, **({"teacher": result.teacher} if result.teacher else {})}
         final = healed
 
     results = None
@@ -152,7 +153,7 @@ def recipe_section(raw: dict[str, Any], steps: dict[str, Any]) -> str:
     lines = ["## Recipe", "", "Made with `moe-slim run recipe.yaml` (the file is beside this card):", "", "```yaml",
              yaml.safe_dump(raw, sort_keys=False).rstrip(), "```", ""]
     if "sft" in steps:
-        lines += ["SFT: " + ", ".join(f"{k} {steps['sft']['before'].get(k)} -> {v}"
+        lines += [f"SFT ({steps['sft'].get('loss', 'ce')}): " + ", ".join(f"{k} {steps['sft']['before'].get(k)} -> {v}"
                                       for k, v in steps["sft"]["after"].items()), ""]
     if "metrics" in steps:
         lines += ["## Evaluation", "", "| metric | value |", "|---|---|"]

@@ -48,7 +48,8 @@ from torch import nn
 from ..data.paths import data_dir_or_default
 from ..errors import MoeSlimError
 from .data import MixSampler, _pad_id, load_sft_data, validation_batches
-from .loss import _is_encdec, _to_encdec, batch_loss, validation_loss
+from .distill import ModelTeacher, Teacher, check_loss, objective, validation_objective
+from .loss import _is_encdec, _to_encdec
 from .modes import (
     DEFAULT_LR,
     check_mode,
@@ -83,6 +84,8 @@ class SftResult:
     metrics_after: dict[str, float]
     lora: dict[str, Any] | None = None
     merged: bool = False
+    loss: str = "ce"
+    teacher: dict[str, Any] | None = None  # what the student distilled from (kind, fingerprint, top-k)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps({k: v for k, v in self.__dict__.items() if k != "model"}, default=str))
@@ -139,6 +142,9 @@ def sft(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     cpu: bool = False,
+    loss: str = "ce",
+    teacher: nn.Module | Teacher | None = None,
+    kd_weight: float = 0.5,
 ) -> SftResult:
     """Fine-tune ``model`` in place for at most ``steps`` optimizer steps and return an :class:`SftResult`.
 
@@ -149,6 +155,10 @@ def sft(
     and after when translation test data is in ``data_dir`` and the data has a translation domain.
     ``merge_lora``: fold LoRA weights into the model (``result.model`` is then a plain model).
     ``max_minutes``: also stop (after a final validation) once training has run this long.
+    ``loss``: ``ce`` (cross-entropy on the references' target tokens), ``kd`` (KL to ``teacher``, the
+    unpruned model or a :class:`~moe_slim.recover.distill.Teacher` such as a top-k cache, on every
+    non-pad position) or ``kd+ce`` (``kd_weight`` · KL + (1 − ``kd_weight``) · CE). Early stopping
+    watches the same objective on the validation batches.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -173,6 +183,15 @@ def sft(
         raise MoeSlimError(f"max_minutes must be positive (got {max_minutes})")
     if patience is not None and patience <= 0:
         raise MoeSlimError(f"patience must be positive (got {patience}; leave it unset to never stop early)")
+    loss = check_loss(loss)
+    if loss != "ce" and teacher is None:
+        raise MoeSlimError(f"loss {loss} distils from a teacher: give the unpruned model (--teacher)")
+    if not 0.0 <= kd_weight <= 1.0:
+        raise MoeSlimError(f"kd_weight must lie in [0, 1] (got {kd_weight})")
+    if isinstance(teacher, nn.Module):
+        teacher = ModelTeacher(teacher)
+    if loss == "ce":
+        teacher = None
     if tok is None:
         raise MoeSlimError("SFT needs a tokenizer and this model has none (save one with the checkpoint)")
     if mode == "lora":
@@ -224,18 +243,24 @@ def sft(
     encdec = _is_encdec(model)
     pad_id = _pad_id(tok)
     if encdec:
+        if loss != "ce":
+            raise MoeSlimError("distillation (--loss kd) is for decoder-only models; this one is an encoder-decoder")
         val_batches = [_to_encdec(b, pad_id) for b in val_batches]
+
+    def validate() -> dict[str, float]:
+        return validation_objective(model, val_batches, loss, teacher, kd_weight, device)
 
     def snapshot() -> dict[str, torch.Tensor]:
         return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
     history: list[dict[str, Any]] = []
-    best_loss = validation_loss(model, val_batches, device) if val_batches else float("nan")
-    before["val_loss"] = best_loss
+    best_val = validate() if val_batches else {"val_loss": float("nan"), "val_objective": float("nan")}
+    best_loss = best_val["val_objective"]
+    before.update({k: v for k, v in best_val.items() if k != "val_objective"})
     best_state, best_step, bad = (snapshot() if val_batches else None), 0, 0
-    history.append({"step": 0, "val_loss": best_loss})
-    say(f"SFT {mode}: {trainable:,} trainable parameters, {steps} steps x {grad_accum} x {batch_size}, lr {lr:g}, "
-        f"data {sft_data.spec}; validation loss {best_loss:.4f}")
+    history.append({"step": 0, **best_val})
+    say(f"SFT {mode} ({loss}): {trainable:,} trainable parameters, {steps} steps x {grad_accum} x {batch_size}, "
+        f"lr {lr:g}, data {sft_data.spec}; validation {loss} {best_loss:.4f}")
 
     sampler = MixSampler(sft_data, tok, batch_size=batch_size, seq_len=seq_len, seed=seed)
     from tqdm.auto import tqdm
@@ -247,21 +272,21 @@ def sft(
     try:
         while step < steps:
             micro_losses = []
-            for _ in range(grad_accum):
+            for micro in range(grad_accum):
                 batch = sampler.batch()
                 tokens += int(batch["attention_mask"].sum())
                 if encdec:
                     batch = _to_encdec(batch, pad_id)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with accelerator.accumulate(model):
-                    loss = batch_loss(model, batch)
-                    accelerator.backward(loss)
+                    value = objective(model, batch, loss, teacher, kd_weight, key=(step, micro))
+                    accelerator.backward(value)
                     if accelerator.sync_gradients and max_grad_norm:
                         accelerator.clip_grad_norm_(params, max_grad_norm)
                     optimizer.step()
                     sched.step()
                     optimizer.zero_grad()
-                micro_losses.append(float(loss.detach()))
+                micro_losses.append(float(value.detach()))
             step += 1
             train_loss = sum(micro_losses) / len(micro_losses)
             if not math.isfinite(train_loss):
@@ -276,10 +301,11 @@ def sft(
                 entry["time_limit"] = True
                 say(f"time limit of {max_minutes:g} min reached at step {step}")
             if val_batches and (step % eval_every == 0 or step == steps or out_of_time):
-                vl = validation_loss(model, val_batches, device)
-                entry["val_loss"] = vl
+                val = validate()
+                vl = val["val_objective"]
+                entry.update(val)
                 if vl < best_loss:
-                    best_loss, best_state, best_step, bad = vl, snapshot(), step, 0
+                    best_loss, best_val, best_state, best_step, bad = vl, val, snapshot(), step, 0
                 else:
                     bad += 1
                 bar.set_postfix(loss=f"{run_loss:.3f}", val=f"{vl:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
@@ -318,13 +344,14 @@ def sft(
     if want_chrf:
         say(f"chrF after SFT ({chrf_limit} sentences per pair)")
         after["chrf"] = _chrf(model, tok, data_dir, chrf_limit)
-    after["val_loss"] = best_loss
+    after.update({k: v for k, v in best_val.items() if k != "val_objective"})
     settings = {"lr": lr, "batch_size": batch_size, "grad_accum": grad_accum, "seq_len": seq_len, "warmup": warm,
                 "scheduler": scheduler, "weight_decay": weight_decay, "max_grad_norm": max_grad_norm,
                 "eval_every": eval_every, "val_examples": val_examples, "patience": patience, "seed": seed,
-                "chrf_limit": chrf_limit, "max_minutes": max_minutes, "weights": sft_data.weights, "device": str(device)}
-    say(f"SFT done: {step} steps in {seconds / 60:.1f} min, best validation loss {best_loss:.4f} at step {best_step}")
+                "chrf_limit": chrf_limit, "max_minutes": max_minutes, "weights": sft_data.weights, "device": str(device),
+                "loss": loss, **({"kd_weight": kd_weight} if loss == "kd+ce" else {})}
+    say(f"SFT done: {step} steps in {seconds / 60:.1f} min, best validation {loss} {best_loss:.4f} at step {best_step}")
     return SftResult(model=model, mode=mode, data=sft_data.spec, steps=step, max_steps=steps, best_step=best_step,
                      stopped_early=stopped, tokens=tokens, seconds=round(seconds, 2), trainable_params=trainable,
                      settings=settings, history=history, metrics_before=before, metrics_after=after,
-                     lora=lora_info, merged=merged)
+                     lora=lora_info, merged=merged, loss=loss, teacher=teacher.describe() if teacher else None)

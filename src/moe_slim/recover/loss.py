@@ -1,11 +1,10 @@
 """The SFT loss: mean cross-entropy over target tokens (labels -100 elsewhere), for decoders and
-encoder-decoders, and the validation loss over fixed batches.
+encoder-decoders (the validation objective lives in :mod:`.distill`, beside the KD loss).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import nn
@@ -55,27 +54,3 @@ def _to_encdec(batch: dict[str, torch.Tensor], pad_id: int) -> dict[str, torch.T
     e = collate([(x, x) for x in enc], pad_id)
     d = collate([(x, x) for x in dec], pad_id)
     return {"enc_ids": e["input_ids"], "enc_mask": e["attention_mask"], "dec_labels": d["labels"]}
-
-
-# --------------------------------------------------------------------------------------- training
-
-
-@torch.no_grad()
-def validation_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: Any = None) -> float:
-    """Mean loss per target token over the fixed validation batches."""
-    was = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for b in batches:
-            if device is not None:
-                b = {k: v.to(device) for k, v in b.items()}
-            if "dec_labels" in b:
-                n = int((b["dec_labels"] != IGNORE).sum())
-            else:
-                n = int((b["labels"][:, 1:] != IGNORE).sum())
-            total += float(batch_loss(model, b, "sum"))
-            count += n
-    finally:
-        model.train(was)
-    return total / max(count, 1)

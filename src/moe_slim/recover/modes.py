@@ -1,5 +1,9 @@
 """What SFT trains: every parameter (``full``), the experts and routers found through the family
-table (``experts``), or LoRA adapters (``lora``, peft; fused 3-D experts via ``target_parameters``).
+table (``experts``), the routers alone (``router``: their weights and biases, the cheapest healing
+on a big model), or LoRA adapters (``lora``, peft; fused 3-D experts via ``target_parameters``).
+
+A DeepSeek-V3 correction bias is a buffer that only changes which experts are selected, so no
+gradient reaches it: ``router`` trains the router weight (and a bias where the family has one).
 """
 
 from __future__ import annotations
@@ -8,9 +12,9 @@ from torch import nn
 
 from ..errors import MoeSlimError
 
-MODES: tuple[str, ...] = ("full", "experts", "lora")
+MODES: tuple[str, ...] = ("full", "experts", "router", "lora")
 MODE_ALIASES = {"experts-router": "experts", "experts_and_router": "experts", "experts-and-router": "experts"}
-DEFAULT_LR = {"full": 5e-5, "experts": 1e-4, "lora": 2e-4}
+DEFAULT_LR = {"full": 5e-5, "experts": 1e-4, "router": 1e-3, "lora": 2e-4}
 
 
 # --------------------------------------------------------------------------------------- modes
@@ -57,19 +61,19 @@ def lora_expert_parameters(model: nn.Module) -> list[str]:
 
 
 def set_trainable(model: nn.Module, mode: str) -> int:
-    """Freeze/unfreeze parameters for ``full`` or ``experts`` mode; returns the trainable count."""
+    """Freeze/unfreeze parameters for ``full``, ``experts`` or ``router`` mode; returns the trainable count."""
     from ..families import moe_layers
 
     if mode == "full":
         for p in model.parameters():
             p.requires_grad_(True)
-    elif mode == "experts":
+    elif mode in ("experts", "router"):
         layers = moe_layers(model)  # one-line error for a model that is not a supported MoE
         for p in model.parameters():
             p.requires_grad_(False)
         for layer in layers:
-            modules = [layer.experts, layer.router] + [getattr(layer.block, a) for a in layer.family.shared_attrs
-                                                       if getattr(layer.block, a, None) is not None]
+            modules = [layer.router] if mode == "router" else [layer.experts, layer.router] + [
+                getattr(layer.block, a) for a in layer.family.shared_attrs if getattr(layer.block, a, None) is not None]
             for m in modules:
                 for p in m.parameters():
                     if p.is_floating_point():

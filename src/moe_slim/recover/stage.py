@@ -1,5 +1,8 @@
 """The recovery stage ``recover: {sft: {...}}`` of sweeps and recipes: fine-tune a pruned or merged model
 in memory, with the stage's keys checked by a pydantic model before any work.
+
+``loss: kd`` (or ``kd+ce``) distils from ``teacher: source``, the model the sweep or recipe started from
+(the unpruned one), which is the only teacher a stage can name.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from pydantic import AliasChoices, Field
 from torch import nn
 
 from ..schema import NonNegativeInt, PositiveInt, Strict, validate
+from ..errors import MoeSlimError
+from .distill import LOSSES
 from .loop import SCHEDULERS, sft
 from .modes import MODES
 
@@ -41,10 +46,14 @@ class SftStage(Strict):
     lora_experts: bool = False
     chrf_limit: NonNegativeInt | None = None
     max_minutes: float | None = Field(None, gt=0)
+    loss: Literal[LOSSES] = "ce"  # type: ignore[valid-type]
+    teacher: Literal["source"] = "source"  # what kd distils from: the sweep's or recipe's source model
+    kd_weight: float = Field(0.5, ge=0, le=1)
 
     def sft_kwargs(self) -> dict[str, Any]:
-        """The keys set in the spec, as :func:`sft` keywords (the rest keep sft's own defaults)."""
-        out = self.model_dump(exclude_unset=True, exclude={"data"})
+        """The keys set in the spec, as :func:`sft` keywords (the rest keep sft's own defaults); the caller
+        passes the teacher."""
+        out = self.model_dump(exclude_unset=True, exclude={"data", "teacher"})
         if "warmup" in out and out["warmup"] >= 1:
             out["warmup"] = int(out["warmup"])
         return out
@@ -52,17 +61,20 @@ class SftStage(Strict):
 
 
 
-def recover(model: nn.Module, tok: Any, spec: Mapping[str, Any] | None, data_dir: str | os.PathLike | None = None
-            ) -> dict[str, float]:
+def recover(model: nn.Module, tok: Any, spec: Mapping[str, Any] | None, data_dir: str | os.PathLike | None = None,
+            source: nn.Module | None = None) -> dict[str, float]:
     """Fine-tune ``model`` in place as ``spec`` says (``{sft: {steps: N, ...}}`` or its inner mapping) and
     return flat metrics. A LoRA run is always merged into the weights, so ``model`` stays a plain
-    transformers model. No progress bar.
+    transformers model. No progress bar. ``source``: the unpruned model, the teacher of ``loss: kd``.
     """
     raw = dict(spec or {})
     if "sft" in raw and isinstance(raw["sft"], Mapping):
         raw = dict(raw["sft"])
     stage = validate(SftStage, raw, "recover.sft")
-    result = sft(model, tok, stage.data, data_dir=data_dir, progress=False, merge_lora=True, **stage.sft_kwargs())
+    if stage.loss != "ce" and source is None:
+        raise MoeSlimError(f"recover.sft: loss {stage.loss} needs the source model as teacher")
+    result = sft(model, tok, stage.data, data_dir=data_dir, progress=False, merge_lora=True,
+                 teacher=source if stage.loss != "ce" else None, **stage.sft_kwargs())
     if result.model is not model:  # merge_and_unload hands back the same base module; be safe anyway
         model.load_state_dict(result.model.state_dict())
     return result.metrics()

@@ -169,7 +169,7 @@ class PointRunner:
             before = dict(res_before["metrics"]) if "metrics" in res_before else dict(res_before)
             timings["eval_before_s"] = time.perf_counter() - t1
             t1 = time.perf_counter()
-            recovered = recover(m, self.tok, spec.recover, data_dir=spec.data_dir)
+            recovered = recover(m, self.tok, spec.recover, data_dir=spec.data_dir, source=self.model)
             m.eval()
             timings["recover_s"] = time.perf_counter() - t1
         t1 = time.perf_counter()
