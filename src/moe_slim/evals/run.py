@@ -174,6 +174,13 @@ def summary_metrics(tasks: Mapping[str, Any]) -> dict[str, float]:
                 if metric in entry:
                     out[f"translation/{pair}/{metric}"] = entry[metric]
         out["translation/n"] = float(tr["overall"]["n"])
+        if "copy_chrf" in tr["overall"]:
+            out["translation/copy_chrf"] = tr["overall"]["copy_chrf"]
+        if "vs_copy" in tr:  # paired bootstrap against copying the source, on the same sentences
+            c = tr["vs_copy"]
+            out["translation/chrf_lo"], out["translation/chrf_hi"] = c["system_ci95"]
+            out["translation/chrf_delta_vs_copy"] = c["delta"]
+            out["translation/chrf_delta_vs_copy_lo"], out["translation/chrf_delta_vs_copy_hi"] = c["delta_ci95"]
         if "baseline" in tr:  # paired bootstrap against another system's hypotheses on the same sentences
             c = tr["baseline"]["overall"]["chrf"]
             out["translation/chrf_delta_vs_baseline"] = c["delta"]
