@@ -48,10 +48,17 @@ def test_recipe_observes_prunes_heals_evaluates_and_records_itself(w, tmp_path, 
     assert yaml.safe_load((out / "recipe.yaml").read_text())["prune"]["ratio"] == 0.5
     card = (out / "README.md").read_text()
     assert "## Recipe" in card and "criterion: reap" in card and "## Evaluation" in card
+    # the card of the whole recipe: the source is the recipe's model (the SFT stage's source was a temporary
+    # directory), SFT is one section of it, and no path of this machine is published
+    assert "Source checkpoint: `model`" in card and ".run" not in card and "`slim`" not in card
+    assert "## Recovery (SFT)" in card and "### Metrics" in card
+    assert str(tmp_path) not in card and str(w["root"]) not in card
     from huggingface_hub import ModelCard
 
-    scores = {r.metric_type: r.metric_value for r in ModelCard.load(out / "README.md").data.eval_results}
-    assert scores["ppl"] == pytest.approx(steps["metrics"]["perplexity/ppl"])
+    data = ModelCard.load(out / "README.md").data
+    assert not data.eval_results and data.pipeline_tag == "text-generation"  # no made-up dataset ids or metrics
+    tokens = int(steps["metrics"]["perplexity/tokens"])
+    assert f"| perplexity/ppl | {steps['metrics']['perplexity/ppl']:.4g} |  | {tokens:,} tokens |" in card
     results = json.loads((out / "results.json").read_text())
     assert results["metrics"]["perplexity/ppl"] == steps["metrics"]["perplexity/ppl"]
     model, _ = load_model(out)

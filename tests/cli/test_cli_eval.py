@@ -109,9 +109,17 @@ def test_cli_end_to_end(tmp_path, data, capsys):
     args = ["eval", str(ckpt), "--suite", "translation", "--out", str(out), "--data", str(data), "--limit", "2",
             "--quiet"]
     with torch_threads(1):
+        capsys.readouterr()
         assert main(args) == 0
         res = load_results(out)
         assert res["tasks"]["translation"]["overall"]["n"] == 6
+        # the summary shows chrF with its interval, n and the copy-the-source baseline beside it
+        m = res["metrics"]
+        (line,) = [l for l in capsys.readouterr().out.splitlines() if l.startswith("translation/chrf\t")]
+        assert (f"{m['translation/chrf']:.2f} [{m['translation/chrf_lo']:.2f}, {m['translation/chrf_hi']:.2f}] "
+                f"(n = 6; copy the source {m['translation/copy_chrf']:.2f}, difference ") in line
+        assert m["translation/chrf_lo"] <= m["translation/chrf"] <= m["translation/chrf_hi"]
+        assert m["translation/chrf_delta_vs_copy"] == pytest.approx(m["translation/chrf"] - m["translation/copy_chrf"])
         assert res["model"]["checkpoint"] == str(ckpt)
         capsys.readouterr()
         before = out.read_bytes()

@@ -12,6 +12,7 @@ from moe_slim.cli import main
 from moe_slim.errors import MoeSlimError
 from moe_slim.evals.run import plan_evaluation
 from moe_slim.evals.testsets import StandardTestSet, load_testset, resolve_testset
+from moe_slim.modeling import hub
 from moe_slim.modeling.hub import resolve_model
 
 
@@ -33,9 +34,13 @@ def test_hub_id_on_the_command_line_is_one_line_offline(tmp_path: Path, capsys) 
     assert len(err) == 1 and "openai/gpt-oss-20b is not a local directory" in err[0] and "offline" in err[0]
 
 
-def test_lm_eval_registry_tasks_need_no_include_path_and_fail_offline_in_one_line(tmp_path: Path, capsys) -> None:
+def test_lm_eval_registry_tasks_need_no_include_path_and_fail_offline_in_one_line(tmp_path: Path, capsys,
+                                                                                   monkeypatch) -> None:
     data = write_fixture_data(tmp_path / "data", n_per_domain=3)
-    plan = plan_evaluation("quick", tasks="arc_easy,translation_choice", data_dir=data)
+    with monkeypatch.context() as m:  # as if arc_easy's dataset had been cached on an earlier online run
+        m.setattr(hub, "dataset_cached", lambda repo: repo == "allenai/ai2_arc")
+        plan = plan_evaluation("quick", tasks="arc_easy,translation_choice", data_dir=data)
+    assert plan.resolver.hub_datasets(plan.external) == {"arc_easy": "allenai/ai2_arc"}
     assert plan.external == ["arc_easy"] and "translation_choice" in plan.mc_tasks
     with pytest.raises(MoeSlimError, match="unknown task 'arc_easyy'.*lm-eval's registry"):
         plan.resolver.manager(["arc_easyy"])
@@ -46,7 +51,7 @@ def test_lm_eval_registry_tasks_need_no_include_path_and_fail_offline_in_one_lin
                "--out", str(tmp_path / "r.json"), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err
-    assert "arc_easy need their datasets from the Hugging Face hub, which is offline here" in err[0]
+    assert "arc_easy need their datasets (allenai/ai2_arc) from the Hugging Face hub, which is offline here" in err[0]
     assert not (tmp_path / "r.json").exists()
 
 
@@ -75,3 +80,34 @@ def test_translation_test_sets_fail_in_one_line_without_network(tmp_path: Path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "flores200:en-de is read from the Hugging Face hub" in err[0], err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_a_test_set_asked_for_as_a_task_points_to_the_option(tmp_path: Path) -> None:
+    data = write_fixture_data(tmp_path / "data", n_per_domain=3)
+    for name in ("wmt22", "flores200"):
+        with pytest.raises(MoeSlimError, match=f"{name} is a translation test set.*--translation-testset {name}:en-de"):
+            plan_evaluation("quick", tasks=name, data_dir=data)
+
+
+def test_an_unreachable_hub_is_found_in_seconds_without_the_offline_variables(tmp_path: Path, monkeypatch) -> None:
+    """No HF_HUB_OFFLINE, no network: one connection that fails fast, then one line (the hub clients once
+    retried for 30 to 46 s, a line each time), and the process goes offline for what is cached."""
+    import time
+
+    from huggingface_hub import constants
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setattr(hub, "_probed", {})
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    start = time.monotonic()
+    with pytest.raises(MoeSlimError) as err:
+        resolve_model("someone/some-moe")
+    (line,) = str(err.value).splitlines()
+    assert "needs the hub, which is not reachable from here (127.0.0.1:9" in line and "pass its local directory" in line
+    assert constants.HF_HUB_OFFLINE is True
+    with pytest.raises(MoeSlimError, match="flores200:en-de is read from the Hugging Face hub .* not reachable"):
+        load_testset(resolve_testset("flores200:en-de"))
+    assert time.monotonic() - start < hub.PROBE_SECONDS + 5

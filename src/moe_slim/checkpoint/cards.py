@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,26 @@ from ..recover.loop import SftResult
 
 
 def where(source: str | os.PathLike) -> str:
-    """How a card names its source: the Hub id it came from, else its absolute path."""
-    return base_model_of(source) or str(Path(source).resolve())
+    """How a card names its source: the Hub id it came from, else the local directory's name (never an
+    absolute path: the card is published, the machine that wrote it is not)."""
+    return base_model_of(source) or Path(source).resolve().name
+
+
+def fingerprint(model: nn.Module) -> str:
+    """The model's fingerprint (model type, config and shape hashes), as a reader reads it."""
+    return ", ".join(f"{k.replace('_', ' ')} `{v}`" for k, v in model_fingerprint(model).items())
+
+
+def per_domain(tokens: Any) -> str:
+    """``{"general": 120.0}`` -> ``general 120``."""
+    if not isinstance(tokens, dict):
+        return str(tokens)
+    return ", ".join(f"{k} {int(v):,}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in tokens.items())
+
+
+def versions() -> str:
+    """The library versions the numbers depend on, as a reader reads them."""
+    return ", ".join(f"{k} {v}" for k, v in library_versions().items())
 
 
 def base_model_of(source: str | os.PathLike) -> str | None:
@@ -43,14 +62,26 @@ def _source_card(source: str | os.PathLike) -> Any:
         return None
 
 
-def front_matter(source: str | os.PathLike, tags: list[str], library: str = "transformers") -> list[str]:
-    """The card's metadata block (huggingface_hub ``ModelCardData``): library, tags, the Hub model it
-    derives from and the licence inherited from its source's card."""
+def source_license(source: str | os.PathLike) -> str | None:
+    """The licence a derived checkpoint inherits: its source card's, else its source config's ``license``."""
+    src = _source_card(source)
+    found = getattr(src, "license", None) if src is not None else None
+    if not found:
+        try:
+            found = json.loads((Path(source) / "config.json").read_text()).get("license")
+        except (OSError, ValueError, AttributeError):
+            found = None
+    return found if isinstance(found, str) and found else None
+
+
+def front_matter(source: str | os.PathLike, tags: list[str], library: str = "transformers",
+                 pipeline_tag: str | None = "text-generation") -> list[str]:
+    """The card's metadata block (huggingface_hub ``ModelCardData``): library, pipeline, tags, the Hub model
+    it derives from and the licence inherited from its source."""
     from huggingface_hub import ModelCardData
 
-    src = _source_card(source)
-    data = ModelCardData(library_name=library, tags=["moe_slim", *tags], base_model=base_model_of(source),
-                         license=getattr(src, "license", None) if src is not None else None)
+    data = ModelCardData(library_name=library, pipeline_tag=pipeline_tag, tags=["moe_slim", *tags],
+                         base_model=base_model_of(source), license=source_license(source))
     return ["---", data.to_yaml(), "---"]
 
 
@@ -104,15 +135,15 @@ def merge_card(*, source: str, plan: MergePlan, params_before: int, params_after
     for lp in plan.layers:
         lines.append(f"| `{lp.name}` | {' '.join('+'.join(map(str, g)) for g in lp.groups)} |")
     if stats_info:
-        lines += ["", "## Statistics", f"- Domains and tokens: {stats_info.get('tokens_per_domain')}",
-                  f"- Gathered on: `{stats_info.get('model_path')}`"]
+        lines += ["", "## Statistics", f"- Domains and tokens: {per_domain(stats_info.get('tokens_per_domain'))}",
+                  f"- Gathered on: `{where(stats_info.get('model_path') or '')}`"]
     lines += [
         "", "## Reproduce",
         f"`plan.json` (groups, weights, scores) and `{PERMUTATIONS_FILE}` (neuron alignments, hashed in the plan) "
-        f"are beside this card: `moe-slim apply {source} --plan plan.json --out OUT` (or `moe-slim merge --plan`) "
+        f"are beside this card: `moe-slim apply {where(source)} --plan plan.json --out OUT` (or `moe-slim merge --plan`) "
         "replays the merge on the original checkpoint without statistics (merging needs the original experts' "
         "weights, so it applies to the source checkpoint, not to this one).",
-        "", f"Fingerprint of this checkpoint: `{model_fingerprint(model)}`.", f"Libraries: `{library_versions()}`.", "",
+        "", f"Fingerprint of this checkpoint: {fingerprint(model)}.", f"Libraries: {versions()}.", "",
     ]
     return "\n".join(lines + usage(prompt_format=has_prompt_tags(source)))
 
@@ -156,15 +187,15 @@ def sft_card(*, source: str, result: SftResult, adapter: bool) -> str:
     if adapter:
         lines += ["", "## Loading",
                   "This directory holds a LoRA adapter (`adapter_config.json`, `adapter_model.safetensors`), "
-                  f"not full weights. Its base is `{source}`:",
+                  f"not full weights. Its base is `{where(source)}`:",
                   "```python",
                   "from peft import PeftModel",
                   "from moe_slim.modeling.loading import load_model",
-                  f"base, tok = load_model({str(source)!r})",
+                  f"base, tok = load_model({where(source)!r})",
                   "model = PeftModel.from_pretrained(base, OUT).merge_and_unload()",
                   "```",
                   "or rerun with `--merge-lora` to write merged weights."]
-    lines += ["", "Training log: `sft.json` beside this card.", f"Libraries: `{library_versions()}`.", ""]
+    lines += ["", "Training log: `sft.json` beside this card.", f"Libraries: {versions()}.", ""]
     if not adapter:
         lines += usage(prompt_format=has_prompt_tags(source))
     return "\n".join(l for l in lines if l is not None)
@@ -208,18 +239,18 @@ def prune_card(
         lines += [
             "",
             "## Statistics",
-            f"- Domains and tokens: {stats_info.get('tokens_per_domain')}",
-            f"- Gathered on: `{stats_info.get('model_path')}` (fingerprint {stats_info.get('model_fingerprint', {}).get('config_hash')})",
+            f"- Domains and tokens: {per_domain(stats_info.get('tokens_per_domain'))}",
+            f"- Gathered on: `{where(stats_info.get('model_path') or '')}` (fingerprint {stats_info.get('model_fingerprint', {}).get('config_hash')})",
             f"- Sequence length: {stats_info.get('seq_len')}",
         ]
     lines += [
         "",
         "## Reproduce",
         "The plan is in `plan.json` beside this card: "
-        f"`moe-slim apply {source} --plan plan.json --out OUT` reapplies it without the statistics.",
+        f"`moe-slim apply {where(source)} --plan plan.json --out OUT` reapplies it without the statistics.",
         "",
-        f"Fingerprint of this checkpoint: `{model_fingerprint(model)}`.",
-        f"Libraries: `{library_versions()}`.",
+        f"Fingerprint of this checkpoint: {fingerprint(model)}.",
+        f"Libraries: {versions()}.",
         "",
     ]
     return "\n".join(lines + usage(prompt_format=has_prompt_tags(source)))
@@ -234,7 +265,7 @@ def dense_card(*, source: str, provenance: dict[str, Any], model: nn.Module, cau
     heal = p.get("heal")
     before, after = p.get("params_before", 0), p.get("params_after", 0)
     lines = [
-        *front_matter(source, ["layer-pruning", "probscale"]),
+        *front_matter(source, ["layer-pruning", "probscale"], pipeline_tag="text-generation" if causal else None),
         f"# {Path(str(source)).name}: layers removed with moe_slim ({p.get('method')})", "",
         f"Source checkpoint: `{where(source)}`.", "",
         "## What was removed",
@@ -267,8 +298,46 @@ def dense_card(*, source: str, provenance: dict[str, Any], model: nn.Module, cau
             lines.append(f"- validation loss {heal['val_loss_before']:.4f} -> {heal['val_loss_after']:.4f}")
     else:
         lines.append("- none (run `moe-slim slim-dense ... --heal STEPS` to heal)")
-    lines += ["", "## Reproduce", f"`moe-slim slim-dense {source} --plan plan.json --out OUT"
-              + (f" --heal {heal['steps']} --heal-mode {heal['mode']}" if heal else "") + "` (the plan is `slim.json`'s "
-              "source; `slim.json` beside this card holds everything above).", "",
-              f"Fingerprint of this checkpoint: `{model_fingerprint(model)}`.", f"Libraries: `{library_versions()}`.", ""]
+    lines += ["", "## Reproduce", f"`moe-slim slim-dense {where(source)} --plan PLAN --out OUT"
+              + (f" --heal {heal['steps']} --heal-mode {heal['mode']}" if heal else "")
+              + f"`, PLAN being the probe's plan (`{Path(str(p.get('plan'))).name}`, written by `moe-slim probe`; it "
+              "is not in this folder): `slim.json` beside this card records its kept layers and everything above.", "",
+              f"Fingerprint of this checkpoint: {fingerprint(model)}.", f"Libraries: {versions()}.", ""]
     return "\n".join(lines + (usage(prompt_format=has_prompt_tags(source)) if causal else []))
+
+
+def evaluation_section(results: dict[str, Any]) -> list[str]:
+    """A results JSON of ``moe-slim eval`` as a card section: each headline score with its n and, where one
+    was measured, its 95% interval (chrF: bootstrap; multiple choice: 1.96 lm-eval standard errors)."""
+    from ..evals.run import summary_metrics
+
+    tasks = results.get("tasks") or {}
+    metrics = results.get("metrics") or summary_metrics(tasks)
+    lines = ["## Evaluation", "",
+             f"`moe-slim eval`, suite `{results.get('suite')}`, split `{results.get('split', 'test')}` "
+             f"(the full results JSON records data hashes, library versions and the hypotheses).", "",
+             "| metric | value | 95% interval | n |", "|---|---|---|---|"]
+    skip = ("/n", "/tokens", "_lo", "_hi", "_p", "copy_chrf", "_delta_vs_copy", "_delta_vs_baseline")
+    for key, value in metrics.items():
+        if key.count("/") != 1 or key.endswith(skip) or not isinstance(value, (int, float)):
+            continue
+        task, metric = key.split("/")
+        interval = ""
+        if f"{key}_lo" in metrics:
+            interval = f"[{metrics[f'{key}_lo']:.2f}, {metrics[f'{key}_hi']:.2f}]"
+        elif isinstance((tasks.get(task) or {}).get(f"{metric}_stderr"), (int, float)):
+            se = 1.96 * float(tasks[task][f"{metric}_stderr"])
+            interval = f"[{value - se:.3f}, {value + se:.3f}]"
+        n = metrics.get(f"{task}/n", metrics.get(f"{task}/tokens"))
+        n_text = "" if n is None else f"{int(n):,}" + (" tokens" if f"{task}/n" not in metrics else "")
+        lines.append(f"| {key} | {value:.4g} | {interval} | {n_text} |")
+    if "translation/copy_chrf" in metrics:
+        lines += ["", f"Copying the source scores chrF {metrics['translation/copy_chrf']:.2f} on the same sentences."]
+    return lines + [""]
+
+
+def with_evaluation(card: str, results: dict[str, Any]) -> str:
+    """``card`` with its evaluation section set to ``results`` (replacing an earlier one)."""
+    head, _, rest = card.partition("\n## Evaluation\n")
+    tail = rest[rest.find("\n## "):] if rest and "\n## " in rest else ""
+    return head.rstrip("\n") + "\n\n" + "\n".join(evaluation_section(results)) + tail

@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "moe_slim.cli.sweep",
     "moe_slim.cli.sft",
     "moe_slim.cli.recipe",
+    "moe_slim.cli.push",
 )
 
 

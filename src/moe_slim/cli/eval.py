@@ -113,8 +113,34 @@ def run(args: argparse.Namespace) -> int:
     if plan_info is not None:
         results["plan"] = plan_info
     write_results(results, args.out, overwrite=args.overwrite)
-    lines = [f"{k}\t{v:.4f}" if isinstance(v, float) else f"{k}\t{v}" for k, v in results["metrics"].items()
-             if k.count("/") == 1]
+    lines = summary_lines(results["metrics"])
     emit(args, {"out": args.out, "metrics": results["metrics"], "seconds": results["timings_s"]["total"]},
          "\n".join(lines + [f"wrote {args.out} ({results['timings_s']['total']:.1f} s)"]))
     return 0
+
+
+#: keys folded into the chrF line of the summary
+_CHRF_PARTS = ("translation/n", "translation/copy_chrf", "translation/chrf_lo", "translation/chrf_hi",
+               "translation/chrf_delta_vs_copy", "translation/chrf_delta_vs_copy_lo", "translation/chrf_delta_vs_copy_hi")
+
+
+def summary_lines(metrics: dict[str, Any]) -> list[str]:
+    """One line per headline metric; chrF with its n, its 95% interval and the copy-the-source baseline
+    (a pruned model can score below copying its input, which chrF alone hides)."""
+    lines = []
+    for k, v in metrics.items():
+        if k.count("/") != 1 or k in _CHRF_PARTS:
+            continue
+        text = f"{v:.4f}" if isinstance(v, float) else str(v)
+        if k == "translation/chrf" and "translation/chrf_lo" in metrics:
+            text = f"{v:.2f} [{metrics['translation/chrf_lo']:.2f}, {metrics['translation/chrf_hi']:.2f}]"
+        if k == "translation/chrf" and "translation/n" in metrics:
+            text += f" (n = {int(metrics['translation/n'])}"
+            if "translation/chrf_delta_vs_copy" in metrics:
+                lo, hi = metrics["translation/chrf_delta_vs_copy_lo"], metrics["translation/chrf_delta_vs_copy_hi"]
+                text += (f"; copy the source {metrics['translation/copy_chrf']:.2f}, difference "
+                         f"{metrics['translation/chrf_delta_vs_copy']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+                         + (", a tie" if lo <= 0 <= hi else ""))
+            text += ")"
+        lines.append(f"{k}\t{text}")
+    return lines

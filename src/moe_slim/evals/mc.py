@@ -196,6 +196,27 @@ class TaskResolver:
         return self._manager
 
 
+    def hub_datasets(self, names: Sequence[str]) -> dict[str, str]:
+        """The Hugging Face hub dataset each of ``names`` reads, for tasks whose YAML (with its includes)
+        names one; groups, local files and ``datasets``' packaged builders (json, csv, ...) are left out."""
+        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+        from lm_eval.tasks._yaml_loader import load_yaml
+
+        index = self.manager(names).task_index
+        out: dict[str, str] = {}
+        for name in names:
+            entry = index.get(name)
+            if entry is None or entry.yaml_path is None:
+                continue
+            try:
+                path = load_yaml(entry.yaml_path, resolve_func=False).get("dataset_path")
+            except Exception:  # a YAML lm-eval itself will complain about in its own words
+                continue
+            if isinstance(path, str) and path not in _PACKAGED_DATASETS_MODULES and not Path(path).exists():
+                out[name] = path
+        return out
+
+
 def _clean_metrics(raw: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in raw.items():

@@ -58,6 +58,33 @@ class EvalPlan:
         return [t for t in self.tasks if t in MC_TASKS or t in self.external]
 
 
+def check_testset_names(tasks: Sequence[str]) -> None:
+    """A translation test set asked for as a task (``--tasks wmt22``) points to the option that runs it."""
+    from sacrebleu.dataset import DATASETS
+
+    from .testsets import FLORES_NAMES
+
+    for t in tasks:
+        if t.lower() in DATASETS or t.lower() in FLORES_NAMES:
+            raise MoeSlimError(f"{t} is a translation test set, not a task: run it with --translation-testset "
+                               f"{t.lower()}:en-de (en into de, fr or es)")
+
+
+def check_hub_datasets(resolver: TaskResolver, tasks: Sequence[str]) -> None:
+    """lm-eval tasks whose datasets are neither cached nor reachable fail here in one line, before the model
+    loads (the hub clients would otherwise retry for a minute, a line each time)."""
+    from ..modeling.hub import dataset_cached, hub_unavailable
+
+    why = hub_unavailable()
+    if why is None:
+        return
+    missing = {t: d for t, d in resolver.hub_datasets(tasks).items() if not dataset_cached(d)}
+    if missing:
+        raise MoeSlimError(f"lm-eval task(s) {', '.join(missing)} need their datasets ({', '.join(missing.values())}) "
+                           f"from the Hugging Face hub, which is {why}; run them once where the hub is reachable "
+                           "to cache the data, or evaluate our offline tasks (--suite quick)")
+
+
 def plan_evaluation(
     suite: str = "quick",
     *,
@@ -83,7 +110,9 @@ def plan_evaluation(
     external = [t for t in names if t not in BUILTIN_TASKS]
     resolver = TaskResolver(include_path)
     if external:
+        check_testset_names(external)
         resolver.manager(external)  # unknown names fail here, before any model work
+        check_hub_datasets(resolver, external)
     data = data_dir_or_default(data_dir)
     if not data.is_dir():
         raise MoeSlimError(f"data directory {data} does not exist (build it with `moe-slim data build --out {data}` "
@@ -145,6 +174,13 @@ def summary_metrics(tasks: Mapping[str, Any]) -> dict[str, float]:
                 if metric in entry:
                     out[f"translation/{pair}/{metric}"] = entry[metric]
         out["translation/n"] = float(tr["overall"]["n"])
+        if "copy_chrf" in tr["overall"]:
+            out["translation/copy_chrf"] = tr["overall"]["copy_chrf"]
+        if "vs_copy" in tr:  # paired bootstrap against copying the source, on the same sentences
+            c = tr["vs_copy"]
+            out["translation/chrf_lo"], out["translation/chrf_hi"] = c["system_ci95"]
+            out["translation/chrf_delta_vs_copy"] = c["delta"]
+            out["translation/chrf_delta_vs_copy_lo"], out["translation/chrf_delta_vs_copy_hi"] = c["delta_ci95"]
         if "baseline" in tr:  # paired bootstrap against another system's hypotheses on the same sentences
             c = tr["baseline"]["overall"]["chrf"]
             out["translation/chrf_delta_vs_baseline"] = c["delta"]

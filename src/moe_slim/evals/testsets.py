@@ -14,6 +14,7 @@ from ..prompts import SOURCE_LANG, TARGET_LANGS
 #: FLORES+ language codes (``openlanguagedata/flores_plus``) of the languages our prompt format names
 FLORES_CODES = {"en": "eng_Latn", "de": "deu_Latn", "fr": "fra_Latn", "es": "spa_Latn"}
 FLORES_DATASET = "openlanguagedata/flores_plus"
+FLORES_NAMES = ("flores200", "flores", "flores_plus", "flores+")
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ def resolve_testset(spec: str) -> StandardTestSet:
         raise MoeSlimError(f"test set '{spec}': the translation prompt format translates {SOURCE_LANG} into "
                            f"{', '.join(TARGET_LANGS)} only")
     name = name.lower()
-    if name in ("flores200", "flores", "flores_plus", "flores+"):
+    if name in FLORES_NAMES:
         return StandardTestSet("flores200", src, tgt, "datasets")
     from sacrebleu.dataset import DATASETS
 
@@ -55,11 +56,12 @@ def resolve_testset(spec: str) -> StandardTestSet:
 def check_reachable(ts: StandardTestSet) -> None:
     """A one-line error when the set is on the hub and the hub is switched off (sacrebleu's own downloads
     fail on their own, caught in :func:`load_testset`)."""
-    from ..modeling.hub import offline
+    from ..modeling.hub import dataset_cached, hub_unavailable
 
-    if ts.via == "datasets" and offline():
-        raise MoeSlimError(f"{ts.label} is read from the Hugging Face hub ({FLORES_DATASET}), which is offline here "
-                           "(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE); run online once to cache it")
+    why = hub_unavailable() if ts.via == "datasets" and not dataset_cached(FLORES_DATASET) else None
+    if why:
+        raise MoeSlimError(f"{ts.label} is read from the Hugging Face hub ({FLORES_DATASET}, gated: accept its terms "
+                           f"and log in), which is {why}; run it once where the hub is reachable to cache it")
 
 
 def load_testset(ts: StandardTestSet) -> list[dict[str, Any]]:

@@ -199,8 +199,12 @@ def evaluate_translation(
     hyps = [cut_generation(t) for t in raw]
     refs = [str(r["ref"]) for r in records]
     pairs = [pair_name(r) for r in records]
-    result = score_translations(hyps, refs, pairs, sources=[str(r["src"]) for r in records])
+    sources = [str(r["src"]) for r in records]
+    result = score_translations(hyps, refs, pairs, sources=sources)
     result["n"] = len(records)
+    if bootstrap_samples:  # is the model better than copying the source? chrF's interval and the paired difference
+        result["vs_copy"] = paired_bootstrap(hyps, sources, refs, metrics=("chrf",), n_samples=bootstrap_samples,
+                                             seed=seed)["chrf"]
     result["generation"] = {
         "decoding": "greedy", "batch_size": batch_size, "stop_strings": list(TRANSLATION_STOPS),
         "max_new_tokens": max_new_tokens if max_new_tokens is not None else "min(256, 2*prompt_tokens+16)",

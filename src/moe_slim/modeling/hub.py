@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from ..errors import MoeSlimError
 
@@ -19,6 +21,53 @@ def offline() -> bool:
     """Whether the Hugging Face hub is switched off for this process."""
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in
                ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+PROBE_SECONDS = 3.0
+_probed: dict[str, str | None] = {}
+
+
+def go_offline() -> None:
+    """Switch this process's hub clients to offline mode (cached files are used, nothing is retried)."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ[var] = "1"
+    import sys
+
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:  # read at its import; later imports see the environment
+        sys.modules["datasets"].config.HF_HUB_OFFLINE = True
+
+
+def hub_unavailable() -> str | None:
+    """Why the Hugging Face hub cannot be used from here, or None when it can: switched off by the
+    environment, or one connection to it that did not open within a few seconds (instead of the hub
+    clients' minute of retries, line by line). An unreachable hub switches the process offline, so files
+    already cached are still used."""
+    if _probed.get("why"):  # found unreachable before (and switched offline since)
+        return _probed["why"]
+    if offline():
+        return "offline here (HF_HUB_OFFLINE=1)"
+    if "why" not in _probed:
+        url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+        host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+        try:
+            socket.create_connection((host, port), timeout=PROBE_SECONDS).close()
+            _probed["why"] = None
+        except OSError as exc:
+            _probed["why"] = f"not reachable from here ({host}:{port}: {exc or 'no answer'})"
+            go_offline()
+    return _probed["why"]
+
+
+def dataset_cached(repo: str) -> bool:
+    """Whether a hub dataset has been downloaded into this machine's caches (hub or datasets cache)."""
+    from huggingface_hub import constants
+
+    hub = Path(constants.HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}"
+    legacy = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets") / repo.replace("/", "___")
+    return hub.is_dir() or legacy.is_dir()
 
 
 def resolve_model(spec: str | os.PathLike) -> Path:
@@ -36,12 +85,14 @@ def resolve_model(spec: str | os.PathLike) -> Path:
         return Path(snapshot_download(text, allow_patterns=ALLOW_PATTERNS, local_files_only=True))
     except Exception:  # not in the local cache
         pass
-    if offline():
+    why = hub_unavailable()
+    if why:
         raise MoeSlimError(f"{text} is not a local directory, and as a Hugging Face Hub id it needs the hub, which is "
-                           f"offline here (HF_HUB_OFFLINE=1); download it where you are online "
-                           f"(huggingface-cli download {text}) and give its directory")
+                           f"{why}; download it where you are online (huggingface-cli download {text}) and pass its "
+                           "local directory")
     try:
         return Path(snapshot_download(text, allow_patterns=ALLOW_PATTERNS))
     except Exception as exc:  # huggingface_hub raises many kinds (not found, gated, network)
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise MoeSlimError(f"could not get {text} from the Hugging Face hub: {first}") from exc
+        raise MoeSlimError(f"could not get {text} from the Hugging Face hub ({first}); or pass a local directory"
+                           ) from exc

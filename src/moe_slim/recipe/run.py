@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 
 from ..api import merge_checkpoint, observe_checkpoint, prune_checkpoint, sft_checkpoint
+from ..checkpoint.cards import with_evaluation
 from ..data.paths import data_dir_or_default
 from ..errors import MoeSlimError
 from ..modeling.hub import resolve_model
@@ -112,12 +114,23 @@ def run_recipe(recipe: Recipe, raw: dict[str, Any], out: str | os.PathLike, *, r
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
         if results is not None:
             (tmp / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
-        card = (tmp / "README.md").read_text() if (tmp / "README.md").is_file() else ""
-        (tmp / "README.md").write_text(card.rstrip("\n") + "\n\n" + recipe_section(raw, steps))
-        if results is not None:
-            add_eval_results(tmp / "README.md", out.name, results["metrics"])
+        (tmp / "README.md").write_text(run_card(slim, final if final != slim else None, raw, results))
     shutil.rmtree(work, ignore_errors=True)
     return steps
+
+
+def run_card(slim: Path, healed: Path | None, raw: dict[str, Any], results: dict[str, Any] | None) -> str:
+    """The card of the whole recipe: the prune or merge card (whose source is the recipe's model), the
+    SFT stage's training and metrics (not its card, whose source is the temporary pruned checkpoint),
+    the recipe itself and the evaluation."""
+    card = (slim / "README.md").read_text().rstrip("\n")
+    if healed is not None:
+        sft = (healed / "README.md").read_text()
+        body = sft[sft.find("## Training"):sft.find("Training log:")].strip()
+        card += "\n\n## Recovery (SFT)\n\n" + body.replace("## Training", "### Training").replace(
+            "## Metrics", "### Metrics")
+    card += "\n\n" + recipe_section(raw)
+    return with_evaluation(card, results) if results is not None else card
 
 
 def oneshot(recipe: dict[str, Any] | str | os.PathLike, out: str | os.PathLike, *, model: str | None = None,
@@ -134,30 +147,10 @@ def oneshot(recipe: dict[str, Any] | str | os.PathLike, out: str | os.PathLike, 
     return run_recipe(spec, raw, out, recipe_path=path, overwrite=overwrite, progress=progress, log=log)
 
 
-def add_eval_results(card_path: Path, name: str, metrics: dict[str, Any]) -> None:
-    """The scores in the card's metadata too (``model-index``), as the Hub shows them."""
-    from huggingface_hub import EvalResult, ModelCard
-
-    card = ModelCard.load(card_path)
-    card.data.model_name = name
-    card.data.eval_results = [
-        EvalResult(task_type="text-generation", dataset_type=f"moe_slim/{task}", dataset_name=f"moe_slim {task}",
-                   metric_type=metric, metric_value=float(v))
-        for key, v in sorted(metrics.items()) if key.count("/") == 1 and isinstance(v, (int, float))
-        for task, metric in [key.split("/")]]
-    card.save(card_path)
-
-
-def recipe_section(raw: dict[str, Any], steps: dict[str, Any]) -> str:
-    """The card's record of the recipe that made the checkpoint and what it measured."""
-    lines = ["## Recipe", "", "Made with `moe-slim run recipe.yaml` (the file is beside this card):", "", "```yaml",
-             yaml.safe_dump(raw, sort_keys=False).rstrip(), "```", ""]
-    if "sft" in steps:
-        lines += [f"SFT ({steps['sft'].get('loss', 'ce')}): " + ", ".join(f"{k} {steps['sft']['before'].get(k)} -> {v}"
-                                      for k, v in steps["sft"]["after"].items()), ""]
-    if "metrics" in steps:
-        lines += ["## Evaluation", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
-                  for k, v in steps["metrics"].items() if k.count("/") <= 1]
-        lines.append("")
+def recipe_section(raw: dict[str, Any]) -> str:
+    """The card's record of the recipe that made the checkpoint (local paths by their last part: the card is
+    published, the directories of the machine that ran it are not)."""
+    text = re.sub(r"(?<![\w.~])/(?:[^\s,'\"=/]+/)*([^\s,'\"=/]+)", r"\1", yaml.safe_dump(raw, sort_keys=False))
+    lines = ["## Recipe", "", "Made with `moe-slim run recipe.yaml` (the file is beside this card; local paths are "
+             "shown by their names):", "", "```yaml", text.rstrip(), "```", ""]
     return "\n".join(lines)
