@@ -12,7 +12,11 @@ merging one layer has to hold) and to the in-memory peak.
 Goal (issue #14 item 4, #15 item 2): peak at size <= one layer's experts in float32 + the largest
 tensor + 1 GB of interpreter and libraries, far below the in-memory peak.
 
-    python bench/bench_merge_memory.py [--work /tmp/moe_slim_bench_merge] [--tokens 2k] [--keep]
+``--profile``: time per MoE layer of REAM against HC-SMoE, both at size from the same statistics (equal
+samples: ``--tokens`` per layer), read from the per-layer lines ``merge`` prints; the ratio of the medians.
+Goal (issue #30 item 12): REAM <= 2x HC-SMoE per layer.
+
+    python bench/bench_merge_memory.py [--work /tmp/moe_slim_bench_merge] [--tokens 2k] [--keep] [--profile]
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from memory_common import baseline_rss, run, source_model, write_calib
+import re
+import statistics
+
+from memory_common import baseline_rss, run, run_with_output, source_model, write_calib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +41,8 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the generated model for the next run")
     ap.add_argument("--layers", type=int, default=8, help="decoder layers of the generated model (8: ~1.85 GB)")
     ap.add_argument("--cases", default="hc-smoe from stats,ream sequential", help="comma-separated cases to run")
+    ap.add_argument("--profile", action="store_true", help="only the per-layer time of REAM against HC-SMoE")
+    ap.add_argument("--methods", default="hc-smoe,ream", help="with --profile: the methods (or presets) timed")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     import torch
@@ -58,6 +67,9 @@ def main() -> int:
         rss, wall = run([*moe, "observe", str(src), "--calib", f"general={calib}", "--max-tokens", args.tokens,
                          "--samples", args.tokens, "--layerwise", "--out", str(stats), *common])
         print(f"observe --layerwise --samples {args.tokens}: {rss:.0f} MB, {wall:.1f}s")
+
+    if args.profile:
+        return profile(moe, src, stats, args, common)
 
     cases = {
         "hc-smoe from stats": ["--method", "hc-smoe", "--stats", str(stats)],
@@ -89,6 +101,34 @@ def main() -> int:
               f"(peak - largest tensor - 1 GB) / one layer's experts f32 = "
               f"{(at * 1e6 - largest - 1e9) / (experts0 * 2):.2f} (goal <= 1); (peak - libraries) / one layer's "
               f"experts f32 = {(at - floor) * 1e6 / (experts0 * 2):.2f}; at size / in memory = {at / mem:.2f}")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+LAYER_LINE = re.compile(r"^(\S+): (\d+) -> (\d+) experts \((\d+) sample tokens, ([\d.]+)s\)$", re.M)
+
+
+def profile(moe: list[str], src: Path, stats: Path, args: argparse.Namespace, common: list[str]) -> int:
+    """Seconds per MoE layer of each method at size from the same statistics (``merge`` prints one line a layer)."""
+    work = Path(args.work)
+    quiet = [c for c in common if c != "--quiet"]
+    times: dict[str, list[float]] = {}
+    for method in args.methods.split(","):
+        out = work / f"profile-{method}"
+        shutil.rmtree(out, ignore_errors=True)
+        rss, wall, text = run_with_output([*moe, "merge", str(src), "--ratio", "0.5", "--method", method, "--stats",
+                                           str(stats), "--max-tokens", args.tokens, "--plan-only", "--out", str(out),
+                                           *quiet])
+        rows = LAYER_LINE.findall(text)
+        times[method] = [float(r[4]) for r in rows]
+        print(f"{method:10s} {len(rows)} layers, {rows[0][3] if rows else '?'} sample tokens each: per layer "
+              f"{' '.join(f'{t:.1f}' for t in times[method])} s (median {statistics.median(times[method]):.1f}); "
+              f"whole command {wall:.0f}s, peak {rss:.0f} MB")
+    a, *rest = args.methods.split(",")
+    for b in rest:
+        ratio = statistics.median(times[b]) / statistics.median(times[a])
+        print(f"{b} / {a} per layer (median): {ratio:.2f} (goal <= 2)")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -28,13 +28,19 @@ def build_model(path: Path, layers: int = 8) -> None:
 
 def run(cmd: list[str]) -> tuple[float, float]:
     """Run ``cmd`` under /usr/bin/time; return (peak RSS in MB, wall seconds)."""
+    rss, wall, _ = run_with_output(cmd)
+    return rss, wall
+
+
+def run_with_output(cmd: list[str]) -> tuple[float, float, str]:
+    """:func:`run`, and the command's standard output."""
     t0 = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True,
                           env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
-    return int(proc.stderr.strip().splitlines()[-1]) / 1024, wall
+    return int(proc.stderr.strip().splitlines()[-1]) / 1024, wall, proc.stdout
 
 
 def source_model(work: Path, layers: int = 8) -> Path:
