@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 
-def build_model(path: Path, layers: int = 8) -> None:
+def build_model(path: Path, layers: int = 8, experts: int = 96) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -17,7 +17,7 @@ def build_model(path: Path, layers: int = 8) -> None:
 
     config = AutoConfig.for_model(
         "qwen3_moe", vocab_size=151936, hidden_size=768, intermediate_size=2048, moe_intermediate_size=384,
-        num_hidden_layers=layers, num_attention_heads=12, num_key_value_heads=4, head_dim=64, num_experts=96,
+        num_hidden_layers=layers, num_attention_heads=12, num_key_value_heads=4, head_dim=64, num_experts=experts,
         num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=2048, tie_word_embeddings=False,
         pad_token_id=0, eos_token_id=1)
     torch.manual_seed(0)

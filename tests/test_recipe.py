@@ -40,7 +40,8 @@ def _recipe(w, tmp: Path, **over) -> Path:
 
 def test_recipe_observes_prunes_heals_evaluates_and_records_itself(w, tmp_path, capsys) -> None:
     path = _recipe(w, tmp_path, recover={"sft": {"steps": 2, "mix": "translation=1", "batch_size": 2,
-                                                 "seq_len": 32, "val_examples": 2}})
+                                                 "seq_len": 32, "val_examples": 2, "loss": "kd",
+                                                 "teacher": "source", "mode": "router"}})
     out = tmp_path / "out"
     assert main(["run", str(path), "--out", str(out), "--quiet", "--json"]) == 0
     steps = json.loads(capsys.readouterr().out)
@@ -53,6 +54,8 @@ def test_recipe_observes_prunes_heals_evaluates_and_records_itself(w, tmp_path, 
     assert "Source checkpoint: `model`" in card and ".run" not in card and "`slim`" not in card
     assert "## Recovery (SFT)" in card and "### Metrics" in card
     assert str(tmp_path) not in card and str(w["root"]) not in card
+    assert steps["sft"]["loss"] == "kd" and steps["sft"]["teacher"]["source"] == str(w["model"])
+    assert "Loss: `kd`" in card  # distilled from the recipe's source model
     from huggingface_hub import ModelCard
 
     data = ModelCard.load(out / "README.md").data

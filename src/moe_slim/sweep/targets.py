@@ -150,6 +150,8 @@ def command_for(row: dict[str, Any], meta: dict[str, Any], out: str = "pruned/")
         if isinstance(data, dict):
             data = ",".join(f"{d}={w:g}" for d, w in data.items())
         flags = "".join(f" --{k.replace('_', '-')} {q(str(v))}" for k, v in rec.items() if k not in ("steps", "data"))
+        if rec.get("loss", "ce") != "ce":  # teacher: source, the model the sweep pruned
+            flags += f" --teacher {q(str(meta.get('model', 'MODEL')))}"
         cmd += (f" && moe-slim sft {q(out)} --data {q(str(data))} --steps {rec['steps']}{flags} "
                 f"--data-dir {q(str(meta.get('data_dir', 'data')))} --merge-lora --out {q(out.rstrip('/') + '-sft/')}")
     return cmd
