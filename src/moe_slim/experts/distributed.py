@@ -47,10 +47,22 @@ def context(device: torch.device | None = None) -> Dist | None:
 
     if not dist.is_available():
         raise MoeSlimError("this torch build has no torch.distributed; run observe in one process")
+    if device is not None and device.type == "cuda":
+        # NCCL works on the current device; without this every rank's object collectives use cuda:0
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
     return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def _on_collective_device(t: torch.Tensor) -> torch.Tensor:
+    """``t`` where the process group can reduce it: the sums live on the CPU, and NCCL reduces GPU tensors only."""
+    import torch.distributed as dist
+
+    if "nccl" in str(dist.get_backend()) and "gloo" not in str(dist.get_backend()):
+        return t.to(torch.device("cuda", torch.cuda.current_device()))
+    return t
 
 
 def check_same(ctx: Dist, what: str, value: str) -> None:
@@ -72,7 +84,10 @@ def reduce_recorder(ctx: Dist, recorder: Recorder) -> None:
     for d in sorted(recorder.domains):
         for f, t in sorted(recorder.domains[d].items()):
             op = dist.ReduceOp.MAX if f in MAX_FIELDS else dist.ReduceOp.SUM
-            dist.all_reduce(t, op=op)
+            x = _on_collective_device(t)
+            dist.all_reduce(x, op=op)
+            if x is not t:
+                t.copy_(x)
     if not recorder.samples:
         return
     mine = {key: (res.position, res.data) for key, res in recorder.reservoirs.items()}
