@@ -13,6 +13,7 @@ from ..errors import MoeSlimError
 from ..experts.criteria import ALL_CRITERIA, score
 from ..experts.merge.apply import apply_merge_plan
 from ..experts.merge.plan import MergePlan
+from ..experts.mtp_plan import cover_mtp, follow_last_layer, unobserved_mtp
 from ..experts.plan import ExpertPlan, check_ratio, make_plan
 from ..experts.prune import apply_plan
 from ..experts.stats import RouterStats
@@ -49,8 +50,11 @@ def plan_for(
         scores = protect_scores(scores, super_experts(stats, mix))
     info = {"criterion": criterion, "mix": mix, "reference": reference, "seed": seed, **({"protect_super": True} if protect_super else {}),
             "stats_fingerprint": stats.meta.get("model_fingerprint"), "stats_domains": list(stats.domains)}
-    return make_plan(scores, family=layers[0].family, config=model.config, layer_names=[l.name for l in layers],
+    names = [l.name for l in layers]
+    plan = make_plan(scores, family=layers[0].family, config=model.config, layer_names=names,
                      ratio=ratio, budget=budget, floor=floor, info=info)
+    unseen = unobserved_mtp(model, stats)
+    return follow_last_layer(plan, names, unseen, "no statistics of the MTP layers") if unseen else plan
 
 
 def parse_weights(text: str | None) -> dict[str, float] | None:
@@ -87,7 +91,7 @@ def load_plan(path: str | os.PathLike) -> ExpertPlan:
 
 def apply_plan_file(model: nn.Module, path: str | os.PathLike) -> ExpertPlan:
     """Apply a saved prune or merge plan to ``model`` in memory (any counts per layer); return it."""
-    plan = load_plan(path)
+    plan = cover_mtp(load_plan(path), model)
     if plan.kind == "merge":
         apply_merge_plan(model, plan)
     else:
