@@ -14,6 +14,7 @@ from mtp_helpers import assert_agrees_with_config, save_tiny_deepseek_mtp, trans
 from safetensors.torch import load_file
 
 from moe_slim.api import apply_checkpoint, merge_checkpoint, prune_checkpoint
+from moe_slim.cli import main
 from moe_slim.experts.observe import observe, observe_layerwise
 from moe_slim.experts.plan import ExpertPlan
 from moe_slim.families import moe_layers
@@ -136,10 +137,15 @@ def test_merging_at_size_and_in_memory_merge_the_mtp_layer_alike(ds: dict[str, P
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("in_memory", [False, True], ids=["streamed", "in-memory"])
-def test_drop_mtp_removes_the_layer_and_zeroes_the_count(ds: dict[str, Path], in_memory: bool, tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["streamed", "in-memory", "merged"])
+def test_drop_mtp_removes_the_layer_and_zeroes_the_count(ds: dict[str, Path], how: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    prune_checkpoint(ds["src"], ds["stats"], out, ratio=0.5, in_memory=in_memory, progress=False, drop_mtp=True)
+    if how == "merged":
+        assert main(["merge", str(ds["src"]), "--method", "average", "--ratio", "0.5", "--stats", str(ds["stats"]),
+                     "--device", "cpu", "--drop-mtp", "--out", str(out), "--quiet"]) == 0
+    else:
+        assert main(["prune", str(ds["src"]), "--stats", str(ds["stats"]), "--ratio", "0.5", "--drop-mtp", "--out",
+                     str(out), "--quiet", *(["--in-memory"] if how == "in-memory" else [])]) == 0
     assert_agrees_with_config(out, mtp_layers=0)
     assert not [k for k in ShardedCheckpoint(out).keys if k.startswith("model.layers.3.")]
     cfg = json.loads((out / "config.json").read_text())
@@ -174,3 +180,22 @@ def test_mone_gives_the_mtp_layer_novices_of_its_own(ds: dict[str, Path], tmp_pa
     assert stored == set(kept)  # the kept experts under their logical ids
     values = load_file(str(tmp_path / "sub" / "novices.safetensors"))
     assert {f"model.layers.3.mlp.experts.novice_values.{e}" for e in novices} <= values.keys()
+
+
+def test_an_mtp_layer_moe_slim_cannot_run_keeps_the_last_layers_experts(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    from safetensors.torch import save_file
+
+    src = save_tiny_deepseek_mtp(tmp_path / "src")
+    sd = load_file(str(src / "model.safetensors"))
+    del sd["model.layers.3.eh_proj.weight"]  # an MTP layout without the projection moe_slim runs
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    model, tok = load_model(src)
+    stats = observe(model, tok, TEXTS, seq_len=16, batch_size=2, pack=False)
+    assert "MTP layer model.layers.3 has no eh_proj" in capsys.readouterr().err
+    assert float(stats.domains["general"]["tokens"][2]) == 0 < float(stats.domains["general"]["tokens"][1])
+    stats.save(tmp_path / "stats")
+    plan = prune_checkpoint(src, tmp_path / "stats", tmp_path / "out", ratio=0.5, progress=False)
+    assert "no statistics of the MTP layers: MTP layer model.layers.3.mlp keeps" in capsys.readouterr().err
+    assert plan.layers[2].keep == plan.layers[1].keep
+    assert_agrees_with_config(tmp_path / "out", mtp_layers=1)

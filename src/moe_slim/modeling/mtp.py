@@ -149,12 +149,26 @@ def _ensure_path(model: nn.Module, path: str) -> nn.Module:
     return obj
 
 
-def _decoder_layer(model: nn.Module, depth: int, index: int) -> nn.Module:
-    """A fresh decoder layer of the model's own class for MTP depth ``depth`` (on-disk layer number ``index``)."""
-    config = model.config
-    if getattr(config, "num_mtp_layers", None) is not None and hasattr(config, "get_mtp_config"):
-        return _last_layer_class(model)(config.get_mtp_config(), depth)
-    return _last_layer_class(model)(copy.deepcopy(config), index)
+def mtp_config(config: Any, n: int) -> Any:
+    """The config MTP decoder layers are built from: transformers' ``get_mtp_config`` (layer-indexed fields
+    replaced by their ``mtp_*`` versions, every layer MoE). A family whose config has no MTP fields gets
+    transformers' defaults for them: ``num_mtp_layers = n``, full-attention layers (what ``MtpModel`` masks
+    for when a config names no MTP layer types)."""
+    if getattr(config, "num_mtp_layers", None) is None or (
+            getattr(config, "layer_types", None) is not None and getattr(config, "mtp_layer_types", None) is None):
+        config = copy.deepcopy(config)
+        config.num_mtp_layers = n
+        if getattr(config, "layer_types", None) is not None and getattr(config, "mtp_layer_types", None) is None:
+            config.mtp_layer_types = ["full_attention"] * n
+    try:
+        return config.get_mtp_config()
+    except ValueError as exc:  # e.g. per-layer MLP types without their MTP version
+        raise MoeSlimError(f"cannot build the MTP layers of this {config.model_type} model: {exc}") from None
+
+
+def _decoder_layer(model: nn.Module, depth: int, n: int) -> nn.Module:
+    """A fresh decoder layer of the model's own class for MTP depth ``depth`` of ``n``, as ``MtpModel`` builds it."""
+    return _last_layer_class(model)(mtp_config(model.config, n), depth)
 
 
 def _last_layer_class(model: nn.Module) -> type:
@@ -201,7 +215,7 @@ def attach_mtp(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> MtpLayer
     with init_empty_weights():  # no memory until loaded: a real MTP layer is as large as any other
         for k, prefix in enumerate(prefixes):
             parent, idx = prefix.rsplit(".", 1)
-            layer = _decoder_layer(model, k, int(idx))
+            layer = _decoder_layer(model, k, len(prefixes))
             holder = get_path(model, parent)
             if isinstance(holder, nn.ModuleList):
                 if len(holder) != int(idx):
@@ -213,10 +227,15 @@ def attach_mtp(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> MtpLayer
             depths.append(MtpDepth(prefix))
         state = model.state_dict()
         fits = _fits(model, state)
+        own = {d.prefix: set(dict(model.get_submodule(d.prefix).named_children())) for d in depths}
         for key in keys:
             if fits(key):
                 continue
             k = next((i for i, d in enumerate(depths) if key.startswith(d.prefix + ".")), 0)
+            part = key[len(depths[k].prefix) + 1:].split(".", 1)[0] if key.startswith(depths[k].prefix + ".") else ""
+            if part in own[depths[k].prefix]:
+                raise MoeSlimError(f"the MTP tensor {key} fits no parameter of a {type(layer).__name__} (an MTP layout "
+                                   "moe_slim does not know)")
             path = key.rsplit(".", 1)[0]
             role = _role_of(key, depths[k].prefix, k)
             parent, _, leaf = path.rpartition(".")
