@@ -199,3 +199,30 @@ def test_an_mtp_layer_moe_slim_cannot_run_keeps_the_last_layers_experts(tmp_path
     assert "no statistics of the MTP layers: MTP layer model.layers.3.mlp keeps" in capsys.readouterr().err
     assert plan.layers[2].keep == plan.layers[1].keep
     assert_agrees_with_config(tmp_path / "out", mtp_layers=1)
+
+
+def test_layerwise_observation_resumes_before_the_mtp_layer(ds: dict[str, Path], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from moe_slim.modeling.materialize import WeightSource
+
+    _, tok = load_model(ds["src"])
+    settings = dict(seq_len=16, batch_size=2, pack=False)
+    reference = observe_layerwise(ds["src"], tok, TEXTS, **settings)
+    real_load, loads, stop = WeightSource.load, [], [True]
+
+    def load(self, module, *a, **k):
+        loads.append(module)
+        if module == "model.layers.3" and stop:
+            stop.clear()
+            raise KeyboardInterrupt  # once: after the main layers finished, before the MTP layer
+        return real_load(self, module, *a, **k)
+
+    monkeypatch.setattr(WeightSource, "load", load)
+    with pytest.raises(KeyboardInterrupt):
+        observe_layerwise(ds["src"], tok, TEXTS, **settings, work_dir=tmp_path / "w", cache_bytes=0)
+    loads.clear()
+    resumed = observe_layerwise(ds["src"], tok, TEXTS, **settings, work_dir=tmp_path / "w", cache_bytes=0)
+    assert loads == ["model.layers.3"], "only the MTP layer runs again"
+    for d in TEXTS:
+        for f, t in reference.domains[d].items():
+            assert torch.equal(t, resumed.domains[d][f]), f
