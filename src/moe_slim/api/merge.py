@@ -37,7 +37,7 @@ from ..modeling.loading import (
     parse_dtype,
 )
 from ..modeling.materialize import WeightSource
-from ..modeling.ondisk import meta_model
+from ..modeling.mtp import drop_mtp as drop_mtp_layers, skeleton
 from ..modeling.shards import has_safetensors
 from ..outputs import check_output
 from .plans import plan_parameters, write_plan
@@ -66,6 +66,7 @@ def merge_checkpoint(
     in_memory: bool = False,
     max_shard_size: str | int | None = None,
     progress: bool = False,
+    drop_mtp: bool = False,
     **choices: Any,
 ) -> MergePlan:
     """Merge a checkpoint's experts and write the smaller checkpoint (plan, permutations and card beside it).
@@ -78,6 +79,8 @@ def merge_checkpoint(
     ``method`` is a method or preset name, or a :class:`~moe_slim.experts.merge.config.MergeOptions`;
     ``choices`` are its fields one by one (``group_size``, ``weighting``, ``sequential``, ``tied``, ...),
     checked before anything is loaded; a tied merge (nothing shrinks) is made in memory.
+    MTP layers stored in the checkpoint are merged like every MoE layer; ``drop_mtp`` leaves them out of the
+    output and sets the config's MTP layer count to 0.
     """
     opts = MergeOptions.build(method, **choices)
     resolved = opts.resolved()  # a bad combination fails before any model is read
@@ -98,7 +101,7 @@ def merge_checkpoint(
         plan = MergePlan.load(plan_path)
         at_size = at_size and not plan.info.get("tied")  # a tied merge keeps every expert: replayed in memory
         if at_size:
-            model, tok = prepare_model(meta_model(load_config(model_path))), None
+            model, tok = prepare_model(skeleton(load_config(model_path), model_path)), None
         else:
             model, tok = load_model(model_path, **run)
         before = count_parameters(model)
@@ -121,7 +124,7 @@ def merge_checkpoint(
         if calib is not None:
             texts, budget = calibration_texts(calib, data_dir)
         if at_size:
-            model, tok = prepare_model(meta_model(load_config(model_path))), load_tokenizer(model_path)
+            model, tok = prepare_model(skeleton(load_config(model_path), model_path)), load_tokenizer(model_path)
         else:
             model, tok = load_model(model_path, **run)
         if tok is None and calib is not None:
@@ -139,7 +142,8 @@ def merge_checkpoint(
     if at_size:
         plan.info["at_size"] = True
         return _write_at_size(model_path, out, plan, model, before, stats, want=parse_dtype(dtype),
-                              max_shard_size=max_shard_size, overwrite=overwrite, plan_only=plan_only)
+                              max_shard_size=max_shard_size, overwrite=overwrite, plan_only=plan_only,
+                              drop_mtp=drop_mtp)
     after = count_parameters(model)
     plan.info.update(params_before=before, params_after=after, source=str(model_path))
     card = merge_card(source=str(model_path), plan=plan, params_before=before, params_after=after, model=model,
@@ -147,13 +151,15 @@ def merge_checkpoint(
     if plan_only:  # the decisions without the checkpoint (they replay with apply/eval --plan)
         write_plan(plan, out, overwrite=overwrite)
     else:
+        if drop_mtp:
+            model.config.moe_slim = dict(getattr(model.config, "moe_slim", None) or {}, dropped_mtp=drop_mtp_layers(model))
         save_checkpoint(model, tok, out, card=card, plan=plan, overwrite=overwrite, dtype=save_dtype, source=model_path)
     return plan
 
 
 def _write_at_size(model_path: str | os.PathLike, out: str | os.PathLike, plan: MergePlan, model: torch.nn.Module,
                    before: int, stats: RouterStats | None, *, want: torch.dtype | None, max_shard_size: str | int | None,
-                   overwrite: bool, plan_only: bool) -> MergePlan:
+                   overwrite: bool, plan_only: bool, drop_mtp: bool = False) -> MergePlan:
     """The merged checkpoint streamed from the source's shards, one MoE layer merged at a time."""
     plan.info.update(params_before=before, source=str(model_path))
     if plan_only:
@@ -168,5 +174,5 @@ def _write_at_size(model_path: str | os.PathLike, out: str | os.PathLike, plan: 
 
     shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else DEFAULT_MAX_SHARD_BYTES
     rewrite_pruned(model_path, out, plan, card=card, dtype=want, max_shard_bytes=shard_bytes, overwrite=overwrite,
-                   progress=False)
+                   progress=False, drop_mtp=drop_mtp)
     return plan

@@ -14,6 +14,7 @@ from ..errors import MoeSlimError
 from ..experts.criteria import ALL_CRITERIA, score
 from ..experts.merge.apply import apply_merge_plan
 from ..experts.merge.plan import MergePlan
+from ..experts.mtp_plan import cover_mtp, follow_last_layer, unobserved_mtp
 from ..experts.plan import ExpertPlan, LayerPlan, check_ratio, make_plan
 from ..experts.prune import apply_plan, count_parameters
 from ..experts.stats import RouterStats
@@ -51,17 +52,22 @@ def plan_for(
         scores = protect_scores(scores, super_experts(stats, mix))
     info = {"criterion": criterion, "mix": mix, "reference": reference, "seed": seed, **({"protect_super": True} if protect_super else {}),
             "stats_fingerprint": stats.meta.get("model_fingerprint"), "stats_domains": list(stats.domains)}
-    return make_plan(scores, family=layers[0].family, config=model.config, layer_names=[l.name for l in layers],
+    names = [l.name for l in layers]
+    plan = make_plan(scores, family=layers[0].family, config=model.config, layer_names=names,
                      ratio=ratio, budget=budget, floor=floor, info=info)
+    unseen = unobserved_mtp(model, stats)
+    return follow_last_layer(plan, names, unseen, "no statistics of the MTP layers") if unseen else plan
 
 
 def plan_parameters(config: Any, plan: ExpertPlan) -> tuple[int, int]:
     """Parameters of the model ``config`` describes before and after ``plan`` (a merge keeps as many as it
-    has representatives), counted on a weightless skeleton: what a plan-only run reports."""
+    has representatives), counted on a weightless skeleton: what a plan-only run reports
+    (``num_parameters()`` of the loaded model, so MTP layers stored beside it are not counted)."""
     model = meta_model(config)
     before = count_parameters(model)
+    loaded = {l.name for l in moe_layers(model)}  # MTP layers are not parameters of the loaded model
     apply_plan(model, ExpertPlan(plan.family, plan.num_experts, plan.top_k, [LayerPlan(l.name, list(l.keep))
-                                                                             for l in plan.layers]))
+                                                                             for l in plan.layers if l.name in loaded]))
     return before, count_parameters(model)
 
 
@@ -99,7 +105,7 @@ def load_plan(path: str | os.PathLike) -> ExpertPlan:
 
 def apply_plan_file(model: nn.Module, path: str | os.PathLike) -> ExpertPlan:
     """Apply a saved prune or merge plan to ``model`` in memory (any counts per layer); return it."""
-    plan = load_plan(path)
+    plan = cover_mtp(load_plan(path), model)
     if plan.kind == "merge":
         apply_merge_plan(model, plan)
     else:

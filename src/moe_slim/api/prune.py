@@ -16,6 +16,7 @@ from ..checkpoint.shard_writer import DEFAULT_MAX_SHARD_BYTES, parse_size
 from ..errors import MoeSlimError
 from ..experts.criteria import ALL_CRITERIA
 from ..experts.merge.plan import MergePlan
+from ..experts.mtp_plan import cover_mtp
 from ..experts.plan import ExpertPlan, check_ratio
 from ..experts.prune import apply_plan, count_parameters
 from ..experts.stats import RouterStats
@@ -26,7 +27,7 @@ from ..modeling.loading import (
     load_model,
     parse_dtype,
 )
-from ..modeling.ondisk import meta_model
+from ..modeling.mtp import drop_mtp as drop_mtp_layers, skeleton
 from ..modeling.shards import has_safetensors, load_dtype
 from ..outputs import check_output
 from .plans import load_plan, plan_for, plan_parameters, write_plan
@@ -51,6 +52,7 @@ def prune_checkpoint(
     progress: bool = True,
     plan_only: bool = False,
     protect_super: bool = False,
+    drop_mtp: bool = False,
 ) -> ExpertPlan:
     """Prune a checkpoint with saved statistics and write the result (plan.json and card beside it).
 
@@ -60,7 +62,9 @@ def prune_checkpoint(
 
     A safetensors checkpoint is rewritten by streaming its shards (:mod:`moe_slim.checkpoint.rewrite`:
     the model is never built, every tensor keeps its dtype); ``in_memory=True`` loads the model,
-    slices it and saves it instead. ``dtype`` converts the weights (default: keep the source's).
+    slices it and saves it instead. ``dtype`` converts the weights (default: keep the source's). MTP layers
+    stored in the checkpoint are pruned with the plan (:mod:`moe_slim.modeling.mtp`); ``drop_mtp`` leaves them
+    out and sets the config's MTP layer count to 0.
     """
     model_path = resolve_model(model_path)  # a local directory, or a Hugging Face Hub id
     check_output(out, overwrite, inputs=[model_path, stats_path])
@@ -76,7 +80,7 @@ def prune_checkpoint(
     streaming = plan_only or not in_memory and has_safetensors(model_path)
     if streaming:
         check_quantization(config, str(model_path))
-        model, tok = meta_model(config), None
+        model, tok = skeleton(config, model_path), None
     else:
         model, tok = load_model(model_path, dtype=load_dtype(want, model_path))
     plan = plan_for(model, stats, criterion=criterion, ratio=ratio, mix=mix, reference=reference, budget=budget,
@@ -86,9 +90,9 @@ def prune_checkpoint(
         plan.info["params_before"], plan.info["params_after"] = plan_parameters(config, plan)
         write_plan(plan, out, overwrite=overwrite)
     elif streaming:
-        _stream(model_path, out, plan, stats.meta, want, shard_bytes, overwrite, progress)
+        _stream(model_path, out, plan, stats.meta, want, shard_bytes, overwrite, progress, drop_mtp)
     else:
-        _write(model, tok, plan, model_path, out, overwrite, stats.meta, want, shard_bytes)
+        _write(model, tok, plan, model_path, out, overwrite, stats.meta, want, shard_bytes, drop_mtp)
     return plan
 
 
@@ -102,6 +106,7 @@ def apply_checkpoint(
     dtype: str | torch.dtype | None = None,
     max_shard_size: str | int | None = None,
     progress: bool = True,
+    drop_mtp: bool = False,
 ) -> ExpertPlan:
     """Apply a saved plan to a checkpoint (no statistics needed); streamed like :func:`prune_checkpoint`.
 
@@ -114,39 +119,43 @@ def apply_checkpoint(
     plan = load_plan(plan_path)
     config = load_config(model_path)
     family_of(config)
+    plan = cover_mtp(plan, skeleton(config, model_path))  # a plan made before its MTP layers were known
     want = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else DEFAULT_MAX_SHARD_BYTES
     if not in_memory and has_safetensors(model_path) and not plan.info.get("tied"):  # tied: every expert stays
         check_quantization(config, str(model_path))
-        _stream(model_path, out, plan, None, want, shard_bytes, overwrite, progress)
+        _stream(model_path, out, plan, None, want, shard_bytes, overwrite, progress, drop_mtp)
         return plan
     if plan.kind == "merge":
         from .merge import merge_checkpoint
 
-        return merge_checkpoint(model_path, out, plan_path=plan_path, overwrite=overwrite, dtype=dtype)
+        return merge_checkpoint(model_path, out, plan_path=plan_path, overwrite=overwrite, dtype=dtype,
+                                drop_mtp=drop_mtp)
     model, tok = load_model(model_path, dtype=load_dtype(want, model_path))
-    _write(model, tok, plan, model_path, out, overwrite, None, want, shard_bytes)
+    _write(model, tok, plan, model_path, out, overwrite, None, want, shard_bytes, drop_mtp)
     return plan
 
 
 def _stream(source: Any, out: Any, plan: ExpertPlan, stats_meta: dict[str, Any] | None, dtype: torch.dtype | None,
-            shard_bytes: int, overwrite: bool, progress: bool) -> None:
+            shard_bytes: int, overwrite: bool, progress: bool, drop_mtp: bool = False) -> None:
     def card(out_model: nn.Module, before: int, after: int) -> str:
         write = merge_card if isinstance(plan, MergePlan) else prune_card
         return write(source=str(source), plan=plan, params_before=before, params_after=after,  # type: ignore[arg-type]
                      model=out_model, stats_info=stats_meta)
 
     rewrite_pruned(source, out, plan, card=card, dtype=dtype, max_shard_bytes=shard_bytes, overwrite=overwrite,
-                   progress=progress)
+                   progress=progress, drop_mtp=drop_mtp)
 
 
 def _write(model: nn.Module, tok: Any, plan: ExpertPlan, source: Any, out: Any, overwrite: bool,
            stats_meta: dict[str, Any] | None, dtype: torch.dtype | None = None,
-           shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+           shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, drop_mtp: bool = False) -> None:
     check_uniform(moe_layers(model))
     before = count_parameters(model)
     plan.check_writable()  # refuse before any slicing work
     apply_plan(model, plan)
+    if drop_mtp:
+        model.config.moe_slim["dropped_mtp"] = drop_mtp_layers(model)
     after = count_parameters(model)
     plan.info.update(params_before=before, params_after=after)
     card = prune_card(source=str(source), plan=plan, params_before=before, params_after=after, model=model,

@@ -37,6 +37,7 @@ from ..families import (
     set_config_counts,
 )
 from ..modeling.loading import load_config
+from ..modeling.mtp import attach_mtp, mtp_of, set_mtp_count, skeleton
 from ..modeling.ondisk import DiskLayout, DiskTensor, meta_model, quant_method
 from ..modeling.shards import (
     FLOATING,
@@ -122,7 +123,8 @@ def check_expert_layout(ckpt: ShardedCheckpoint, layout: DiskLayout, n_experts: 
 
 
 def pruned_tensors(ckpt: ShardedCheckpoint, layout: DiskLayout, plan: ExpertPlan,
-                   dtype: torch.dtype | None = None, merged: MergedLayers | None = None) -> list[OutTensor]:
+                   dtype: torch.dtype | None = None, merged: MergedLayers | None = None,
+                   skip: frozenset[str] = frozenset()) -> list[OutTensor]:
     """The output tensors of ``plan`` applied to the checkpoint, in source order (nothing read yet).
 
     With ``merged`` (a merge plan), each MoE layer's expert and router tensors come from merging that
@@ -142,6 +144,8 @@ def pruned_tensors(ckpt: ShardedCheckpoint, layout: DiskLayout, plan: ExpertPlan
         layer_of.append(d.layer if d.role != "other" else None)
 
     for key in ckpt.keys:
+        if key in skip:
+            continue
         d = layout.tensors[key]
         if d.role == "other" or d.layer is None:
             add(d, key, None)
@@ -193,11 +197,13 @@ def rewrite_pruned(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
     progress: bool = True,
+    drop_mtp: bool = False,
 ) -> dict[str, Any]:
     """Write ``plan`` applied to the checkpoint at ``source`` into ``out`` by streaming; return sizes.
 
     ``card(output_skeleton, params_before, params_after)`` returns the model card's text. ``dtype``
-    converts floating tensors (default: every tensor keeps its source dtype).
+    converts floating tensors (default: every tensor keeps its source dtype). MTP layers on disk are MoE
+    layers of the plan like the others; ``drop_mtp`` leaves them out and sets the config's MTP count to 0.
     """
     from tqdm.auto import tqdm
 
@@ -211,7 +217,7 @@ def rewrite_pruned(
         refuse_quantized_merge(config, src)
     plan.check_writable()
     ckpt = ShardedCheckpoint(src)
-    model = meta_model(config)
+    model = skeleton(config, src)
     layout = DiskLayout(model, ckpt.keys)
     counts = {layer.num_experts for layer in layout.layers}
     if counts != {plan.num_experts}:
@@ -223,21 +229,29 @@ def rewrite_pruned(
     if why:
         raise MoeSlimError(f"cannot keep {n_keep} experts per layer: {why}")
     check_expert_layout(ckpt, layout, plan.num_experts)
+    mtp = mtp_of(model)
+    skip = frozenset(mtp.keys) if drop_mtp and mtp is not None else frozenset()
     merged = MergedLayers(src, config, plan, dtype) if isinstance(plan, MergePlan) else None
-    tensors = pruned_tensors(ckpt, layout, plan, dtype, merged)
+    tensors = pruned_tensors(ckpt, layout, plan, dtype, merged, skip)
 
     info = {"plan": plan.kind, "kept_per_layer": plan.kept_counts, "streamed": True}
     if plan.kind == "merge":
         info["method"] = plan.info.get("method")
+    if drop_mtp:
+        info["dropped_mtp"] = mtp.layer_names() if mtp is not None else []
     new_config = updated_config(config, family, n_keep, info, dtype)
+    if drop_mtp:
+        set_mtp_count(new_config, 0)
     out_model = meta_model(new_config)
+    attach_mtp(out_model, {t.name: t.shape for t in tensors})  # the output's MTP layers count in its size
     before, after = count_parameters(model), count_parameters(out_model)
     total = sum(t.nbytes for t in tensors)
     with atomic_dir(out, overwrite=overwrite) as tmp, \
             tqdm(total=total, unit="B", unit_scale=True, desc="rewrite", disable=not progress) as bar:
         write_shards(tmp, tensors, max_shard_bytes=max_shard_bytes, on_bytes=bar.update)
         if merged is not None:
-            check_layers_merged_once(merged)
+            check_layers_merged_once(merged, [l.index for l in layout.layers if all(d.key not in skip for d in
+                                                                                   layout.of_layer(l.index))])
         new_config.save_pretrained(str(tmp))
         copy_small_files(src, tmp)
         tidy_checkpoint_files(tmp)

@@ -73,7 +73,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def _write_options(args: argparse.Namespace) -> dict:
     return {"in_memory": args.in_memory, "dtype": args.dtype, "max_shard_size": args.max_shard_size,
-            "progress": not args.quiet}
+            "progress": not args.quiet, "drop_mtp": args.drop_mtp}
 
 
 def add_write_options(p: argparse.ArgumentParser) -> None:
@@ -85,6 +85,13 @@ def add_write_options(p: argparse.ArgumentParser) -> None:
                    help="dtype of the written weights: auto (each tensor keeps the source's), bfloat16, float16, float32")
     p.add_argument("--max-shard-size", help="largest output shard, e.g. 2GB (default 5GB, as transformers)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_drop_mtp(p)
+
+
+def add_drop_mtp(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--drop-mtp", action="store_true",
+                   help="leave the checkpoint's MTP (next-n) layers out of the output and set its MTP layer count to 0 "
+                        "(default: they are pruned or merged with the plan like every MoE layer)")
 
 
 def add_device_options(p: argparse.ArgumentParser, dtype_flag: str = "--dtype") -> None:

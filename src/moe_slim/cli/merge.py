@@ -13,7 +13,7 @@ from .common import (
     non_negative_int,
     positive_int,
 )
-from .core import add_device_options
+from .core import add_device_options, add_drop_mtp
 
 # Mirrors of moe_slim.experts.merge.methods / .config (a test keeps them equal), so the parser needs no torch.
 METHODS: tuple[str, ...] = ("ream", "hc-smoe", "m-smoe", "average")
@@ -39,7 +39,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         samples=_tokens(args.samples) if args.samples else None, seq_len=args.seq_len, batch_size=args.batch_size,
         data_dir=args.data_dir, overwrite=args.overwrite, dtype=args.dtype, device=args.device,
         plan_only=args.plan_only, compute_dtype=args.compute_dtype, log=None if args.quiet else print,
-        in_memory=args.in_memory, max_shard_size=args.max_shard_size, progress=not args.quiet,
+        in_memory=args.in_memory, max_shard_size=args.max_shard_size, progress=not args.quiet, drop_mtp=args.drop_mtp,
         **{k: getattr(args, k) for k in CHOICES if getattr(args, k) is not None},
     )
     i = plan.info
@@ -109,6 +109,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="load the whole model (default for safetensors checkpoints: one MoE layer in memory at a "
                         "time, read from the shards; the output streamed shard by shard)")
     p.add_argument("--max-shard-size", help="largest output shard, e.g. 2GB (default 5GB, as transformers)")
+    add_drop_mtp(p)
     add_device_options(p, "--compute-dtype")
     p.add_argument("--quiet", action="store_true")
     add_json(p)

@@ -35,6 +35,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from ..errors import MoeSlimError
 from ..families import family_of, get_path
 from ..modeling.materialize import WeightSource
+from ..modeling.mtp import main_layer_count
 from .batches import Batch
 
 WORK_FORMAT = "moe_slim.layerwise/1"
@@ -231,7 +232,7 @@ class LayerwiseRunner:
             mods = get_path(self.model, name)
             if not isinstance(mods, nn.ModuleList):
                 raise MoeSlimError(f"{name} is not a list of layers in this {self.family.name} model")
-            out.append((name, mods))
+            out.append((name, mods[: main_layer_count(mods, self.model)]))  # grafted MTP layers run apart
         return out
 
     def _forward(self, stack_index: int, item: Item, encoder_out: Any) -> None:
@@ -268,6 +269,16 @@ class LayerwiseRunner:
         with _short_circuit(mods, len(mods), _to(inputs.get(b), self.device), None):
             return self.model(input_ids=item.batch.input_ids.to(self.device),
                               attention_mask=item.batch.attention_mask.to(self.device), use_cache=False)
+
+    @torch.no_grad()
+    def final_hidden(self, mods: nn.ModuleList, inputs: OutputCache, b: int) -> torch.Tensor:
+        """A decoder's final (normed) hidden states of batch ``b`` from its last layer's output (what MTP layers read)."""
+        item = self.items[b]
+        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model
+        with _short_circuit(mods, len(mods), _to(inputs.get(b), self.device), None):
+            out = decoder(input_ids=item.batch.input_ids.to(self.device),
+                          attention_mask=item.batch.attention_mask.to(self.device), use_cache=False)
+        return out[0]
 
     @torch.no_grad()
     def encoder_output(self, mods: nn.ModuleList, inputs: OutputCache, b: int) -> torch.Tensor:

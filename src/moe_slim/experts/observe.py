@@ -26,6 +26,7 @@ from ..modeling.dispatch import prepare_model
 from .batches import Batch, calibration_batches, run_batch, stream_offsets
 from .distributed import Dist, check_same, reduce_recorder
 from .layerwise import Item, LayerwiseRunner, OutputCache, WorkDir, run_key
+from .mtp_observe import final_hidden, observe_depth, observe_depths, runnable_depths
 from .recorder import Recorder, observing
 from .samples import SAMPLE_FIELDS
 from .stats import RouterStats
@@ -92,11 +93,14 @@ def observe(
     if dist is not None:
         check_same(dist, "calibration text or model", f"{_calibration_hash(batches)} {model_fingerprint(model)}")
     start = time.perf_counter()
-    with torch.no_grad(), observing(model, recorder), tqdm(total=len(items), disable=not progress,
-                                                           desc="observe") as bar:
+    depths = runnable_depths(model)  # MTP layers run after the main model, on its final hidden state
+    with torch.no_grad(), observing(model, recorder), final_hidden(model) as last, \
+            tqdm(total=len(items), disable=not progress, desc="observe") as bar:
         for item in items:
             _begin(recorder, item)
             run_batch(model, item.batch, recorder)
+            if depths:
+                observe_depths(model, item.batch, last["h"], recorder, depths)
             bar.update(1)
     return _finish(recorder, model, tokenizer, seq_len=seq_len, pack=pack, samples=samples, start=start, dist=dist)
 
@@ -127,7 +131,8 @@ def observe_layerwise(
     """
     from ..modeling.loading import load_config
     from ..modeling.materialize import WeightSource
-    from ..modeling.ondisk import meta_model, quant_method
+    from ..modeling.mtp import skeleton
+    from ..modeling.ondisk import quant_method
 
     _check_samples(samples)
     config = load_config(model_path)
@@ -135,7 +140,7 @@ def observe_layerwise(
         raise MoeSlimError(f"{model_path} is quantized ({quant_method(config)}); layer-wise observation reads "
                            "unquantized safetensors weights (dequantize it first, or observe without --layerwise)")
     device = torch.device(device)
-    model = prepare_model(meta_model(config))
+    model = prepare_model(skeleton(config, model_path))
     batches = calibration_batches(tokenizer, calibration, seq_len=seq_len, batch_size=batch_size,
                                   max_tokens=max_tokens, pack=pack)
     layers = moe_layers(model)
@@ -165,7 +170,8 @@ def observe_layerwise(
     position = (done.get("stack", 0), done.get("layer", -1))  # the last finished (stack, layer)
     cache = OutputCache.from_disk(work.path / "outputs", len(items), cache_bytes) if done else None
     encoder = OutputCache.from_disk(work.path / "encoder", len(items), cache_bytes) if done.get("encoder") else None
-    total = sum(len(mods) for _, mods in stacks) * len(items)
+    depths = runnable_depths(model)
+    total = (sum(len(mods) for _, mods in stacks) + depths) * len(items)
     finished = sum(len(mods) for _, mods in stacks[: position[0]]) + position[1] + 1
     with torch.no_grad(), observing(model, recorder), \
             tqdm(total=total, initial=finished * len(items), disable=not progress, desc="observe layer-wise") as bar:
@@ -194,12 +200,41 @@ def observe_layerwise(
                     work.commit({"stack": si, "layer": i, "encoder": encoder is not None}, recorder.state_tensors(),
                                 f"{si}-{i}")
                     cache.directory = work.path / "outputs"
+        if depths and position < (len(stacks), depths - 1):
+            cache = _mtp_stage(runner, source, recorder, stacks, cache, position, depths, work, bar)
     stats = _finish(recorder, model, tokenizer, seq_len=seq_len, pack=pack, samples=samples, start=start, dist=dist)
     stats.meta["layerwise"] = {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
                                "resumed_after": list(position) if done else None}
     if work is not None:
         work.remove()
     return stats
+
+
+def _mtp_stage(runner: LayerwiseRunner, source: Any, recorder: Recorder, stacks: list, cache: OutputCache,
+               position: tuple[int, int], depths: int, work: WorkDir | None, bar: Any) -> OutputCache:
+    """The MTP depths after the last layer: depth 0 reads the final hidden state, depth k the output of k - 1."""
+    from ..modeling.mtp import load_mtp, unload_mtp
+
+    si = len(stacks)
+    load_mtp(source, runner.device, runner.dtype)
+    try:
+        for k in range(depths):
+            if (si, k) <= position:
+                continue
+            bar.set_postfix_str(f"mtp.{k}")
+            new = OutputCache(work.outputs(f"{si}-{k}") if work else None, cache.max_bytes)
+            for b, item in enumerate(runner.items):
+                _begin(recorder, item)
+                previous = runner.final_hidden(stacks[-1][1], cache, b) if k == 0 else cache.get(b).to(runner.device)
+                new.put(b, observe_depth(runner.model, k, item.batch, previous, recorder))
+                bar.update(1)
+            cache = new
+            if work is not None:
+                work.commit({"stack": si, "layer": k, "encoder": False}, recorder.state_tensors(), f"{si}-{k}")
+                cache.directory = work.path / "outputs"
+    finally:
+        unload_mtp(source)
+    return cache
 
 
 def _finish(recorder: Recorder, model: nn.Module, tokenizer: Any, *, seq_len: int, pack: bool, samples: int,

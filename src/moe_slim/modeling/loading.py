@@ -149,7 +149,9 @@ def load_model(
             raise MoeSlimError(f"could not load model {path}: {load_error_cause(exc, report)}") from exc
     model.eval()
     from .dispatch import prepare_model
+    from .mtp import attach_from_checkpoint
 
+    attach_from_checkpoint(model, path, load=True)  # MTP layers transformers skips are part of the checkpoint
     prepare_model(model)
     return model, load_tokenizer(path)
 

@@ -21,9 +21,10 @@ from torch import nn
 from ...errors import MoeSlimError
 from ...families import MoeLayer, moe_layers
 from ...modeling.materialize import WeightSource
-from ...modeling.ondisk import meta_model
+from ...modeling.mtp import load_mtp, mtp_of, skeleton, unload_mtp
 from ...modeling.shards import TORCH_DTYPES
 from ..layerwise import LayerwiseRunner, OutputCache
+from ..mtp_observe import observe_depth
 from ..observe import DEFAULT_CACHE_BYTES, _begin, calibration_items
 from ..recorder import Recorder, observing
 from .apply import merge_layer
@@ -44,7 +45,7 @@ class MergedLayers:
 
     def __init__(self, source: str | os.PathLike, config: object, plan: MergePlan,
                  dtype: torch.dtype | None = None) -> None:
-        self.model = meta_model(config)
+        self.model = skeleton(config, source)
         self.layers = validate_merge_plan(plan, self.model)
         self.plan = plan
         self.source = WeightSource(source, self.model)
@@ -92,11 +93,12 @@ class MergedLayers:
         return self.source.layout.to_disk(state)
 
 
-def check_layers_merged_once(merged: MergedLayers) -> None:
-    """The rewrite should have merged every MoE layer exactly once (tensors of a layer stored together)."""
-    n = len(moe_layers(merged.model))
-    if sorted(merged.computed) != list(range(n)):
-        raise MoeSlimError(f"internal error: merged layers {merged.computed} while writing, expected each of {n} once")
+def check_layers_merged_once(merged: MergedLayers, expected: list[int] | None = None) -> None:
+    """The rewrite should have merged every MoE layer (of ``expected``: those written) exactly once
+    (tensors of a layer stored together)."""
+    want = list(range(len(moe_layers(merged.model)))) if expected is None else sorted(expected)
+    if sorted(merged.computed) != want:
+        raise MoeSlimError(f"internal error: merged layers {merged.computed} while writing, expected each of {want} once")
 
 
 class LayersFromShards(InMemoryLayers):
@@ -120,6 +122,7 @@ class LayersFromShards(InMemoryLayers):
         self.next = (0, 0)  # the first transformer layer (stack, index) whose outputs are not cached yet
         self.cache: OutputCache | None = None
         self.encoder: OutputCache | None = None
+        self.hidden: OutputCache | None = None  # what the next MTP depth reads (the final hidden state first)
 
     def merges(self) -> bool:
         return self.sequential
@@ -134,6 +137,9 @@ class LayersFromShards(InMemoryLayers):
         if self.runner is None:
             self._start(batches)
         assert self.runner is not None
+        depth = self._depth(layer)
+        if depth is not None:
+            return self._gather_mtp(layer, depth, cap)
         si, i = self._position(layer)
         self._advance((si, i))
         name, mods = self.stacks[si]
@@ -146,6 +152,10 @@ class LayersFromShards(InMemoryLayers):
         return rec.sample_set()
 
     def close(self, li: int, layer: MoeLayer) -> None:
+        depth = self._depth(layer) if self.sequential else None
+        if depth is not None:  # the merged MTP depth's outputs feed the next depth
+            self._close_mtp(li, layer, depth)
+            return
         if self.sequential:  # the merged layer's outputs feed the next one
             si, i = self._position(layer)
             self._run(si, i)
@@ -154,6 +164,37 @@ class LayersFromShards(InMemoryLayers):
         put_back(self.model, layer, self.pristine)
         if self.sequential:
             self.source.unload(f"{self.stacks[si][0]}.{i}")
+
+    # -- MTP layers: run after the main model, depth by depth ------------------------------------
+
+    def _depth(self, layer: MoeLayer) -> int | None:
+        info = mtp_of(self.model)
+        return next((k for k, d in enumerate(info.depths) if layer.name.startswith(d.prefix + ".")), None) \
+            if info is not None else None
+
+    def _gather_mtp(self, layer: MoeLayer, k: int, cap: int) -> Any:
+        assert self.runner is not None
+        self._advance((len(self.stacks), 0))  # every main layer has run: the cache holds the last one's outputs
+        if self.hidden is None:
+            self.hidden = OutputCache(None, self.cache_bytes)
+            for b in range(len(self.runner.items)):
+                self.hidden.put(b, self.runner.final_hidden(self.stacks[-1][1], self.cache, b))
+        load_mtp(self.source, self.device, self.dtype)
+        rec = Recorder([layer], layer.num_experts, samples=cap)
+        with observing(self.model, rec):
+            for b, item in enumerate(self.runner.items):
+                _begin(rec, item)
+                observe_depth(self.model, k, item.batch, self.hidden.get(b).to(self.device), rec)
+        return rec.sample_set()
+
+    def _close_mtp(self, li: int, layer: MoeLayer, k: int) -> None:
+        assert self.runner is not None and self.hidden is not None and self.pristine is not None
+        new = OutputCache(None, self.cache_bytes)
+        for b, item in enumerate(self.runner.items):
+            new.put(b, observe_depth(self.model, k, item.batch, self.hidden.get(b).to(self.device), None))
+        self.hidden = new
+        unload_mtp(self.source)
+        put_back(self.model, layer, self.pristine)
 
     # -- the layer-wise run ---------------------------------------------------------------------
 

@@ -13,7 +13,9 @@ from torch import nn
 from ...families import (
     MoeLayer,
 )
-from ..batches import run_batch
+from ...modeling.mtp import mtp_layer_names
+from ..batches import run_batch, stream_offsets
+from ..mtp_observe import final_hidden, observe_depths, runnable_depths
 from ..recorder import Recorder, observing
 from .runner import ExpertRunner
 
@@ -74,20 +76,25 @@ class _StopForward(Exception):
 
 @torch.no_grad()
 def _gather_layer(model: nn.Module, layer: MoeLayer, batches: dict[str, list[Any]], cap: int) -> Any:
-    """Token sample of one layer through the model as it is now; the forward stops after that layer."""
+    """Token sample of one layer through the model as it is now; the forward stops after that layer
+    (an MTP layer's sample comes from the MTP forward after the main model's)."""
     rec = Recorder([layer], layer.num_experts, samples=cap)
+    depths = runnable_depths(model) if mtp_layer_names(model, [layer.name]) else 0
 
     def stop(module: nn.Module, args: Any, output: Any) -> None:
         raise _StopForward
 
     handle = layer.block.register_forward_hook(stop)
     try:
-        with observing(model, rec):
+        with observing(model, rec), final_hidden(model) as last:
             for domain, dbatches in batches.items():
                 rec.begin(domain)
-                for batch in dbatches:
+                for batch, offset in zip(dbatches, stream_offsets(dbatches)):
+                    rec.stream_start = offset  # where the batch starts in the stream, as observation numbers it
                     try:
                         run_batch(model, batch, rec)
+                        if depths:
+                            observe_depths(model, batch, last["h"], rec, depths)
                     except _StopForward:
                         pass
     finally:

@@ -1,0 +1,228 @@
+"""MTP (next-n) layers stored in a checkpoint are MoE layers of it: found from transformers' own patterns,
+observed with the family's MTP forward, pruned and merged with the rest (streamed and in memory) so
+every tensor agrees with the config, or dropped only when asked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from core_helpers import experts_masked
+from mtp_helpers import assert_agrees_with_config, save_tiny_deepseek_mtp, transformers_mtp
+from safetensors.torch import load_file
+
+from moe_slim.api import apply_checkpoint, merge_checkpoint, prune_checkpoint
+from moe_slim.cli import main
+from moe_slim.experts.observe import observe, observe_layerwise
+from moe_slim.experts.plan import ExpertPlan
+from moe_slim.families import moe_layers
+from moe_slim.modeling.loading import load_model
+from moe_slim.modeling.mtp import count_key, mtp_of, mtp_patterns, mtp_step, shifted
+from moe_slim.modeling.shards import ShardedCheckpoint
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TEXTS = {"general": ["the quick brown fox jumps over the lazy dog " * 3, "pack my box with five dozen jugs"],
+         "code": ["def f(x):\n    return x * 2\n" * 3]}
+IDS = torch.tensor([[5, 17, 40, 3, 22, 9, 61, 30, 12, 44], [8, 8, 19, 70, 2, 33, 51, 6, 27, 90]])
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A DeepSeek-V3-shaped tiny checkpoint with one MTP layer (``model.layers.3``) and its statistics."""
+    d = tmp_path_factory.mktemp("mtp")
+    src = save_tiny_deepseek_mtp(d / "src")
+    torch.set_num_threads(1)
+    model, tok = load_model(src)
+    observe(model, tok, TEXTS, seq_len=16, batch_size=2, pack=False, samples=64).save(d / "stats")
+    return {"src": src, "stats": d / "stats", "dir": d}
+
+
+def mtp_logits(path: Path, plan: ExpertPlan | None = None) -> torch.Tensor:
+    """Logits of the MTP layer under transformers' own ``MtpModel`` (with ``plan``'s removed experts masked)."""
+    model, _ = load_model(path)
+    ref = transformers_mtp(model, path)
+    with torch.no_grad():
+        h = model.model(input_ids=IDS).last_hidden_state
+        nxt, _ = shifted(IDS, torch.ones_like(IDS), 1)
+        pos = (torch.arange(IDS.shape[1]) + 1).expand(IDS.shape[0], -1)
+        if plan is None:
+            return ref.shared_head(ref.forward_layer(0, h, pos, None, input_ids=nxt))
+        mtp_only = ExpertPlan(plan.family, plan.num_experts, plan.top_k, plan.layers[-1:])
+        with experts_masked(ref, mtp_only):
+            return ref.shared_head(ref.forward_layer(0, h, pos, None, input_ids=nxt))
+
+
+def test_mtp_layers_are_found_from_transformers_and_run_as_transformers_runs_them(ds: dict[str, Path]) -> None:
+    model, _ = load_model(ds["src"])
+    # the pattern is DeepSeek-V3's own `model\.layers\.61.*`, read as "layers from num_hidden_layers on"
+    assert [p.pattern for p in mtp_patterns(model)] == [r"model\.layers\.(?P<mtp_index>\d+).*"]
+    info = mtp_of(model)
+    on_disk = ShardedCheckpoint(ds["src"]).keys
+    assert sorted(info.keys) == sorted(k for k in on_disk if k.startswith("model.layers.3."))
+    assert info.layer_names() == ["model.layers.3"] and count_key(model.config) == "num_nextn_predict_layers"
+    assert info.depths[0].roles == {"enorm": "model.layers.3.enorm", "hnorm": "model.layers.3.hnorm",
+                                    "eh_proj": "model.layers.3.eh_proj", "post_norm": "model.layers.3.shared_head.norm"}
+    assert [l.name for l in moe_layers(model)] == ["model.layers.1.mlp", "model.layers.2.mlp", "model.layers.3.mlp"]
+    # the grafted layer holds the checkpoint's values, and the main forward never runs it
+    disk = load_file(str(ds["src"] / "model.safetensors"))
+    assert torch.equal(model.model.layers[3].eh_proj.weight, disk["model.layers.3.eh_proj.weight"])
+    assert torch.equal(model.model.layers[3].mlp.gate.e_score_correction_bias,
+                       disk["model.layers.3.mlp.gate.e_score_correction_bias"])
+    # moe_slim's MTP step is transformers' MtpModel.forward_layer, exactly
+    ref = transformers_mtp(model, ds["src"])
+    with torch.no_grad():
+        h = model.model(input_ids=IDS).last_hidden_state
+        nxt, _ = shifted(IDS, torch.ones_like(IDS), 1)
+        pos = (torch.arange(IDS.shape[1]) + 1).expand(IDS.shape[0], -1)
+        assert torch.equal(mtp_step(model, 0, h, nxt, None, pos), ref.forward_layer(0, h, pos, None, input_ids=nxt))
+
+
+def test_the_mtp_layer_has_statistics_of_its_own_on_both_observation_paths(ds: dict[str, Path]) -> None:
+    model, tok = load_model(ds["src"])
+    whole = observe(model, tok, TEXTS, seq_len=16, batch_size=2, pack=False)
+    layerwise = observe_layerwise(ds["src"], tok, TEXTS, seq_len=16, batch_size=2, pack=False)
+    assert whole.meta["layers"][-1] == "model.layers.3.mlp"
+    for d in TEXTS:
+        a, b = whole.domains[d], layerwise.domains[d]
+        rows = len(TEXTS[d])  # one text per row (no packing): each row's last token has no next token
+        assert a["tokens"][2] == a["tokens"][1] - rows > 0
+        assert a["count"][2].sum() == a["tokens"][2] * 2  # top-2 of the MTP layer's own routing
+        assert not torch.equal(a["count"][2], a["count"][1])
+        for f in ("tokens", "count", "soft_sum", "weight_sum", "norm_sum"):
+            torch.testing.assert_close(a[f], b[f], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("in_memory", [False, True], ids=["streamed", "in-memory"])
+def test_pruning_cuts_the_mtp_layer_with_the_model(ds: dict[str, Path], in_memory: bool, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    plan = prune_checkpoint(ds["src"], ds["stats"], out, ratio=0.5, in_memory=in_memory, progress=False)
+    assert [l.name for l in plan.layers][-1] == "model.layers.3.mlp"
+    assert_agrees_with_config(out, mtp_layers=1)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["n_routed_experts"] == 4
+    disk = load_file(str(out / "model.safetensors"))
+    src = load_file(str(ds["src"] / "model.safetensors"))
+    keep = plan.layers[-1].keep
+    assert torch.equal(disk["model.layers.3.mlp.gate.weight"], src["model.layers.3.mlp.gate.weight"][keep])
+    assert torch.equal(disk["model.layers.3.mlp.gate.e_score_correction_bias"],
+                       src["model.layers.3.mlp.gate.e_score_correction_bias"][keep])
+    for j, e in enumerate(keep):
+        assert torch.equal(disk[f"model.layers.3.mlp.experts.{j}.down_proj.weight"],
+                           src[f"model.layers.3.mlp.experts.{e}.down_proj.weight"])
+    for k in ("eh_proj.weight", "enorm.weight", "shared_head.head.weight", "embed_tokens.weight"):
+        assert torch.equal(disk[f"model.layers.3.{k}"], src[f"model.layers.3.{k}"])
+    # the pruned MTP layer predicts as the original does with the removed experts masked out of its routing
+    torch.testing.assert_close(mtp_logits(out), mtp_logits(ds["src"], plan), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["from-stats", "sequential"])
+def test_merging_at_size_and_in_memory_merge_the_mtp_layer_alike(ds: dict[str, Path], sequential: bool,
+                                                                  tmp_path: Path) -> None:
+    """From observed samples, and sequentially (REAM: the MTP layer's sample re-gathered through the merged
+    layers before it, by the MTP forward): the same plan and tensors at size as in memory."""
+    how = (dict(method="ream", calib=TEXTS, sequential=True, seq_len=16, batch_size=2, max_tokens=64) if sequential
+           else dict(method="average", stats_path=ds["stats"]))
+    size = merge_checkpoint(ds["src"], tmp_path / "size", ratio=0.5, device="cpu", **how)
+    mem = merge_checkpoint(ds["src"], tmp_path / "mem", ratio=0.5, device="cpu", in_memory=True, **how)
+    assert [l.groups for l in size.layers] == [l.groups for l in mem.layers]
+    assert size.layers[-1].name == "model.layers.3.mlp"
+    for out in ("size", "mem"):
+        assert_agrees_with_config(tmp_path / out, mtp_layers=1)
+    a, b = load_file(str(tmp_path / "size" / "model.safetensors")), load_file(str(tmp_path / "mem" / "model.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("model.layers.3.mlp.experts.3.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("how", ["streamed", "in-memory", "merged"])
+def test_drop_mtp_removes_the_layer_and_zeroes_the_count(ds: dict[str, Path], how: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    if how == "merged":
+        assert main(["merge", str(ds["src"]), "--method", "average", "--ratio", "0.5", "--stats", str(ds["stats"]),
+                     "--device", "cpu", "--drop-mtp", "--out", str(out), "--quiet"]) == 0
+    else:
+        assert main(["prune", str(ds["src"]), "--stats", str(ds["stats"]), "--ratio", "0.5", "--drop-mtp", "--out",
+                     str(out), "--quiet", *(["--in-memory"] if how == "in-memory" else [])]) == 0
+    assert_agrees_with_config(out, mtp_layers=0)
+    assert not [k for k in ShardedCheckpoint(out).keys if k.startswith("model.layers.3.")]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_nextn_predict_layers"] == 0 and cfg["moe_slim"]["dropped_mtp"] == ["model.layers.3"]
+
+
+def test_a_plan_without_the_mtp_layer_gives_it_the_last_layers_experts(ds: dict[str, Path], tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    plan = prune_checkpoint(ds["src"], ds["stats"], tmp_path / "p", ratio=0.5, plan_only=True)
+    plan.layers = plan.layers[:-1]  # as a plan made before moe_slim knew the MTP layer
+    plan.save(tmp_path / "old.json")
+    applied = apply_checkpoint(ds["src"], tmp_path / "old.json", tmp_path / "out", progress=False)
+    assert "MTP layer model.layers.3.mlp keeps the experts model.layers.2.mlp keeps" in capsys.readouterr().err
+    assert applied.layers[-1].keep == applied.layers[-2].keep
+    assert_agrees_with_config(tmp_path / "out", mtp_layers=1)
+
+
+def test_mone_gives_the_mtp_layer_novices_of_its_own(ds: dict[str, Path], tmp_path: Path) -> None:
+    from moe_slim.api.mone import mone_checkpoint
+
+    nplan = mone_checkpoint(ds["src"], ds["stats"], tmp_path / "std", ratio=0.5, standard=True)
+    assert nplan.plan.layers[-1].name == "model.layers.3.mlp"
+    assert_agrees_with_config(tmp_path / "std", mtp_layers=1)
+    mone_checkpoint(ds["src"], ds["stats"], tmp_path / "sub", ratio=0.5)
+    cfg = json.loads((tmp_path / "sub" / "config.json").read_text())
+    target = cfg["compression_config"]["transform_config"]["expert_substitution"]["targets"]["model.layers.3.mlp.experts"]
+    novices = sorted(int(e) for e in target["replacements"])
+    kept = nplan.plan.layers[-1].keep
+    assert novices == sorted(set(range(8)) - set(kept))
+    stored = {int(k.split(".")[5]) for k in ShardedCheckpoint(tmp_path / "sub").keys
+              if k.startswith("model.layers.3.mlp.experts.")}
+    assert stored == set(kept)  # the kept experts under their logical ids
+    values = load_file(str(tmp_path / "sub" / "novices.safetensors"))
+    assert {f"model.layers.3.mlp.experts.novice_values.{e}" for e in novices} <= values.keys()
+
+
+def test_an_mtp_layer_moe_slim_cannot_run_keeps_the_last_layers_experts(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    from safetensors.torch import save_file
+
+    src = save_tiny_deepseek_mtp(tmp_path / "src")
+    sd = load_file(str(src / "model.safetensors"))
+    del sd["model.layers.3.eh_proj.weight"]  # an MTP layout without the projection moe_slim runs
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    model, tok = load_model(src)
+    stats = observe(model, tok, TEXTS, seq_len=16, batch_size=2, pack=False)
+    assert "MTP layer model.layers.3 has no eh_proj" in capsys.readouterr().err
+    assert float(stats.domains["general"]["tokens"][2]) == 0 < float(stats.domains["general"]["tokens"][1])
+    stats.save(tmp_path / "stats")
+    plan = prune_checkpoint(src, tmp_path / "stats", tmp_path / "out", ratio=0.5, progress=False)
+    assert "no statistics of the MTP layers: MTP layer model.layers.3.mlp keeps" in capsys.readouterr().err
+    assert plan.layers[2].keep == plan.layers[1].keep
+    assert_agrees_with_config(tmp_path / "out", mtp_layers=1)
+
+
+def test_layerwise_observation_resumes_before_the_mtp_layer(ds: dict[str, Path], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from moe_slim.modeling.materialize import WeightSource
+
+    _, tok = load_model(ds["src"])
+    settings = dict(seq_len=16, batch_size=2, pack=False)
+    reference = observe_layerwise(ds["src"], tok, TEXTS, **settings)
+    real_load, loads, stop = WeightSource.load, [], [True]
+
+    def load(self, module, *a, **k):
+        loads.append(module)
+        if module == "model.layers.3" and stop:
+            stop.clear()
+            raise KeyboardInterrupt  # once: after the main layers finished, before the MTP layer
+        return real_load(self, module, *a, **k)
+
+    monkeypatch.setattr(WeightSource, "load", load)
+    with pytest.raises(KeyboardInterrupt):
+        observe_layerwise(ds["src"], tok, TEXTS, **settings, work_dir=tmp_path / "w", cache_bytes=0)
+    loads.clear()
+    resumed = observe_layerwise(ds["src"], tok, TEXTS, **settings, work_dir=tmp_path / "w", cache_bytes=0)
+    assert loads == ["model.layers.3"], "only the MTP layer runs again"
+    for d in TEXTS:
+        for f, t in reference.domains[d].items():
+            assert torch.equal(t, resumed.domains[d][f]), f

@@ -1,0 +1,128 @@
+"""Tiny checkpoints with MTP (next-n) layers on disk, and transformers' own MTP forward as the oracle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from moe_slim.modeling.tiny import save_tiny
+
+
+def _extras(sd: dict[str, torch.Tensor], p: str, H: int, g: torch.Generator, names: tuple[str, ...],
+            proj: str) -> None:
+    """An MTP depth's norms (near 1 or near 0, as the family's RMSNorm centres them) and its projection."""
+    for n in names:
+        sd[f"{p}.{n}.weight"] = 0.1 * torch.randn(H, generator=g)
+    sd[f"{p}.{proj}.weight"] = 0.2 * torch.randn(H, 2 * H, generator=g)
+
+
+def save_tiny_layer_mtp(model_type: str, path: Path, seed: int = 0, depths: int = 1, **overrides: Any) -> Path:
+    """A tiny checkpoint whose MTP layers follow its 3 layers as ``model.layers.{3+k}.*`` with their own
+    enorm/hnorm/eh_proj/shared_head and embedding copy, as DeepSeek-V3 stores ``model.layers.61.*`` and
+    GLM-4.5 ``model.layers.92.*``; routers and correction biases made decisive."""
+    n = 3
+    save_tiny(model_type, path, seed=seed, num_hidden_layers=n + depths, **overrides)
+    sd = load_file(str(path / "model.safetensors"))
+    g = torch.Generator().manual_seed(seed + 1)
+    H = sd["model.embed_tokens.weight"].shape[1]
+    for k in range(depths):
+        p = f"model.layers.{n + k}"
+        _extras(sd, p, H, g, ("enorm", "hnorm", "shared_head.norm"), "eh_proj")
+        for name in ("enorm", "hnorm", "shared_head.norm"):
+            sd[f"{p}.{name}.weight"] += 1.0  # DeepSeek's RMSNorm scales by the weight itself
+        sd[f"{p}.shared_head.head.weight"] = sd["lm_head.weight"].clone()
+        sd[f"{p}.embed_tokens.weight"] = sd["model.embed_tokens.weight"].clone()
+        sd[f"{p}.mlp.gate.weight"] = 2 * torch.randn(sd[f"{p}.mlp.gate.weight"].shape, generator=g)
+    for key in [k for k in sd if k.endswith("e_score_correction_bias")]:
+        sd[key] = 0.3 * torch.randn(sd[key].shape, generator=g)
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(num_hidden_layers=n, num_nextn_predict_layers=depths)
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+def save_tiny_deepseek_mtp(path: Path, seed: int = 0, depths: int = 1) -> Path:
+    return save_tiny_layer_mtp("deepseek_v3", path, seed, depths)
+
+
+def save_tiny_qwen3_next_mtp(path: Path, seed: int = 0) -> Path:
+    """A Qwen3-Next-shaped tiny checkpoint: 3 hybrid layers (linear, linear, full attention), then one
+    full-attention MoE MTP layer stored as Qwen3-Next stores it: ``mtp.layers.0.*`` with ``mtp.fc``,
+    ``mtp.pre_fc_norm_embedding``, ``mtp.pre_fc_norm_hidden`` and ``mtp.norm``."""
+    types = ["linear_attention", "linear_attention", "full_attention"]
+    save_tiny("qwen3_next", path, seed=seed, num_hidden_layers=4, layer_types=types + ["full_attention"])
+    sd = load_file(str(path / "model.safetensors"))
+    g = torch.Generator().manual_seed(seed + 1)
+    H = sd["model.embed_tokens.weight"].shape[1]
+    sd = {("mtp.layers.0." + k[len("model.layers.3."):] if k.startswith("model.layers.3.") else k): v
+          for k, v in sd.items()}
+    _extras(sd, "mtp", H, g, ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"), "fc")  # zero-centred norms
+    sd["mtp.layers.0.mlp.gate.weight"] = 2 * torch.randn(sd["mtp.layers.0.mlp.gate.weight"].shape, generator=g)
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(num_hidden_layers=3, layer_types=types, mtp_num_hidden_layers=1)
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+def transformers_mtp(main_model: torch.nn.Module, path: Path) -> Any:
+    """transformers' own ``MtpModel`` for ``main_model``, loaded from the checkpoint at ``path``.
+
+    transformers finds MTP tensors with the published model's layer number (``model.layers.61``); a
+    tiny checkpoint numbers them from its own layer count, so that regex is given here. A family whose
+    config has no MTP fields (Qwen3-Next) gets transformers' defaults for them (one full-attention layer),
+    as moe_slim builds it; the ``mtp.*`` layout is then in ``MtpModel``'s own conversion table."""
+    import re
+
+    from transformers.modeling_layers import MtpModel
+
+    from moe_slim.modeling.mtp import mtp_config
+    from moe_slim.modeling.shards import ShardedCheckpoint
+
+    keys = ShardedCheckpoint(path).keys
+    config = main_model.config
+    n = sum(1 for k in keys if re.match(r"^(model\.layers\.\d+|mtp\.layers\.\d+)\.input_layernorm\.weight$", k)
+            and (k.startswith("mtp.") or int(k.split(".")[2]) >= config.num_hidden_layers))
+    if getattr(config, "num_mtp_layers", None) is None:
+        config.num_mtp_layers, config.mtp_layer_types = n, mtp_config(config, n).layer_types
+    regex = MtpModel.get_mtp_weights_regex(main_model)
+    if not any(k.startswith("model.layers.") and regex.search(k) for k in keys) and not any(
+            k.startswith("mtp.") for k in keys):
+        regex = re.compile("|".join(rf"^model\.layers\.{config.num_hidden_layers + k}\." for k in range(n)))
+    original = MtpModel.get_mtp_weights_regex
+    MtpModel.get_mtp_weights_regex = staticmethod(lambda m: regex)
+    try:
+        config.name_or_path = str(path)
+        return MtpModel.from_pretrained(main_model, device_map={"": "cpu"}).float().eval()
+    finally:
+        MtpModel.get_mtp_weights_regex = original
+
+
+def assert_agrees_with_config(path: Path, mtp_layers: int) -> None:
+    """Every MoE layer's tensors on disk, MTP layers included, hold the config's expert count: router rows,
+    correction bias, expert numbers; and the config's MTP count is the number of MTP layers stored."""
+    from moe_slim.checkpoint.rewrite import check_expert_layout
+    from moe_slim.families import family_of
+    from moe_slim.modeling.loading import load_config
+    from moe_slim.modeling.mtp import count_key, mtp_of, skeleton
+    from moe_slim.modeling.ondisk import DiskLayout
+    from moe_slim.modeling.shards import ShardedCheckpoint
+
+    config = load_config(path)
+    n = family_of(config).num_experts(config)
+    ckpt = ShardedCheckpoint(path)
+    model = skeleton(config, path)
+    info = mtp_of(model)
+    assert (len(info.depths) if info else 0) == mtp_layers
+    assert getattr(config, count_key(config)) == mtp_layers
+    layout = DiskLayout(model, ckpt.keys)
+    check_expert_layout(ckpt, layout, n)
+    routers = [d for d in layout.tensors.values() if d.role == "router"]
+    assert len(routers) >= 2 * len(layout.layers)  # weight and correction bias of every layer
+    for d in routers:
+        assert ckpt.entry(d.key).shape[0] == n, d.key
