@@ -40,6 +40,7 @@ QUIRKS: dict[str, dict[str, Any]] = {
         notes="softmax router; group-limited greedy top-k when topk_method='group_limited_greedy'"),
     "deepseek_v3": dict(group_min_experts=2, notes="sigmoid router with e_score_correction_bias; groups score by their top-2 experts"),
     "ernie4_5_moe": dict(scoring="softmax", notes="softmax router; correction bias in gate.moe_statics [1, E]"),
+    "afmoe": dict(notes="sigmoid router in a sub-module (router.gate); expert_bias on the block; route_scale"),
     "phimoe": dict(exact_scores=False, notes="sparsemixer routing: weights come from masked softmaxes over the logits"),
     "flint": dict(scoring="sigmoid", notes="sigmoid top-k without a correction bias"),
     "gpt_oss": dict(notes="router bias; expert biases; interleaved gate_up layout [E, H, 2I]"),
@@ -69,8 +70,8 @@ REFUSED: dict[str, str] = {
     "jetmoe": "experts are split over two modules (input_linear, output_linear) and attention is MoE too",
     "longcat_flash": "the router scores zero-computation experts too (router rows != experts), which a plan cannot slice",
     "zaya": "the router is an MLP with balancing biases, not a weight[E, H]",
-    "gemma4": "the router scales each expert's weight (per_expert_scale), which moe_slim does not reproduce yet",
-    "afmoe": "pruned routing differs from masked routing (route_scale with expert_bias on the block); not reproduced yet",
+    "gemma4": ("the router returns probabilities, not logits, and scales each expert's weight "
+               "(per_expert_scale); moe_slim's gate statistics would be wrong"),
 }
 
 #: model_type -> why no tiny model of it is tested yet (its default config does not shrink to one that

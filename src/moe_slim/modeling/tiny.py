@@ -76,7 +76,24 @@ def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> PreTrainedMo
         for name, p in model.named_parameters():
             if "e_score_correction_bias" in name:
                 p.zero_()
+        _spread_constant_routers(model)
     return model.eval()
+
+
+def _spread_constant_routers(model: PreTrainedModel) -> None:
+    """Some families initialise router weights to zeros (AFMoE): every token then ties every expert and
+    top-k picks by index. Give such routers random rows so that routing depends on the token."""
+    from ..errors import MoeSlimError
+    from ..families import moe_layers
+
+    try:
+        layers = moe_layers(model)
+    except MoeSlimError:  # a refused family: built for the test that refuses it
+        return
+    for layer in layers:
+        w = layer.router_weight
+        if w is not None and w.numel() and bool((w == w.reshape(-1)[0]).all()):
+            w.normal_(0.0, 0.5)
 
 
 def tiny_tokenizer() -> Any:
