@@ -159,7 +159,8 @@ def merge_checkpoint(
         write_plan(plan, out, overwrite=overwrite)
     else:
         if drop_mtp:
-            model.config.moe_slim = dict(getattr(model.config, "moe_slim", None) or {}, dropped_mtp=drop_mtp_layers(model))
+            dropped = drop_mtp_layers(model)
+            model.config.moe_slim = dict(getattr(model.config, "moe_slim", None) or {}, dropped_mtp=dropped)
         save_checkpoint(model, tok, out, card=card, plan=plan, overwrite=overwrite, dtype=save_dtype)
     return plan
 

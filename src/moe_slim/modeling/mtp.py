@@ -71,7 +71,7 @@ def num_main_layers(config: Any) -> int:
 
 
 def ignore_patterns(model: nn.Module) -> list[str]:
-    """The ``_keys_to_ignore_on_load_unexpected`` patterns of the model and its sub-models (some are set per instance)."""
+    """The ``_keys_to_ignore_on_load_unexpected`` patterns of the model and its sub-models (some set per instance)."""
     from transformers import PreTrainedModel
 
     out: list[str] = []
@@ -174,7 +174,7 @@ def _decoder_layer(model: nn.Module, depth: int, n: int) -> nn.Module:
 def _last_layer_class(model: nn.Module) -> type:
     stack = get_path(model, family_of(model).layer_stacks[-1])
     if not isinstance(stack, nn.ModuleList) or not len(stack):
-        raise MoeSlimError(f"cannot find the decoder layers of this {family_of(model).name} model to build its MTP layers")
+        raise MoeSlimError(f"cannot find the decoder layers of this {family_of(model).name} model to build MTP layers")
     return type(stack[0])
 
 
@@ -227,15 +227,14 @@ def attach_mtp(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> MtpLayer
             depths.append(MtpDepth(prefix))
         state = model.state_dict()
         fits = _fits(model, state)
-        own = {d.prefix: set(dict(model.get_submodule(d.prefix).named_children())) for d in depths}
+        own = {d.prefix: set(dict(model.get_submodule(d.prefix).named_children())) for d in depths}  # before extras
         for key in keys:
             if fits(key):
                 continue
             k = next((i for i, d in enumerate(depths) if key.startswith(d.prefix + ".")), 0)
             part = key[len(depths[k].prefix) + 1:].split(".", 1)[0] if key.startswith(depths[k].prefix + ".") else ""
             if part in own[depths[k].prefix]:
-                raise MoeSlimError(f"the MTP tensor {key} fits no parameter of a {type(layer).__name__} (an MTP layout "
-                                   "moe_slim does not know)")
+                continue  # beside the layer's own weights (FP8 block scales): the on-disk layout places it
             path = key.rsplit(".", 1)[0]
             role = _role_of(key, depths[k].prefix, k)
             parent, _, leaf = path.rpartition(".")
