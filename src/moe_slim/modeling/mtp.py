@@ -348,7 +348,11 @@ def mtp_step(model: nn.Module, depth: int, previous: torch.Tensor, next_ids: tor
     if missing:
         raise MoeSlimError(f"MTP layer {d.prefix} has no {missing[0]} (a layout moe_slim cannot run)")
     part = {r: model.get_submodule(p) for r, p in d.roles.items()}
-    embeds = model.get_input_embeddings()(next_ids).to(previous.dtype)
+    embedding = model.get_input_embeddings()
+    dev = part["eh_proj"].weight.device  # a device map may place the MTP layer apart from the embedding
+    embeds = embedding(next_ids.to(embedding.weight.device)).to(dev, previous.dtype)
+    previous, position_ids = previous.to(dev), position_ids.to(dev)
+    attention_mask = attention_mask.to(dev) if attention_mask is not None else None
     pieces = [part["enorm"](embeds), part["hnorm"](previous)]
     x = part["eh_proj"](torch.cat(pieces[::-1] if info.hidden_first else pieces, dim=-1))
     base = model.get_decoder() if hasattr(model, "get_decoder") else model
