@@ -255,3 +255,28 @@ def test_an_fp8_mtp_layer_is_sliced_without_dequantizing(tmp_path: Path) -> None
                 b = fs.get_tensor(f"model.layers.3.mlp.experts.{e}.{part}")
                 assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
         assert "model.layers.3.mlp.experts.4.down_proj.weight_scale_inv" not in set(fo.keys())
+
+
+def test_mtp_layers_moe_slim_cannot_place_are_refused_unless_dropped(ds: dict[str, Path], tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from moe_slim.errors import MoeSlimError
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in ds["src"].iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    sd = load_file(str(src / "model.safetensors"))  # an MTP layer that does not follow the last layer
+    sd = {k.replace("model.layers.3.", "model.layers.5.", 1): v for k, v in sd.items()}
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    stats = tmp_path / "stats"
+    model, tok = load_model(src)
+    assert mtp_of(model).unplaced and [l.name for l in moe_layers(model)][-1] == "model.layers.2.mlp"
+    observe(model, tok, TEXTS, seq_len=16, batch_size=2, pack=False).save(stats)
+    for in_memory in (False, True):
+        with pytest.raises(MoeSlimError, match=r"stores MTP layers \(model\.layers\.5\..*--drop-mtp"):
+            prune_checkpoint(src, stats, tmp_path / "out", ratio=0.5, in_memory=in_memory, progress=False)
+        assert not (tmp_path / "out").exists()
+    prune_checkpoint(src, stats, tmp_path / "out", ratio=0.5, progress=False, drop_mtp=True)
+    assert not [k for k in ShardedCheckpoint(tmp_path / "out").keys if k.startswith("model.layers.5.")]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 0

@@ -42,7 +42,7 @@ from ..modeling.loading import (
     parse_dtype,
 )
 from ..modeling.materialize import WeightSource
-from ..modeling.mtp import drop_mtp as drop_mtp_layers, skeleton
+from ..modeling.mtp import check_mtp_writable, drop_mtp as drop_mtp_layers, skeleton
 from ..modeling.shards import has_safetensors
 from ..outputs import check_output
 from .plans import write_plan
@@ -158,6 +158,7 @@ def merge_checkpoint(
     if plan_only:  # the decisions without the checkpoint (they replay with apply/eval --plan)
         write_plan(plan, out, overwrite=overwrite)
     else:
+        check_mtp_writable(model, model_path, drop_mtp)
         if drop_mtp:
             dropped = drop_mtp_layers(model)
             model.config.moe_slim = dict(getattr(model.config, "moe_slim", None) or {}, dropped_mtp=dropped)

@@ -27,7 +27,7 @@ from ..modeling.loading import (
     load_model,
     parse_dtype,
 )
-from ..modeling.mtp import drop_mtp as drop_mtp_layers, skeleton
+from ..modeling.mtp import check_mtp_writable, drop_mtp as drop_mtp_layers, skeleton
 from ..modeling.shards import has_safetensors, source_dtype
 from ..outputs import check_output
 from .plans import load_plan, plan_for, write_plan
@@ -152,6 +152,7 @@ def _write(model: nn.Module, tok: Any, plan: ExpertPlan, source: Any, out: Any, 
     check_uniform(moe_layers(model))
     before = count_parameters(model)
     plan.check_writable()  # refuse before any slicing work
+    check_mtp_writable(model, source, drop_mtp)
     apply_plan(model, plan)
     if drop_mtp:
         model.config.moe_slim["dropped_mtp"] = drop_mtp_layers(model)
