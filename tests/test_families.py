@@ -12,14 +12,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from moe_slim.checkpoint.save import save_checkpoint
 from moe_slim.experts.plan import ExpertPlan, LayerPlan
 from moe_slim.experts.prune import apply_plan, count_parameters
-from moe_slim.families import FAMILIES, family_of, moe_layers
+from moe_slim.families import family_of, moe_layers
 from moe_slim.modeling.dispatch import prepare_model
 from moe_slim.modeling.tiny import TINY_FAMILIES, tiny_model, tiny_tokenizer
-
-
-def test_every_family_has_a_tiny_model() -> None:
-    covered = {family_of(tiny_model(mt).config).name for mt in TINY_FAMILIES}
-    assert covered == {f.name for f in FAMILIES}
 
 
 def _plan(model: torch.nn.Module, keep: list[list[int]]) -> ExpertPlan:

@@ -32,6 +32,7 @@ from ..experts.plan import ExpertPlan
 from ..experts.prune import count_parameters
 from ..families import (
     SLICEABLE_QUANTIZATION,
+    expert_axis,
     family_of,
     group_size_ok,
     set_config_counts,
@@ -79,6 +80,13 @@ def _out(ckpt: ShardedCheckpoint, d: DiskTensor, name: str, rows: list[int] | No
     if dtype is not None and e.dtype in FLOATING and TORCH_DTYPES[e.dtype] != dtype:
         return OutTensor(name, SAFETENSORS_DTYPES[dtype], shape, _convert(lambda: ckpt.tensor(d.key, rows), dtype))
     return OutTensor(name, e.dtype, shape, lambda: ckpt.iter_bytes(d.key, rows))
+
+
+def _columns(ckpt: ShardedCheckpoint, d: DiskTensor, cols: list[int], dtype: torch.dtype | None) -> OutTensor:
+    e = ckpt.entry(d.key)
+    to = dtype if dtype is not None and e.dtype in FLOATING else TORCH_DTYPES[e.dtype]
+    return OutTensor(d.key, SAFETENSORS_DTYPES[to], (e.shape[0], len(cols)),
+                     _convert(lambda: ckpt.tensor(d.key)[:, cols], to))
 
 
 def check_expert_layout(ckpt: ShardedCheckpoint, layout: DiskLayout, n_experts: int) -> None:
@@ -137,7 +145,11 @@ def pruned_tensors(ckpt: ShardedCheckpoint, layout: DiskLayout, plan: ExpertPlan
             if d.expert in kept:
                 add(d, d.renumbered(kept.index(d.expert)), None)
             continue
-        shape = ckpt.entry(key).shape
+        shape = tuple(ckpt.entry(key).shape)
+        if expert_axis(shape, E) == 1 and E > 1:  # a [1, E] row (ERNIE-4.5's moe_statics): small, sliced in memory
+            out.append(_columns(ckpt, d, list(kept), dtype))
+            layer_of.append(d.layer)
+            continue
         add(d, key, list(kept) if shape and shape[0] == E else None)
     if merged is not None:  # a merged layer's tensors together (where its first one stood): each layer merged once
         first = {li: i for i, li in reversed(list(enumerate(layer_of))) if li is not None}

@@ -117,11 +117,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_families(args: argparse.Namespace) -> int:
-    from ..families import FAMILIES
+    from ..families.catalog import family_rows
 
-    emit(args, {"families": [{"name": f.name, "model_types": list(f.model_types), "layout": f.layout,
-                               "router": f.scoring, "notes": f.notes} for f in FAMILIES]},
-         "\n".join(f"{f.name:20s} {f.layout:8s} router={f.scoring:8s} {f.notes}" for f in FAMILIES))
+    rows = family_rows()
+    emit(args, {"families": [{"model_type": mt, "status": st, "differs": notes} for mt, st, notes in rows]},
+         "\n".join(f"{mt:36s} {st:32s} {notes}" for mt, st, notes in rows))
     return 0
 
 

@@ -40,25 +40,22 @@ def _set_path(root: nn.Module, path: str, value: torch.Tensor) -> None:
 
 
 def slice_layer(layer: MoeLayer, keep: list[int]) -> None:
-    """Keep only experts ``keep`` (original indices, in this order) in one MoE layer."""
+    """Keep only experts ``keep`` (original indices, in this order) in one MoE layer.
+
+    Slices every tensor of the block that runs over the experts (:meth:`MoeLayer.per_expert`): fused
+    expert parameters, router rows and bias, selection biases wherever they sit."""
     fam = layer.family
     idx = torch.tensor(keep, dtype=torch.long)
-    if fam.layout == "fused":
-        for name, p in layer.expert_params().items():
-            setattr(layer.experts, name, nn.Parameter(p.data.index_select(0, idx.to(p.device)), requires_grad=p.requires_grad))
-    else:
+    if fam.layout == "modules":
         experts = layer.experts
         old = {k: experts[k] for k in list(experts.keys())}
         for k in list(experts.keys()):
             del experts[k]
         for j, e in enumerate(keep):
             experts[f"expert_{j}"] = old[f"expert_{e}"]
-    for path in (fam.router_weight, fam.router_bias, fam.correction_bias):
-        if not path:
-            continue
-        t = get_path(layer.router, path)
-        if t is not None:
-            _set_path(layer.router, path, t.data.index_select(0, idx.to(t.device)))
+    for path, axis in layer.per_expert().items():
+        t = get_path(layer.block, path)
+        _set_path(layer.block, path, t.data.index_select(axis, idx.to(t.device)))
     set_expert_count(layer, len(keep))
 
 

@@ -211,7 +211,7 @@ def observing(model: nn.Module, recorder: Recorder) -> Iterator[Recorder]:
             def router_hook(module: nn.Module, args: Any, kwargs: Any, output: Any, layer: MoeLayer = layer,
                             idx: int = idx) -> None:
                 inputs = args[0] if args else next(iter(kwargs.values()), None)
-                recorder.record_router(layer, output[idx], inputs)
+                recorder.record_router(layer, output[idx] if isinstance(output, (tuple, list)) else output, inputs)
 
             handles.append(layer.router.register_forward_hook(router_hook, with_kwargs=True))
             experts = layer.experts

@@ -26,24 +26,12 @@ import torch
 from torch import nn
 
 from ..errors import MoeSlimError
-from ..families import MoeLayer, family_of, moe_layers
+from ..families import MoeLayer, moe_layers, skeleton
 
 
 def meta_model(config: Any) -> nn.Module:
-    """A skeleton of the model with every parameter on the meta device: names and shapes, no memory.
-
-    A quantization block in the config is ignored: the skeleton has the model's logical parameters.
-    """
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    config = copy.deepcopy(config)  # from_config(dtype=...) sets the config's dtype: never the caller's object
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    with init_empty_weights():  # buffers computed at init (sinusoidal positions) in float32, as a float32 load has them
-        model = auto.from_config(config, dtype=torch.float32)
-    return model.eval()
+    """A skeleton of the model with every parameter on the meta device: names and shapes, no memory."""
+    return skeleton(config)
 
 
 def quant_method(config: Any) -> str | None:
@@ -91,14 +79,17 @@ class DiskLayout:
         from transformers.core_model_loading import rename_source_key
 
         self.model = model
-        self.family = family_of(model)
         self.layers: list[MoeLayer] = moe_layers(model)
+        self.family = self.layers[0].family
         self._renamings, self._converters = _transforms(model)
         self._by_pattern = {p: c for c in self._converters for p in c.source_patterns}
         state = model.state_dict()
         index_re = re.compile(self.family.disk_expert_index)
         experts_at = {f"{l.name}.{self.family.experts_attr}.": l.index for l in self.layers}
         router_at = {f"{l.name}.{self.family.router_attr}.": l.index for l in self.layers}
+        # every other tensor of a block that runs over its experts (MiniMax-M2's correction bias on the block)
+        sliced = {f"{l.name}.{path}": l.index for l in self.layers for path in l.per_expert()
+                  if not path.startswith(f"{self.family.experts_attr}.")}
         self.tensors: dict[str, DiskTensor] = {}
         for key in keys:
             mkey, pattern = rename_source_key(key, self._renamings, self._converters, model.base_model_prefix, state)
@@ -111,6 +102,8 @@ class DiskLayout:
                         expert, span = int(m[-1].group(1)), m[-1].span(1)
                     break
             else:
+                if mkey in sliced:
+                    layer, role = sliced[mkey], "router"
                 for prefix, li in router_at.items():
                     if mkey.startswith(prefix):
                         layer, role = li, "router"

@@ -58,6 +58,8 @@ TINY_FAMILIES: tuple[str, ...] = tuple(TINY_CONFIGS)
 
 def tiny_config(model_type: str, **overrides: Any) -> Any:
     """A small config of ``model_type`` (a transformers model_type), with overrides."""
+    if model_type not in TINY_CONFIGS:
+        return shrunk_config(model_type, **overrides)
     kwargs = dict(TINY_CONFIGS[model_type])
     kwargs.update(overrides)
     return AutoConfig.for_model(model_type, **kwargs)
@@ -104,3 +106,48 @@ def save_tiny(model_type: str, path: Any, seed: int = 0, **overrides: Any) -> An
     model.save_pretrained(str(path))
     tok.save_pretrained(str(path))
     return path
+
+
+#: Sizes that make any transformers config tiny (applied to the keys a config has).
+SHRINK: dict[str, Any] = dict(
+    hidden_size=32, intermediate_size=64, moe_intermediate_size=12, shared_expert_intermediate_size=16,
+    vocab_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+    num_experts=8, num_local_experts=8, n_routed_experts=8, moe_num_experts=8, num_experts_per_tok=2, moe_topk=2,
+    moe_k=2, top_k_experts=2, moe_top_k=2, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+    v_head_dim=8, index_head_dim=8, index_n_heads=2, index_topk=4, linear_key_head_dim=8, linear_value_head_dim=8,
+    linear_num_key_heads=2, linear_num_value_heads=4, linear_head_dim=8, linear_num_heads=4, mamba_num_heads=4,
+    mamba_head_dim=8, ssm_state_size=8, mamba_d_state=8, n_groups=1, chunk_size=8, mamba_dt_rank=4, sliding_window=16,
+    shared_intermediate_size=16, moe_shared_expert_intermediate_size=16, swa_head_dim=8, swa_num_attention_heads=4,
+    swa_num_key_value_heads=2, global_head_dim=8, num_global_key_value_heads=2, shared_experts_intermediate_size=16,
+    ffn_hidden_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+)
+#: Per model type: what the generic shrink cannot guess (layer patterns, switches that turn MoE on).
+TINY_OVERRIDES: dict[str, dict[str, Any]] = {
+    "gemma4": dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=12,
+                   vocab_size_per_layer_input=128, hidden_size_per_layer_input=16),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
+}
+
+
+def shrunk_config(model_type: str, layers: int = 4, **overrides: Any) -> Any:
+    """The default config of any transformers ``model_type`` (its language model for image-text
+    models) with every size shrunk, ``layers`` layers, and per-layer lists cut to match."""
+    from ..families.catalog import text_model_type
+
+    text = text_model_type(model_type) or model_type
+    config = AutoConfig.for_model(text)
+    d = config.to_dict()
+    for key, value in SHRINK.items():
+        if key in d and d[key] is not None and not isinstance(d[key], (dict, list)):
+            setattr(config, key, value)
+    if (d.get("n_group") or 1) > 1:
+        config.n_group, config.topk_group = 2, 1
+    old = d.get("num_hidden_layers")
+    if isinstance(old, int):
+        config.num_hidden_layers = min(layers, old)
+        for key, value in d.items():
+            if isinstance(value, list) and len(value) == old and key != "rope_parameters":
+                setattr(config, key, value[: config.num_hidden_layers])
+    for key, value in {**TINY_OVERRIDES.get(model_type, {}), **overrides}.items():
+        setattr(config, key, value)
+    return config

@@ -1,8 +1,5 @@
-"""The family table: where each MoE family keeps its blocks, routers and experts.
-
-This module is the ONLY place that knows model classes. Adding a family is adding one
-:class:`Family` entry (plus a tiny-model test). Everything else in moe_slim works on
-:class:`MoeLayer` handles found through this table.
+"""What a MoE family is to moe_slim: :class:`Family` (one per model, found from its structure) and
+:class:`MoeLayer` (one MoE block of a model).
 
 Two expert layouts exist in transformers 5:
 
@@ -12,6 +9,11 @@ Two expert layouts exist in transformers 5:
 * ``modules``: a ``ModuleDict`` of ``expert_{i}`` sub-modules (Switch Transformers, NLLB-MoE),
   called with a dense dispatch; :attr:`Family.combine` turns that call's arguments into a dense
   ``[tokens, experts]`` matrix of combine weights.
+
+Every parameter or buffer of a block with a leading dimension of E (or a ``[1, E]`` row) belongs to
+the experts, wherever it sits (router rows, router bias, DeepSeek's correction bias on the router,
+MiniMax-M2's on the block, ERNIE-4.5's in ``moe_statics``): :meth:`MoeLayer.per_expert` finds them
+all, and pruning slices them all.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import MoeSlimError
+from ..errors import MoeSlimError
 
 CombineFn = Callable[[nn.Module, tuple, dict], tuple[torch.Tensor, torch.Tensor]]
 
@@ -50,43 +52,29 @@ SWIGLU_NEURONS: tuple[tuple[str, NeuronAxis], ...] = (
 )
 
 
-def _combine_switch(experts: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Switch: ``experts(hidden, one_hot_dispatch[T,1,E], weights[T,1])`` (capacity already applied)."""
-    hidden, dispatch, weights = args[:3]
-    return hidden, dispatch[:, 0, :].to(weights.dtype) * weights
-
-
-def _combine_nllb(experts: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """NLLB-MoE: ``experts(hidden, top1_mask[T,E], combine_weights[T,E])``.
-
-    The router's combine weights already hold both the top-1 and top-2 gates (zero where capacity
-    dropped a token). Fairseq scales expert outputs by ``1 - moe_token_dropout`` at inference.
-    """
-    hidden, _top1, combine = args[:3]
-    if not experts.training and getattr(experts, "moe_token_dropout", 0.0) > 0:
-        combine = combine * (1.0 - experts.moe_token_dropout)
-    return hidden, combine
-
-
 @dataclass(frozen=True)
 class Family:
-    """Declarative description of one MoE family."""
+    """One model's MoE shape: found from its module tree, with the family table's quirks applied."""
 
     name: str
     model_types: tuple[str, ...]
     block_classes: tuple[str, ...]
     router_attr: str
-    n_experts_key: str
+    n_experts_key: str | None
     top_k_key: str | None = "num_experts_per_tok"
     fixed_top_k: int | None = None
     experts_attr: str = "experts"
     layout: str = "fused"  # "fused" | "modules"
     shared_attrs: tuple[str, ...] = ()
     router_weight: str = "weight"  # path inside the router module
-    router_bias: str | None = None  # a bias added to the logits before selection
-    correction_bias: str | None = None  # added to scores for selection only (DeepSeek-V3)
+    router_bias: str | None = None  # a bias added to the logits before selection (inside the router)
+    # per-expert biases added for selection only, as paths inside the BLOCK (DeepSeek-V3
+    # ``gate.e_score_correction_bias``, MiniMax-M2 ``e_score_correction_bias``, ERNIE
+    # ``gate.moe_statics.e_score_correction_bias``)
+    selection_biases: tuple[str, ...] = ()
     logits_output: int = 0  # which router output holds the logits
     scoring: str = "softmax"  # "softmax" | "sigmoid": the router's normalised score
+    exact_scores: bool = True  # whether routing weights are ``scoring`` scores of the chosen experts (up to a factor)
     group_keys: tuple[str, str] | None = None  # (n_group key, topk_group key) for group-limited top-k
     group_min_experts: int = 1  # experts a group must keep for the router to stay valid
     group_applies: Callable[[Any], bool] | None = None  # whether the config uses group-limited top-k
@@ -120,105 +108,9 @@ class Family:
         """``(n_group, topk_group)`` when the router limits top-k to groups, else None."""
         if self.group_keys is None or (self.group_applies and not self.group_applies(config)):
             return None
-        n_group = int(getattr(config, self.group_keys[0]) or 1)
-        topk_group = int(getattr(config, self.group_keys[1]) or 1)
+        n_group = int(getattr(config, self.group_keys[0], 1) or 1)
+        topk_group = int(getattr(config, self.group_keys[1], 1) or 1)
         return (n_group, topk_group) if n_group > 1 else None
-
-
-FAMILIES: tuple[Family, ...] = (
-    Family(
-        name="qwen3_moe", model_types=("qwen3_moe",), block_classes=("Qwen3MoeSparseMoeBlock",),
-        router_attr="gate", n_experts_key="num_experts",
-    ),
-    Family(
-        name="qwen2_moe", model_types=("qwen2_moe",), block_classes=("Qwen2MoeSparseMoeBlock",),
-        router_attr="gate", n_experts_key="num_experts",
-        shared_attrs=("shared_expert", "shared_expert_gate"),
-    ),
-    Family(
-        name="olmoe", model_types=("olmoe",), block_classes=("OlmoeSparseMoeBlock",),
-        router_attr="gate", n_experts_key="num_experts",
-    ),
-    Family(
-        name="mixtral", model_types=("mixtral",), block_classes=("MixtralSparseMoeBlock",),
-        router_attr="gate", n_experts_key="num_local_experts",
-    ),
-    Family(
-        name="deepseek_v2", model_types=("deepseek_v2",), block_classes=("DeepseekV2Moe",),
-        router_attr="gate", n_experts_key="n_routed_experts", shared_attrs=("shared_experts",),
-        group_keys=("n_group", "topk_group"),
-        group_applies=lambda c: getattr(c, "topk_method", "greedy") == "group_limited_greedy",
-        notes="softmax router; group-limited greedy top-k when topk_method='group_limited_greedy'",
-    ),
-    Family(
-        name="deepseek_v3", model_types=("deepseek_v3",), block_classes=("DeepseekV3MoE",),
-        router_attr="gate", n_experts_key="n_routed_experts", shared_attrs=("shared_experts",),
-        scoring="sigmoid", correction_bias="e_score_correction_bias",
-        group_keys=("n_group", "topk_group"), group_min_experts=2,
-        notes="sigmoid router with e_score_correction_bias; groups score by their top-2 experts",
-    ),
-    Family(
-        name="gpt_oss", model_types=("gpt_oss",), block_classes=("GptOssMLP",),
-        router_attr="router", n_experts_key="num_local_experts", router_bias="bias",
-        expert_neurons=(("gate_up_proj", NeuronAxis(1, "pairs")), ("gate_up_proj_bias", NeuronAxis(0, "pairs")),
-                        ("down_proj", NeuronAxis(0))),
-        notes="router bias; expert biases; interleaved gate_up layout [E, H, 2I]",
-    ),
-    Family(
-        name="granitemoe", model_types=("granitemoe",), block_classes=("GraniteMoeMoE",),
-        router_attr="router", n_experts_key="num_local_experts",
-    ),
-    Family(
-        name="phimoe", model_types=("phimoe",), block_classes=("PhimoeSparseMoeBlock",),
-        router_attr="router", n_experts_key="num_local_experts",
-        notes="sparsemixer routing: weights come from masked softmaxes over the logits",
-    ),
-    Family(
-        name="switch_transformers", model_types=("switch_transformers",),
-        block_classes=("SwitchTransformersSparseMLP",), router_attr="router", n_experts_key="num_experts",
-        top_k_key=None, fixed_top_k=1, layout="modules", router_weight="classifier.weight",
-        router_bias="classifier.bias", logits_output=2, combine=_combine_switch,
-        expert_neurons=(("wi.weight", NeuronAxis(0)), ("wo.weight", NeuronAxis(1))), expert_down="wo.weight",
-        layer_stacks=("encoder.block", "decoder.block"),
-        notes="top-1 with expert capacity; experts are modules expert_{i}",
-    ),
-    Family(
-        name="nllb_moe", model_types=("nllb-moe", "nllb_moe"), block_classes=("NllbMoeSparseMLP",),
-        router_attr="router", n_experts_key="num_experts", top_k_key=None, fixed_top_k=2,
-        layout="modules", router_weight="classifier.weight", router_bias="classifier.bias",
-        logits_output=2, combine=_combine_nllb,
-        expert_neurons=(("fc1.weight", NeuronAxis(0)), ("fc1.bias", NeuronAxis(0)), ("fc2.weight", NeuronAxis(1))),
-        expert_down="fc2.weight", layer_stacks=("model.encoder.layers", "model.decoder.layers"),
-        notes="top-2 with capacity; experts are modules expert_{i}; moe_slim runs the experts with "
-        "fairseq's dispatch (transformers 5.x's NllbMoeExperts.forward only ever runs experts 0 and 1)",
-    ),
-)
-
-
-#: Quantization formats (``config.quantization_config.quant_method``) whose expert tensors a rewrite
-#: slices without dequantizing, and the on-disk tensors each adds beside the weights. Both keep the
-#: experts along the first dimension of every tensor (or one tensor per expert), so pruning copies
-#: byte ranges; the quantization block of the config stays valid as it is.
-SLICEABLE_QUANTIZATION: dict[str, str] = {
-    "mxfp4": "GPT-OSS MXFP4: fused *_blocks [E, rows, groups, 16] and *_scales [E, rows, groups], uint8",
-    "fp8": "FP8 with block scales (DeepSeek-V3): weight float8_e4m3fn + weight_scale_inv per expert",
-}
-
-
-def supported_families() -> str:
-    return ", ".join(f.name for f in FAMILIES)
-
-
-def family_of(model_or_config: Any) -> Family:
-    """The family entry for a model or config, or a one-line error listing the supported ones."""
-    config = getattr(model_or_config, "config", model_or_config)
-    model_type = getattr(config, "model_type", None)
-    for fam in FAMILIES:
-        if model_type in fam.model_types:
-            return fam
-    raise MoeSlimError(
-        f"model type '{model_type}' is not a supported MoE family (supported: {supported_families()})"
-    )
 
 
 def get_path(module: nn.Module, path: str) -> Any:
@@ -231,9 +123,18 @@ def get_path(module: nn.Module, path: str) -> Any:
     return obj
 
 
+def expert_axis(shape: tuple[int, ...], n: int) -> int | None:
+    """The axis of a tensor that runs over ``n`` experts: 0 for ``[E, ...]``, 1 for a ``[1, E]`` row."""
+    if len(shape) >= 1 and shape[0] == n:
+        return 0
+    if len(shape) == 2 and shape[0] == 1 and shape[1] == n:
+        return 1
+    return None
+
+
 @dataclass
 class MoeLayer:
-    """One MoE block of a model, found through the family table."""
+    """One MoE block of a model."""
 
     index: int  # position among the model's MoE layers
     name: str  # module path, e.g. "model.layers.3.mlp"
@@ -259,11 +160,34 @@ class MoeLayer:
 
     @property
     def correction_bias(self) -> torch.Tensor | None:
-        return get_path(self.router, self.family.correction_bias) if self.family.correction_bias else None
+        """The first selection-only bias (None when the router has none)."""
+        for path in self.family.selection_biases:
+            t = get_path(self.block, path)
+            if t is not None:
+                return t
+        return None
 
     @property
     def num_experts(self) -> int:
         return int(self.router_weight.shape[0])
+
+    def per_expert(self) -> dict[str, int]:
+        """Every tensor of the block that runs over the experts: block-relative path -> expert axis.
+
+        Fused expert parameters, router rows and bias, and selection biases wherever they sit; shared
+        experts are not the routed experts, and a modules-layout block's experts are whole modules."""
+        n = self.num_experts
+        skip = tuple(f"{a}." for a in self.family.shared_attrs)
+        if self.family.layout == "modules":
+            skip += (f"{self.family.experts_attr}.",)
+        out: dict[str, int] = {}
+        for path, t in [*self.block.named_parameters(), *self.block.named_buffers()]:
+            if path.startswith(skip):
+                continue
+            axis = expert_axis(tuple(t.shape), n)
+            if axis is not None:
+                out[path] = axis
+        return out
 
     def expert_params(self) -> dict[str, torch.Tensor]:
         """Fused layout: the experts module's parameters with a leading expert dimension."""
@@ -285,23 +209,6 @@ class MoeLayer:
         return logits.softmax(-1)
 
 
-def moe_layers(model: nn.Module) -> list[MoeLayer]:
-    """Every MoE block of ``model``, in module order; one-line errors for unsupported models."""
-    family = family_of(model)
-    encdec = bool(getattr(model.config, "is_encoder_decoder", False))
-    layers: list[MoeLayer] = []
-    for name, module in model.named_modules():
-        if type(module).__name__ in family.block_classes:
-            stack = "encoder" if encdec and ".encoder." in f".{name}." else "decoder"
-            layers.append(MoeLayer(len(layers), name, stack, module, family))
-    if not layers:
-        raise MoeSlimError(
-            f"model of type '{model.config.model_type}' has no MoE layer (moe_slim slims MoE models of: "
-            f"{supported_families()}; for dense models use `moe-slim probe`)"
-        )
-    return layers
-
-
 def check_uniform(layers: list[MoeLayer]) -> int:
     """The common expert count of all layers (moe_slim statistics assume one)."""
     counts = {layer.num_experts for layer in layers}
@@ -313,7 +220,7 @@ def check_uniform(layers: list[MoeLayer]) -> int:
 def set_expert_count(layer: MoeLayer, n: int) -> None:
     """Tell every module of a block (router, experts, block) that it now has ``n`` experts."""
     for module in layer.block.modules():
-        for attr in ("num_experts", "num_local_experts", "n_routed_experts"):
+        for attr in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
             if isinstance(getattr(module, attr, None), int):
                 setattr(module, attr, n)
         for attr in ("top_k", "num_experts_per_tok"):
@@ -323,7 +230,8 @@ def set_expert_count(layer: MoeLayer, n: int) -> None:
 
 def set_config_counts(config: Any, family: Family, n: int) -> None:
     """Write the new expert count (and a top-k that fits) into the config."""
-    setattr(config, family.n_experts_key, n)
+    if family.n_experts_key is not None:
+        setattr(config, family.n_experts_key, n)
     if family.top_k_key is not None and int(getattr(config, family.top_k_key)) > n:
         setattr(config, family.top_k_key, n)
 

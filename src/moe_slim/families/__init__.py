@@ -1,0 +1,25 @@
+"""MoE families: found from each model's module structure (:mod:`.discover`), with a table of what
+structure cannot tell (:mod:`.table`). The ONLY place that knows model classes; everything else in
+moe_slim works on :class:`MoeLayer` handles."""
+
+from .discover import family_of, find_blocks, moe_layers
+from .family import (
+    SWIGLU_NEURONS,
+    Family,
+    MoeLayer,
+    NeuronAxis,
+    check_uniform,
+    expert_axis,
+    get_path,
+    group_size_ok,
+    set_config_counts,
+    set_expert_count,
+)
+from .skeleton import skeleton
+from .table import QUIRKS, REFUSED, SLICEABLE_QUANTIZATION
+
+__all__ = [
+    "QUIRKS", "REFUSED", "SLICEABLE_QUANTIZATION", "SWIGLU_NEURONS", "Family", "MoeLayer", "NeuronAxis",
+    "check_uniform", "expert_axis", "family_of", "find_blocks", "get_path", "group_size_ok", "moe_layers",
+    "set_config_counts", "set_expert_count", "skeleton",
+]
