@@ -42,7 +42,7 @@ from ..modeling.loading import (
     parse_dtype,
 )
 from ..modeling.materialize import WeightSource
-from ..modeling.mtp import check_mtp_writable, drop_mtp as drop_mtp_layers, skeleton
+from ..modeling.mtp import check_mtp_writable, checkpoint_skeleton, drop_mtp as drop_mtp_layers
 from ..modeling.shards import has_safetensors
 from ..outputs import check_output
 from .plans import write_plan
@@ -105,7 +105,7 @@ def merge_checkpoint(
         plan = MergePlan.load(plan_path)
         at_size = at_size and not plan.info.get("tied")  # a tied merge keeps every expert: replayed in memory
         if at_size:
-            model, tok = prepare_model(skeleton(load_config(model_path), model_path)), None
+            model, tok = prepare_model(checkpoint_skeleton(load_config(model_path), model_path)), None
         else:
             model, tok = load_model(model_path, **run)
         before = count_parameters(model)
@@ -129,7 +129,8 @@ def merge_checkpoint(
         if calib is not None:
             texts, budget = calibration_texts(calib, data_dir)
         if at_size:
-            model, tok = prepare_model(skeleton(load_config(model_path), model_path)), load_tokenizer(model_path)
+            model = prepare_model(checkpoint_skeleton(load_config(model_path), model_path))
+            tok = load_tokenizer(model_path)
         else:
             model, tok = load_model(model_path, **run)
         if tok is None and calib is not None:

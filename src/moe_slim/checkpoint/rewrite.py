@@ -38,7 +38,7 @@ from ..families import (
     set_config_counts,
 )
 from ..modeling.loading import load_config
-from ..modeling.mtp import attach_mtp, check_mtp_writable, mtp_of, set_mtp_count, skeleton
+from ..modeling.mtp import attach_mtp, check_mtp_writable, checkpoint_skeleton, mtp_of, set_mtp_count
 from ..modeling.ondisk import DiskLayout, DiskTensor, meta_model, quant_method
 from ..modeling.shards import (
     FLOATING,
@@ -210,7 +210,7 @@ def rewrite_pruned(
         raise MoeSlimError(f"{src} is quantized; merging averages weights, which needs them dequantized first")
     plan.check_writable()
     ckpt = ShardedCheckpoint(src)
-    model = skeleton(config, src)
+    model = checkpoint_skeleton(config, src)
     layout = DiskLayout(model, ckpt.keys)
     counts = {layer.num_experts for layer in layout.layers}
     if counts != {plan.num_experts}:

@@ -287,7 +287,7 @@ def check_mtp_writable(model: nn.Module, where: Any, drop: bool) -> None:
         info.check_writable(str(where))
 
 
-def skeleton(config: Any, source: Any) -> nn.Module:
+def checkpoint_skeleton(config: Any, source: Any) -> nn.Module:
     """:func:`~.ondisk.meta_model` with the MTP layers the checkpoint at ``source`` stores grafted in: a
     skeleton with every MoE layer of the checkpoint."""
     from .ondisk import meta_model
