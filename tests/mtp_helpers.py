@@ -109,14 +109,14 @@ def assert_agrees_with_config(path: Path, mtp_layers: int) -> None:
     from moe_slim.checkpoint.rewrite import check_expert_layout
     from moe_slim.families import family_of
     from moe_slim.modeling.loading import load_config
-    from moe_slim.modeling.mtp import count_key, mtp_of, skeleton
+    from moe_slim.modeling.mtp import checkpoint_skeleton, count_key, mtp_of
     from moe_slim.modeling.ondisk import DiskLayout
     from moe_slim.modeling.shards import ShardedCheckpoint
 
     config = load_config(path)
     n = family_of(config).num_experts(config)
     ckpt = ShardedCheckpoint(path)
-    model = skeleton(config, path)
+    model = checkpoint_skeleton(config, path)
     info = mtp_of(model)
     assert (len(info.depths) if info else 0) == mtp_layers
     assert getattr(config, count_key(config)) == mtp_layers

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from moe_slim.api import apply_checkpoint, merge_checkpoint, prune_checkpoint
 from moe_slim.cli import main
 from moe_slim.experts.observe import observe, observe_layerwise
-from moe_slim.experts.plan import ExpertPlan
+from moe_slim.experts.plan import ExpertPlan, LayerPlan
 from moe_slim.families import moe_layers
 from moe_slim.modeling.loading import load_model
 from moe_slim.modeling.mtp import count_key, mtp_of, mtp_patterns, mtp_step, shifted
@@ -226,3 +226,57 @@ def test_layerwise_observation_resumes_before_the_mtp_layer(ds: dict[str, Path],
     for d in TEXTS:
         for f, t in reference.domains[d].items():
             assert torch.equal(t, resumed.domains[d][f]), f
+
+
+def test_an_fp8_mtp_layer_is_sliced_without_dequantizing(tmp_path: Path) -> None:
+    """DeepSeek-V3 as published: FP8 experts with block scales, in the MTP layer too."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = save_tiny_deepseek_mtp(tmp_path / "src")
+    sd = load_file(str(src / "model.safetensors"))
+    for k in [k for k in sd if ".mlp.experts." in k and k.endswith("_proj.weight")]:
+        sd[k[: -len("weight")] + "weight_scale_inv"] = torch.rand(1, 1) + 0.5
+        sd[k] = sd[k].to(torch.float8_e4m3fn)
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
+    (src / "config.json").write_text(json.dumps(cfg))
+    plan = ExpertPlan("deepseek_v3", 8, 2, [LayerPlan(f"model.layers.{i}.mlp", keep) for i, keep in
+                                            ((1, [0, 1, 4, 5]), (2, [2, 3, 6, 7]), (3, [0, 2, 5, 7]))])
+    plan.save(tmp_path / "plan.json")
+    apply_checkpoint(src, tmp_path / "plan.json", tmp_path / "out", progress=False)
+    assert_agrees_with_config(tmp_path / "out", mtp_layers=1)
+    with safe_open(str(src / "model.safetensors"), "pt") as fs, \
+            safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as fo:
+        for j, e in enumerate([0, 2, 5, 7]):
+            for part in ("down_proj.weight", "down_proj.weight_scale_inv"):
+                a = fo.get_tensor(f"model.layers.3.mlp.experts.{j}.{part}")
+                b = fs.get_tensor(f"model.layers.3.mlp.experts.{e}.{part}")
+                assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        assert "model.layers.3.mlp.experts.4.down_proj.weight_scale_inv" not in set(fo.keys())
+
+
+def test_mtp_layers_moe_slim_cannot_place_are_refused_unless_dropped(ds: dict[str, Path], tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from moe_slim.errors import MoeSlimError
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in ds["src"].iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    sd = load_file(str(src / "model.safetensors"))  # an MTP layer that does not follow the last layer
+    sd = {k.replace("model.layers.3.", "model.layers.5.", 1): v for k, v in sd.items()}
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    stats = tmp_path / "stats"
+    model, tok = load_model(src)
+    assert mtp_of(model).unplaced and [l.name for l in moe_layers(model)][-1] == "model.layers.2.mlp"
+    observe(model, tok, TEXTS, seq_len=16, batch_size=2, pack=False).save(stats)
+    for in_memory in (False, True):
+        with pytest.raises(MoeSlimError, match=r"stores MTP layers \(model\.layers\.5\..*--drop-mtp"):
+            prune_checkpoint(src, stats, tmp_path / "out", ratio=0.5, in_memory=in_memory, progress=False)
+        assert not (tmp_path / "out").exists()
+    prune_checkpoint(src, stats, tmp_path / "out", ratio=0.5, progress=False, drop_mtp=True)
+    assert not [k for k in ShardedCheckpoint(tmp_path / "out").keys if k.startswith("model.layers.5.")]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 0

@@ -37,7 +37,7 @@ from ..modeling.loading import (
     parse_dtype,
 )
 from ..modeling.materialize import WeightSource
-from ..modeling.mtp import drop_mtp as drop_mtp_layers, skeleton
+from ..modeling.mtp import check_mtp_writable, checkpoint_skeleton, drop_mtp as drop_mtp_layers
 from ..modeling.shards import has_safetensors
 from ..outputs import check_output
 from .plans import plan_parameters, write_plan
@@ -101,7 +101,7 @@ def merge_checkpoint(
         plan = MergePlan.load(plan_path)
         at_size = at_size and not plan.info.get("tied")  # a tied merge keeps every expert: replayed in memory
         if at_size:
-            model, tok = prepare_model(skeleton(load_config(model_path), model_path)), None
+            model, tok = prepare_model(checkpoint_skeleton(load_config(model_path), model_path)), None
         else:
             model, tok = load_model(model_path, **run)
         before = count_parameters(model)
@@ -124,7 +124,8 @@ def merge_checkpoint(
         if calib is not None:
             texts, budget = calibration_texts(calib, data_dir)
         if at_size:
-            model, tok = prepare_model(skeleton(load_config(model_path), model_path)), load_tokenizer(model_path)
+            model = prepare_model(checkpoint_skeleton(load_config(model_path), model_path))
+            tok = load_tokenizer(model_path)
         else:
             model, tok = load_model(model_path, **run)
         if tok is None and calib is not None:
@@ -151,8 +152,10 @@ def merge_checkpoint(
     if plan_only:  # the decisions without the checkpoint (they replay with apply/eval --plan)
         write_plan(plan, out, overwrite=overwrite)
     else:
+        check_mtp_writable(model, model_path, drop_mtp)
         if drop_mtp:
-            model.config.moe_slim = dict(getattr(model.config, "moe_slim", None) or {}, dropped_mtp=drop_mtp_layers(model))
+            dropped = drop_mtp_layers(model)
+            model.config.moe_slim = dict(getattr(model.config, "moe_slim", None) or {}, dropped_mtp=dropped)
         save_checkpoint(model, tok, out, card=card, plan=plan, overwrite=overwrite, dtype=save_dtype, source=model_path)
     return plan
 

@@ -16,6 +16,7 @@ from ..experts.stats import RouterStats
 from ..families import family_of, moe_layers
 from ..modeling.hub import resolve_model
 from ..modeling.loading import load_config, load_model, output_dtype
+from ..modeling.mtp import check_mtp_writable
 from ..outputs import check_output
 from .plans import plan_for
 
@@ -40,6 +41,7 @@ def mone_checkpoint(
     stats = RouterStats.load(stats_path)
     save_dtype = output_dtype(dtype, model_path)
     model, tok = load_model(model_path, dtype=torch.float32)
+    check_mtp_writable(model, model_path, drop=False)
     plan = plan_for(model, stats, criterion="mone", ratio=ratio, mix=mix, protect_super=protect_super)
     if all(len(lp.keep) == plan.num_experts for lp in plan.layers):
         raise MoeSlimError(f"--ratio {ratio:g} of {plan.num_experts} experts rounds to no novice in any layer "

@@ -27,7 +27,7 @@ from ..modeling.loading import (
     load_model,
     parse_dtype,
 )
-from ..modeling.mtp import drop_mtp as drop_mtp_layers, skeleton
+from ..modeling.mtp import check_mtp_writable, checkpoint_skeleton, drop_mtp as drop_mtp_layers
 from ..modeling.shards import has_safetensors, load_dtype
 from ..outputs import check_output
 from .plans import load_plan, plan_for, plan_parameters, write_plan
@@ -80,7 +80,7 @@ def prune_checkpoint(
     streaming = plan_only or not in_memory and has_safetensors(model_path)
     if streaming:
         check_quantization(config, str(model_path))
-        model, tok = skeleton(config, model_path), None
+        model, tok = checkpoint_skeleton(config, model_path), None
     else:
         model, tok = load_model(model_path, dtype=load_dtype(want, model_path))
     plan = plan_for(model, stats, criterion=criterion, ratio=ratio, mix=mix, reference=reference, budget=budget,
@@ -119,7 +119,7 @@ def apply_checkpoint(
     plan = load_plan(plan_path)
     config = load_config(model_path)
     family_of(config)
-    plan = cover_mtp(plan, skeleton(config, model_path))  # a plan made before its MTP layers were known
+    plan = cover_mtp(plan, checkpoint_skeleton(config, model_path))  # a plan made before MTP layers were known
     want = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else DEFAULT_MAX_SHARD_BYTES
     if not in_memory and has_safetensors(model_path) and not plan.info.get("tied"):  # tied: every expert stays
@@ -153,6 +153,7 @@ def _write(model: nn.Module, tok: Any, plan: ExpertPlan, source: Any, out: Any, 
     check_uniform(moe_layers(model))
     before = count_parameters(model)
     plan.check_writable()  # refuse before any slicing work
+    check_mtp_writable(model, source, drop_mtp)
     apply_plan(model, plan)
     if drop_mtp:
         model.config.moe_slim["dropped_mtp"] = drop_mtp_layers(model)

@@ -38,7 +38,7 @@ from ..families import (
     set_config_counts,
 )
 from ..modeling.loading import load_config
-from ..modeling.mtp import attach_mtp, mtp_of, set_mtp_count, skeleton
+from ..modeling.mtp import attach_mtp, check_mtp_writable, checkpoint_skeleton, mtp_of, set_mtp_count
 from ..modeling.ondisk import DiskLayout, DiskTensor, meta_model, quant_method
 from ..modeling.shards import (
     FLOATING,
@@ -229,7 +229,7 @@ def rewrite_pruned(
         refuse_quantized_merge(config, src)
     plan.check_writable()
     ckpt = ShardedCheckpoint(src)
-    model = skeleton(config, src)
+    model = checkpoint_skeleton(config, src)
     layout = DiskLayout(model, ckpt.keys)
     counts = {layer.num_experts for layer in layout.layers}
     if counts != {plan.num_experts}:
@@ -242,6 +242,7 @@ def rewrite_pruned(
         raise MoeSlimError(f"cannot keep {n_keep} experts per layer: {why}")
     check_expert_layout(ckpt, layout, plan.num_experts)
     mtp = mtp_of(model)
+    check_mtp_writable(model, src, drop_mtp)
     skip = frozenset(mtp.keys) if drop_mtp and mtp is not None else frozenset()
     merged = MergedLayers(src, config, plan, dtype) if isinstance(plan, MergePlan) else None
     tensors = pruned_tensors(ckpt, layout, plan, dtype, merged, skip)

@@ -131,7 +131,7 @@ def observe_layerwise(
     """
     from ..modeling.loading import load_config
     from ..modeling.materialize import WeightSource
-    from ..modeling.mtp import skeleton
+    from ..modeling.mtp import checkpoint_skeleton
     from ..modeling.ondisk import quant_method
 
     _check_samples(samples)
@@ -140,7 +140,7 @@ def observe_layerwise(
         raise MoeSlimError(f"{model_path} is quantized ({quant_method(config)}); layer-wise observation reads "
                            "unquantized safetensors weights (dequantize it first, or observe without --layerwise)")
     device = torch.device(device)
-    model = prepare_model(skeleton(config, model_path))
+    model = prepare_model(checkpoint_skeleton(config, model_path))
     batches = calibration_batches(tokenizer, calibration, seq_len=seq_len, batch_size=batch_size,
                                   max_tokens=max_tokens, pack=pack)
     layers = moe_layers(model)

@@ -60,6 +60,13 @@ class MtpLayers:
     depths: list[MtpDepth]
     roots: list[str]  # top-level module paths that hold them (what to load, unload or drop)
     hidden_first: bool = False  # the projection reads [hnorm(h), enorm(e)] (transformers' mtp_hidden_states_first)
+    unplaced: str = ""  # why the MTP tensors could not be grafted (then there are no depths)
+
+    def check_writable(self, where: str) -> None:
+        """A one-line error when an output would keep MTP tensors moe_slim could not place (and so not slice)."""
+        if self.unplaced:
+            raise MoeSlimError(f"{where} stores MTP layers ({self.keys[0]}, ...) that moe_slim cannot slice with the "
+                               f"model: {self.unplaced}; write the output without them with --drop-mtp")
 
     def layer_names(self) -> list[str]:
         return [d.prefix for d in self.depths]
@@ -71,7 +78,7 @@ def num_main_layers(config: Any) -> int:
 
 
 def ignore_patterns(model: nn.Module) -> list[str]:
-    """The ``_keys_to_ignore_on_load_unexpected`` patterns of the model and its sub-models (some are set per instance)."""
+    """The ``_keys_to_ignore_on_load_unexpected`` patterns of the model and its sub-models (some set per instance)."""
     from transformers import PreTrainedModel
 
     out: list[str] = []
@@ -174,7 +181,7 @@ def _decoder_layer(model: nn.Module, depth: int, n: int) -> nn.Module:
 def _last_layer_class(model: nn.Module) -> type:
     stack = get_path(model, family_of(model).layer_stacks[-1])
     if not isinstance(stack, nn.ModuleList) or not len(stack):
-        raise MoeSlimError(f"cannot find the decoder layers of this {family_of(model).name} model to build its MTP layers")
+        raise MoeSlimError(f"cannot find the decoder layers of this {family_of(model).name} model to build MTP layers")
     return type(stack[0])
 
 
@@ -192,9 +199,8 @@ def attach_mtp(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> MtpLayer
 
     Returns what was grafted (also kept as ``model.moe_slim_mtp``), or None when the checkpoint has no
     MTP tensors. Parameters are created on the meta device: load them from the checkpoint
-    (:func:`attach_from_checkpoint`, :func:`load_mtp`) or leave them there (a skeleton)."""
-    from accelerate import init_empty_weights
-
+    (:func:`attach_from_checkpoint`, :func:`load_mtp`) or leave them there (a skeleton). MTP tensors in a
+    layout moe_slim cannot place are recorded (``unplaced``), not grafted."""
     existing = getattr(model, "moe_slim_mtp", None)
     if existing is not None:
         return existing
@@ -207,9 +213,20 @@ def attach_mtp(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> MtpLayer
     keys = [k for k in shapes if is_mtp_key(k, pats, n_main)]
     if not keys:
         return None
+    try:
+        info = _graft(model, keys, shapes)
+    except MoeSlimError as exc:  # an MTP layout moe_slim does not know: refused when writing, unless dropped
+        info = MtpLayers(keys, [], [], unplaced=str(exc))
+    object.__setattr__(model, "moe_slim_mtp", info)  # not a module: never in state_dict, deep-copied along
+    return info
+
+
+def _graft(model: nn.Module, keys: list[str], shapes: dict[str, tuple[int, ...]]) -> MtpLayers:
+    from accelerate import init_empty_weights
+
     prefixes = sorted({m.group(1) for k in keys if (m := _DEPTH.match(k))}, key=lambda p: int(p.rsplit(".", 1)[1]))
     if not prefixes:
-        raise MoeSlimError(f"MTP tensors such as {keys[0]} hold no decoder layer moe_slim can place")
+        raise MoeSlimError("they hold no decoder layer under a layers.N name")
     depths: list[MtpDepth] = []
     norm_cls = None
     with init_empty_weights():  # no memory until loaded: a real MTP layer is as large as any other
@@ -219,7 +236,7 @@ def attach_mtp(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> MtpLayer
             holder = get_path(model, parent)
             if isinstance(holder, nn.ModuleList):
                 if len(holder) != int(idx):
-                    raise MoeSlimError(f"MTP layer {prefix} does not follow the model's {len(holder)} layers")
+                    raise MoeSlimError(f"{prefix} does not follow the model's {len(holder)} layers")
                 holder.append(layer)
             else:
                 _ensure_path(model, parent).add_module(idx, layer)
@@ -227,15 +244,14 @@ def attach_mtp(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> MtpLayer
             depths.append(MtpDepth(prefix))
         state = model.state_dict()
         fits = _fits(model, state)
-        own = {d.prefix: set(dict(model.get_submodule(d.prefix).named_children())) for d in depths}
+        own = {d.prefix: set(dict(model.get_submodule(d.prefix).named_children())) for d in depths}  # before extras
         for key in keys:
             if fits(key):
                 continue
             k = next((i for i, d in enumerate(depths) if key.startswith(d.prefix + ".")), 0)
             part = key[len(depths[k].prefix) + 1:].split(".", 1)[0] if key.startswith(depths[k].prefix + ".") else ""
             if part in own[depths[k].prefix]:
-                raise MoeSlimError(f"the MTP tensor {key} fits no parameter of a {type(layer).__name__} (an MTP layout "
-                                   "moe_slim does not know)")
+                continue  # beside the layer's own weights (FP8 block scales): the on-disk layout places it
             path = key.rsplit(".", 1)[0]
             role = _role_of(key, depths[k].prefix, k)
             parent, _, leaf = path.rpartition(".")
@@ -246,9 +262,7 @@ def attach_mtp(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> MtpLayer
     tops = {d.prefix for d in depths} | {k.split(".", 1)[0] for k in keys
                                          if not any(k.startswith(d.prefix + ".") for d in depths)}
     roots = sorted(r for r in tops if not any(r.startswith(t + ".") for t in tops))  # mtp.layers.0 is under mtp
-    info = MtpLayers(keys, depths, roots, bool(getattr(model.config, "mtp_hidden_states_first", False)))
-    object.__setattr__(model, "moe_slim_mtp", info)  # not a module: never in state_dict, deep-copied along
-    return info
+    return MtpLayers(keys, depths, roots, bool(getattr(model.config, "mtp_hidden_states_first", False)))
 
 
 def _fits(model: nn.Module, state: dict[str, Any]) -> Any:
@@ -266,7 +280,14 @@ def mtp_of(model: nn.Module) -> MtpLayers | None:
     return getattr(model, "moe_slim_mtp", None)
 
 
-def skeleton(config: Any, source: Any) -> nn.Module:
+def check_mtp_writable(model: nn.Module, where: Any, drop: bool) -> None:
+    """Refuse (one line) to write an output that would keep MTP tensors moe_slim could not slice."""
+    info = mtp_of(model)
+    if info is not None and not drop:
+        info.check_writable(str(where))
+
+
+def checkpoint_skeleton(config: Any, source: Any) -> nn.Module:
     """:func:`~.ondisk.meta_model` with the MTP layers the checkpoint at ``source`` stores grafted in: a
     skeleton with every MoE layer of the checkpoint."""
     from .ondisk import meta_model
@@ -349,7 +370,11 @@ def mtp_step(model: nn.Module, depth: int, previous: torch.Tensor, next_ids: tor
     if missing:
         raise MoeSlimError(f"MTP layer {d.prefix} has no {missing[0]} (a layout moe_slim cannot run)")
     part = {r: model.get_submodule(p) for r, p in d.roles.items()}
-    embeds = model.get_input_embeddings()(next_ids).to(previous.dtype)
+    embedding = model.get_input_embeddings()
+    dev = part["eh_proj"].weight.device  # a device map may place the MTP layer apart from the embedding
+    embeds = embedding(next_ids.to(embedding.weight.device)).to(dev, previous.dtype)
+    previous, position_ids = previous.to(dev), position_ids.to(dev)
+    attention_mask = attention_mask.to(dev) if attention_mask is not None else None
     pieces = [part["enorm"](embeds), part["hnorm"](previous)]
     x = part["eh_proj"](torch.cat(pieces[::-1] if info.hidden_first else pieces, dim=-1))
     base = model.get_decoder() if hasattr(model, "get_decoder") else model

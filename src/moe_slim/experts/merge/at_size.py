@@ -21,7 +21,7 @@ from torch import nn
 from ...errors import MoeSlimError
 from ...families import MoeLayer, moe_layers
 from ...modeling.materialize import WeightSource
-from ...modeling.mtp import load_mtp, mtp_of, skeleton, unload_mtp
+from ...modeling.mtp import checkpoint_skeleton, load_mtp, mtp_of, unload_mtp
 from ...modeling.shards import TORCH_DTYPES
 from ..layerwise import LayerwiseRunner, OutputCache
 from ..mtp_observe import observe_depth
@@ -45,7 +45,7 @@ class MergedLayers:
 
     def __init__(self, source: str | os.PathLike, config: object, plan: MergePlan,
                  dtype: torch.dtype | None = None) -> None:
-        self.model = skeleton(config, source)
+        self.model = checkpoint_skeleton(config, source)
         self.layers = validate_merge_plan(plan, self.model)
         self.plan = plan
         self.source = WeightSource(source, self.model)
