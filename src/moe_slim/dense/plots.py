@@ -25,6 +25,8 @@ def plot_probe_matrix(pm: ProbeMatrix, path: Path, relevance: dict[str, np.ndarr
     """Heatmap of P[layer, task] (plus the weighted column) per stack, with the relevance per layer
     as bars beside it; kept layers are starred."""
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     stacks = list(pm.accuracy)
     rows = max(v.shape[0] for v in pm.accuracy.values())
     ncols = len(stacks) * (2 if relevance is not None else 1)
@@ -56,7 +58,8 @@ def plot_probe_matrix(pm: ProbeMatrix, path: Path, relevance: dict[str, np.ndarr
             axr.set_ylim(data.shape[0] - 0.5, -0.5)
             axr.set_yticks([])
             axr.set_xlabel("relevance\n(blue: kept)", fontsize=8)
-            axr.tick_params(axis="x", labelsize=7)
+            axr.xaxis.set_major_locator(MaxNLocator(nbins=3))  # a narrow axis: few ticks, labels upright
+            axr.tick_params(axis="x", labelsize=7, labelrotation=90)
     fig.suptitle(title or "probe accuracy P[layer, task]")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -6,9 +6,12 @@
 Two fronts are drawn (PNG, matplotlib with the Agg backend):
 
 * ``params_vs_chrf.png``: retained parameters (share of the baseline) against chrF, one front per
-  method (fewer parameters and higher chrF are better);
+  method and calibration mix (fewer parameters and higher chrF are better);
 * ``mc_vs_generative.png``: mean multiple-choice accuracy against the generative score (chrF, or
   math exact match when the sweep has no translation), one front per calibration mix.
+
+The report also pairs every merge point with every prune point at the same ratio and mix: chrF
+difference on the same sentences with its paired-bootstrap interval (:mod:`.paired`).
 
 A target is ``METRIC OP VALUE`` where METRIC is a headline column (``chrf``, ``mc_acc``,
 ``math_em``, ``ppl``, ``gen_score``) or a metric key (``translation/chrf``), OP is ``>=`` or ``<=``
@@ -24,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MoeSlimError
+from .paired import prune_vs_merge
+from .plots import mc_vs_generative, params_vs_chrf, save, series_name
 from .targets import (
     baseline_row,
     best_for_target,
@@ -142,7 +147,8 @@ def pivot(rows: list[dict[str, Any]], metric: str = "chrf", nd: int = 2) -> str:
 
 
 def fronts(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """Pareto fronts: params share vs chrF per method; MC accuracy vs generative score per mix."""
+    """Pareto fronts: params share vs chrF per method and calibration mix; MC accuracy vs generative score
+    per mix."""
     base = baseline_row(rows)
     bp = base["params"] if base else max((r["params"] for r in rows), default=1)
     by_method: dict[str, list[dict[str, Any]]] = {}
@@ -150,7 +156,7 @@ def fronts(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any
     for r in rows:
         if r["kind"] == "baseline":
             continue
-        by_method.setdefault(r["method"], []).append(r)
+        by_method.setdefault(series_name(r), []).append(r)
         by_mix.setdefault(r["mix"], []).append(r)
     out: dict[str, dict[str, list[dict[str, Any]]]] = {"params_vs_chrf": {}, "mc_vs_generative": {}}
     for m, rs in by_method.items():
@@ -160,75 +166,6 @@ def fronts(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any
         pts = [(r["mc_acc"], r["gen_score"]) for r in rs]
         out["mc_vs_generative"][m] = [rs[i] for i in pareto_front(pts, (True, True))]
     return out
-
-
-def _plot(rows: list[dict[str, Any]], fr: dict[str, Any], out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    base = baseline_row(rows)
-    bp = base["params"] if base else max(r["params"] for r in rows)
-    written = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (method, front) in enumerate(sorted(fr["params_vs_chrf"].items())):
-        color = f"C{i % 10}"
-        pts = [r for r in rows if r["method"] == method and r["chrf"] is not None]
-        ax.scatter([r["params"] / bp for r in pts], [r["chrf"] for r in pts], color=color, alpha=0.35, s=14)
-        _error_bars(ax, [r["params"] / bp for r in pts], pts, "chrf", color, vertical=True)
-        ax.plot([r["params"] / bp for r in front], [r["chrf"] for r in front], "-o", color=color, label=method, ms=4)
-    if base and base["chrf"] is not None:
-        ax.scatter([1.0], [base["chrf"]], marker="*", s=120, color="k", label="baseline", zorder=5)
-    n_tr = _n(base or rows[0], "translation/n").strip(" ()")
-    written.append(_finish_plot(fig, ax, out / "params_vs_chrf.png", "retained parameters (share of baseline)",
-                                f"chrF ({n_tr} sentences; bars: 95% CI)" if n_tr else "chrF",
-                                "Pareto fronts per method: parameters vs chrF", legend_size=8))
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    gen_name = "chrF" if any(r["chrf"] is not None for r in rows) else "math exact match"
-    for i, (mix, front) in enumerate(sorted(fr["mc_vs_generative"].items())):
-        color = f"C{i % 10}"
-        pts = [r for r in rows if r["mix"] == mix and r["mc_acc"] is not None and r["gen_score"] is not None]
-        ax.scatter([r["mc_acc"] for r in pts], [r["gen_score"] for r in pts], color=color, alpha=0.35, s=14)
-        _error_bars(ax, [r["gen_score"] for r in pts], pts, "mc_acc", color, vertical=False)
-        ax.plot([r["mc_acc"] for r in front], [r["gen_score"] for r in front], "-o", color=color, label=mix, ms=4)
-    if base and base["mc_acc"] is not None and base["gen_score"] is not None:
-        ax.scatter([base["mc_acc"]], [base["gen_score"]], marker="*", s=120, color="k", label="baseline", zorder=5)
-    n_mc = _mc_n(base or rows[0]).strip(" ()")
-    written.append(_finish_plot(fig, ax, out / "mc_vs_generative.png",
-                                "multiple-choice accuracy (mean over tasks" + (f"; {n_mc} items" if n_mc else "")
-                                + "; bars: 95% CI)",
-                                gen_name, "Pareto fronts per calibration mix: multiple choice vs generative",
-                                legend_size=7))
-    return written
-
-
-def _error_bars(ax: Any, other: list[float], pts: list[dict[str, Any]], metric: str, color: str, *,
-                vertical: bool) -> None:
-    """95% interval bars of ``metric`` at the points (vertical: the metric is on the y axis)."""
-    for o, r in zip(other, pts):
-        ci = interval(r, metric)
-        if ci is not None:
-            if vertical:
-                ax.plot([o, o], list(ci), color=color, alpha=0.35, lw=1)
-            else:
-                ax.plot(list(ci), [o, o], color=color, alpha=0.35, lw=1)
-
-
-def _finish_plot(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str, *, legend_size: int) -> str:
-    """Label, save and close one front plot; returns the file name."""
-    import matplotlib.pyplot as plt
-
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=legend_size)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
 
 
 def target_line(best: dict[str, Any]) -> str:
@@ -267,10 +204,11 @@ def write_report(db: str | os.PathLike, out: str | os.PathLike | None = None, *,
           "## chrF by method, mix and ratio", "", pivot(rows, "chrf"), "",
           "## Mean multiple-choice accuracy by method, mix and ratio", "", pivot(rows, "mc_acc", 3), "",
           "## All points", "", table(rows), ""]
-    md += ["## Pareto front per method: retained parameters vs chrF", "", "![params vs chrF](params_vs_chrf.png)", ""]
-    for method, front in sorted(fr["params_vs_chrf"].items()):
-        md.append(f"- **{method}**: " + ", ".join(f"{r['mix']} @{r['ratio']:g} (chrF {_fmt(r['chrf'], 2)})"
-                                                     for r in front))
+    md += ["## Pareto front per method and mix: retained parameters vs chrF", "",
+           "![params vs chrF](params_vs_chrf.png)", ""]
+    for name, front in sorted(fr["params_vs_chrf"].items()):
+        md.append(f"- **{name}**: " + ", ".join(f"@{r['ratio']:g} (chrF {_fmt(r['chrf'], 2)})" for r in front))
+    md += ["", *prune_vs_merge(db, rows, meta)]
     md += ["", "## Pareto front per mix: multiple choice vs generative", "",
            "![MC vs generative](mc_vs_generative.png)", ""]
     for mix, front in sorted(fr["mc_vs_generative"].items()):
@@ -292,7 +230,8 @@ def write_report(db: str | os.PathLike, out: str | os.PathLike | None = None, *,
                    f"{best_any['method']} ratio {best_any['ratio']:g}, budget {best_any['budget']}, mix "
                    f"{best_any['mix']}: {best_any['experts_kept']}/{best_any['experts_total']} experts."]
     with atomic_dir(out, overwrite=True) as tmp:
-        pngs = _plot(rows, fr, tmp) if plots else []
+        pngs = [save(params_vs_chrf(rows, fr["params_vs_chrf"]), tmp / "params_vs_chrf.png"),
+                save(mc_vs_generative(rows, fr["mc_vs_generative"]), tmp / "mc_vs_generative.png")] if plots else []
         (tmp / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     return {"out": str(out), "report": str(out / "report.md"), "plots": [str(out / p) for p in pngs],
             "table": table(rows), "best": best, "command": command, "fronts": fr}
