@@ -36,6 +36,7 @@ from runner import Figures, Runner, StepFailed  # noqa: E402
 def environment(s: steps.Setup, mode: str) -> dict[str, Any]:
     """What ran where; fails when the device is missing or transformers is not the pinned release."""
     import importlib.metadata as md
+    import subprocess
 
     sys.path.insert(0, str(steps.BENCH / "device"))
     from wheels import read_pins
@@ -57,12 +58,14 @@ def environment(s: steps.Setup, mode: str) -> dict[str, Any]:
         env.update(card=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
                    capability=f"{props.major}.{props.minor}", bf16=torch.cuda.is_bf16_supported())
         if shutil.which("nvidia-smi"):
-            import subprocess
-
             q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                capture_output=True, text=True)
             env["driver"] = q.stdout.strip() or None
     s.figures.environment = env
+    check = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
+    env["pip_check"] = check.stdout.strip().splitlines()  # told, not judged: the steps below judge
+    s.log.write(f"$ pip check\n{check.stdout}{check.stderr}")
+    import datasets  # noqa: F401
     import lm_eval  # noqa: F401  (what eval needs; the image lacks it without the carried wheels)
     import pydantic  # noqa: F401
 

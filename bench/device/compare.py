@@ -18,8 +18,10 @@ import torch
 COUNT_FIELDS = ("tokens", "count", "coselect")
 FLOAT32_RTOL = 1e-4  # float64 sums of float32 values from other kernels (measured differences ~1e-6)
 SAMPLE_RTOL = 1e-3  # merge samples (layer inputs after several layers, router logits), at each field's scale
-BF16_COUNT_AGREEMENT = 0.80  # share of per-expert selections placed alike, bf16 against float32
-BF16_SUM_RTOL = 0.10  # each field's total (all layers and experts), bf16 against float32
+# bf16 against float32 on CPUs (2026-12-06): count agreement >= 0.9936 on all 11 tiny families and 0.9978
+# on the generated Qwen3-MoE (2 layers x 96 experts, 16k tokens); sums within 0.6% cell by cell
+BF16_COUNT_AGREEMENT = 0.90  # share of per-expert selections placed alike
+BF16_SUM_RTOL = 0.05  # each field's total (all layers and experts)
 
 
 @dataclass

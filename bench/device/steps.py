@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,8 +213,6 @@ def merge(s: Setup, method: str, device: str, out: str) -> dict[str, Any]:
                  "--batch-size", z["batch"]]
     else:
         args += ["--stats", str(s.work / "stats-f32")]
-    import time
-
     t = time.perf_counter()
     res = cli(args, log=s.log)
     s.seconds[out] = time.perf_counter() - t
