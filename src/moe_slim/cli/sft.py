@@ -92,7 +92,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--merge-lora", action="store_true", help="lora: write merged weights instead of an adapter")
     p.add_argument("--data-dir", dest="data_dir", default=None,
                    help="built data directory (default: $MOE_SLIM_DATA, else ./data, else the checkout's data/)")
-    p.add_argument("--lr", type=positive_float, help="peak learning rate (default: full 5e-5, experts 1e-4, lora 2e-4)")
+    p.add_argument("--lr", type=positive_float,
+                   help="peak learning rate (default: full 5e-5, experts 1e-4, router 1e-3, lora 2e-4)")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--seq-len", type=positive_int, default=256)

@@ -14,6 +14,7 @@ Modes (what is trained):
 * ``experts``: only the MoE experts and routers (and shared experts) of every MoE block, found
   through the family table (:func:`moe_slim.families.moe_layers`); attention, norms and
   embeddings stay frozen, so it works the same for every family.
+* ``router``: only the routers (weights and biases).
 * ``lora``: LoRA adapters (``peft``) on every ``nn.Linear`` except the output head and the
   routers: the attention projections, dense MLPs, shared experts and module-layout experts
   (Switch / NLLB-MoE). Fused 3-D experts (Qwen3-MoE, Mixtral, ...) are not ``nn.Linear`` and get
@@ -23,10 +24,10 @@ Modes (what is trained):
 
 The loop uses :class:`accelerate.Accelerator` for device placement and gradient accumulation and
 ``transformers.get_scheduler`` for warm-up and decay. ``steps`` counts optimizer steps (each
-``grad_accum`` micro-batches). Every ``eval_every`` steps the validation loss is measured on a
-fixed slice of the ``validation`` split; training stops after ``patience`` evaluations without
-improvement, and the best weights seen (the weights before training included) are restored, so
-SFT never ends worse on validation loss than it started.
+``grad_accum`` micro-batches). Every ``eval_every`` steps the run's objective (CE, KL to the teacher,
+or their blend: see ``loss``) is measured on a fixed slice of the ``validation`` split; training
+stops after ``patience`` evaluations without improvement, and the best weights seen (the weights
+before training included) are restored, so SFT never ends worse on that objective than it started.
 
 The model's structure and config are never changed: a pruned model keeps its experts per layer.
 """
