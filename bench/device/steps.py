@@ -245,7 +245,10 @@ def evaluate(s: Setup, device: str, out: str) -> dict[str, Any]:
         if type(module).__name__.endswith("ForCausalLM") and torch.is_tensor(ids) and ids.shape[-1] == 1:
             counter["tokens"] += ids.shape[0]
 
-    handle = torch.nn.modules.module.register_module_forward_hook(count, with_kwargs=True)
+    try:
+        handle = torch.nn.modules.module.register_module_forward_hook(count, with_kwargs=True)
+    except TypeError:  # a torch without keyword hooks: no token count, the rest still runs
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
     try:
         cli(["eval", str(s.model), "--data-dir", str(s.data), "--tasks", "translation", "--limit", z["limit"],
              "--batch-size", "16", "--device", device, "--quiet", "--overwrite", "--out", str(s.work / out)],
@@ -257,13 +260,13 @@ def evaluate(s: Setup, device: str, out: str) -> dict[str, Any]:
     if n != 3 * int(z["limit"]):
         raise StepFailed(f"{n} sentences translated, expected {3 * int(z['limit'])}")
     s.seconds[out] = seconds
-    detail = f"{n} sentences, {counter['tokens']} generated tokens"
+    detail = f"{n} sentences, {counter['tokens']} generated tokens in {results['model'].get('dtype')}"
     if out.endswith("-cpu"):
         mine = [h["hyp"] for h in results["tasks"]["translation"]["hypotheses"]]
         other = json.loads((s.work / out.removesuffix("-cpu")).read_text())["tasks"]["translation"]["hypotheses"]
         same = sum(a == b["hyp"] for a, b in zip(mine, other))
         detail += f"; {same}/{n} hypotheses equal the device run's"
-    return {"tokens_per_s": counter["tokens"] / seconds if seconds else None, "detail": detail}
+    return {"tokens_per_s": counter["tokens"] / seconds if seconds and counter["tokens"] else None, "detail": detail}
 
 
 def sft(s: Setup, device: str, out: str) -> dict[str, Any]:
