@@ -123,6 +123,6 @@ def assert_agrees_with_config(path: Path, mtp_layers: int) -> None:
     layout = DiskLayout(model, ckpt.keys)
     check_expert_layout(ckpt, layout, n)
     routers = [d for d in layout.tensors.values() if d.role == "router"]
-    assert len(routers) >= 2 * len(layout.layers)  # weight and correction bias of every layer
+    assert {d.layer for d in routers} == {l.index for l in layout.layers}  # every layer's router (and biases)
     for d in routers:
         assert ckpt.entry(d.key).shape[0] == n, d.key

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from core_helpers import experts_masked
-from mtp_helpers import assert_agrees_with_config, save_tiny_deepseek_mtp, transformers_mtp
+from mtp_helpers import (
+    assert_agrees_with_config,
+    save_tiny_deepseek_mtp,
+    save_tiny_layer_mtp,
+    save_tiny_qwen3_next_mtp,
+    transformers_mtp,
+)
 from safetensors.torch import load_file
 
 from moe_slim.api import apply_checkpoint, merge_checkpoint, prune_checkpoint
@@ -29,50 +35,76 @@ TEXTS = {"general": ["the quick brown fox jumps over the lazy dog " * 3, "pack m
 IDS = torch.tensor([[5, 17, 40, 3, 22, 9, 61, 30, 12, 44], [8, 8, 19, 70, 2, 33, 51, 6, 27, 90]])
 
 
-@pytest.fixture(scope="module")
-def ds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A DeepSeek-V3-shaped tiny checkpoint with one MTP layer (``model.layers.3``) and its statistics."""
-    d = tmp_path_factory.mktemp("mtp")
-    src = save_tiny_deepseek_mtp(d / "src")
+def _layer_layout(model_type: str) -> dict:
+    p = "model.layers.3"
+    return dict(build=lambda path: save_tiny_layer_mtp(model_type, path), prefix=p, root=f"{p}.",
+                roles={"enorm": f"{p}.enorm", "hnorm": f"{p}.hnorm", "eh_proj": f"{p}.eh_proj",
+                       "post_norm": f"{p}.shared_head.norm"}, count="num_nextn_predict_layers")
+
+
+#: the two on-disk MTP layouts: numbered layers after the model's (DeepSeek-V3; GLM-4.5, whose transformers
+#: code loads them itself through MtpModel as DeepSeek-V3's does) and an ``mtp.*`` module (Qwen3-Next)
+LAYOUTS = {
+    "deepseek_v3": _layer_layout("deepseek_v3"),
+    "glm4_moe": _layer_layout("glm4_moe"),
+    "qwen3_next": dict(build=save_tiny_qwen3_next_mtp, prefix="mtp.layers.0", root="mtp.",
+                       roles={"enorm": "mtp.pre_fc_norm_embedding", "hnorm": "mtp.pre_fc_norm_hidden",
+                              "eh_proj": "mtp.fc", "post_norm": "mtp.norm"}, count="mtp_num_hidden_layers"),
+}
+
+
+def _build(model_type: str, d: Path) -> dict:
+    src = LAYOUTS[model_type]["build"](d / "src")
     torch.set_num_threads(1)
     model, tok = load_model(src)
     observe(model, tok, TEXTS, seq_len=16, batch_size=2, pack=False, samples=64).save(d / "stats")
-    return {"src": src, "stats": d / "stats", "dir": d}
+    return {**LAYOUTS[model_type], "type": model_type, "src": src, "stats": d / "stats", "dir": d}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def fam(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny checkpoint of each MTP layout, with its statistics."""
+    return _build(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The DeepSeek-V3-shaped one (``model.layers.3`` after 3 layers), for the checks made once."""
+    return _build("deepseek_v3", tmp_path_factory.mktemp("ds"))
 
 
 def mtp_logits(path: Path, plan: ExpertPlan | None = None) -> torch.Tensor:
     """Logits of the MTP layer under transformers' own ``MtpModel`` (with ``plan``'s removed experts masked)."""
     model, _ = load_model(path)
     ref = transformers_mtp(model, path)
+    nxt, _ = shifted(IDS, torch.ones_like(IDS), 1)
+    pos = (torch.arange(IDS.shape[1]) + 1).expand(IDS.shape[0], -1)
     with torch.no_grad():
-        h = model.model(input_ids=IDS).last_hidden_state
-        nxt, _ = shifted(IDS, torch.ones_like(IDS), 1)
-        pos = (torch.arange(IDS.shape[1]) + 1).expand(IDS.shape[0], -1)
         if plan is None:
+            h = model.model(input_ids=IDS).last_hidden_state
             return ref.shared_head(ref.forward_layer(0, h, pos, None, input_ids=nxt))
-        mtp_only = ExpertPlan(plan.family, plan.num_experts, plan.top_k, plan.layers[-1:])
-        with experts_masked(ref, mtp_only):
+        with experts_masked(model, plan):  # the main layers' removed experts too: they shape h_t
+            h = model.model(input_ids=IDS).last_hidden_state
+        with experts_masked(ref, ExpertPlan(plan.family, plan.num_experts, plan.top_k, plan.layers[-1:])):
             return ref.shared_head(ref.forward_layer(0, h, pos, None, input_ids=nxt))
 
 
-def test_mtp_layers_are_found_from_transformers_and_run_as_transformers_runs_them(ds: dict[str, Path]) -> None:
-    model, _ = load_model(ds["src"])
-    # the pattern is DeepSeek-V3's own `model\.layers\.61.*`, read as "layers from num_hidden_layers on"
-    assert [p.pattern for p in mtp_patterns(model)] == [r"model\.layers\.(?P<mtp_index>\d+).*"]
+def test_mtp_layers_are_found_from_transformers_and_run_as_transformers_runs_them(fam: dict) -> None:
+    model, _ = load_model(fam["src"])
     info = mtp_of(model)
-    on_disk = ShardedCheckpoint(ds["src"]).keys
-    assert sorted(info.keys) == sorted(k for k in on_disk if k.startswith("model.layers.3."))
-    assert info.layer_names() == ["model.layers.3"] and count_key(model.config) == "num_nextn_predict_layers"
-    assert info.depths[0].roles == {"enorm": "model.layers.3.enorm", "hnorm": "model.layers.3.hnorm",
-                                    "eh_proj": "model.layers.3.eh_proj", "post_norm": "model.layers.3.shared_head.norm"}
-    assert [l.name for l in moe_layers(model)] == ["model.layers.1.mlp", "model.layers.2.mlp", "model.layers.3.mlp"]
+    on_disk = ShardedCheckpoint(fam["src"]).keys
+    assert sorted(info.keys) == sorted(k for k in on_disk if k.startswith(fam["root"]))
+    assert info.layer_names() == [fam["prefix"]] and count_key(model.config) == fam["count"]
+    assert info.depths[0].roles == fam["roles"]
+    names = [l.name for l in moe_layers(model)]
+    assert names[-1] == f"{fam['prefix']}.mlp" and len(names) >= 3
     # the grafted layer holds the checkpoint's values, and the main forward never runs it
-    disk = load_file(str(ds["src"] / "model.safetensors"))
-    assert torch.equal(model.model.layers[3].eh_proj.weight, disk["model.layers.3.eh_proj.weight"])
-    assert torch.equal(model.model.layers[3].mlp.gate.e_score_correction_bias,
-                       disk["model.layers.3.mlp.gate.e_score_correction_bias"])
+    disk = load_file(str(fam["src"] / "model.safetensors"))
+    eh_proj = fam["roles"]["eh_proj"]
+    assert torch.equal(model.get_submodule(eh_proj).weight, disk[f"{eh_proj}.weight"])
+    assert torch.equal(model.get_submodule(f"{fam['prefix']}.mlp.gate").weight, disk[f"{fam['prefix']}.mlp.gate.weight"])
     # moe_slim's MTP step is transformers' MtpModel.forward_layer, exactly
-    ref = transformers_mtp(model, ds["src"])
+    ref = transformers_mtp(model, fam["src"])
     with torch.no_grad():
         h = model.model(input_ids=IDS).last_hidden_state
         nxt, _ = shifted(IDS, torch.ones_like(IDS), 1)
@@ -80,61 +112,71 @@ def test_mtp_layers_are_found_from_transformers_and_run_as_transformers_runs_the
         assert torch.equal(mtp_step(model, 0, h, nxt, None, pos), ref.forward_layer(0, h, pos, None, input_ids=nxt))
 
 
-def test_the_mtp_layer_has_statistics_of_its_own_on_both_observation_paths(ds: dict[str, Path]) -> None:
-    model, tok = load_model(ds["src"])
+def test_deepseek_v3s_own_pattern_is_read_as_the_layers_after_the_model(ds: dict) -> None:
+    model, _ = load_model(ds["src"])
+    # DeepSeek-V3 lists `model\.layers\.61.*` (the published model has 61 layers): any layer from num_hidden_layers
+    assert [p.pattern for p in mtp_patterns(model)] == [r"model\.layers\.(?P<mtp_index>\d+).*"]
+    assert torch.equal(model.model.layers[3].mlp.gate.e_score_correction_bias,
+                       load_file(str(ds["src"] / "model.safetensors"))["model.layers.3.mlp.gate.e_score_correction_bias"])
+
+
+def test_the_mtp_layer_has_statistics_of_its_own_on_both_observation_paths(fam: dict) -> None:
+    model, tok = load_model(fam["src"])
     whole = observe(model, tok, TEXTS, seq_len=16, batch_size=2, pack=False)
-    layerwise = observe_layerwise(ds["src"], tok, TEXTS, seq_len=16, batch_size=2, pack=False)
-    assert whole.meta["layers"][-1] == "model.layers.3.mlp"
+    layerwise = observe_layerwise(fam["src"], tok, TEXTS, seq_len=16, batch_size=2, pack=False)
+    assert whole.meta["layers"][-1] == f"{fam['prefix']}.mlp"
     for d in TEXTS:
         a, b = whole.domains[d], layerwise.domains[d]
         rows = len(TEXTS[d])  # one text per row (no packing): each row's last token has no next token
-        assert a["tokens"][2] == a["tokens"][1] - rows > 0
-        assert a["count"][2].sum() == a["tokens"][2] * 2  # top-2 of the MTP layer's own routing
-        assert not torch.equal(a["count"][2], a["count"][1])
+        assert a["tokens"][-1] == a["tokens"][-2] - rows > 0
+        assert a["count"][-1].sum() == a["tokens"][-1] * 2  # top-2 of the MTP layer's own routing
+        assert not torch.equal(a["count"][-1], a["count"][-2])
         for f in ("tokens", "count", "soft_sum", "weight_sum", "norm_sum"):
             torch.testing.assert_close(a[f], b[f], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("in_memory", [False, True], ids=["streamed", "in-memory"])
-def test_pruning_cuts_the_mtp_layer_with_the_model(ds: dict[str, Path], in_memory: bool, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    plan = prune_checkpoint(ds["src"], ds["stats"], out, ratio=0.5, in_memory=in_memory, progress=False)
-    assert [l.name for l in plan.layers][-1] == "model.layers.3.mlp"
+def test_pruning_cuts_the_mtp_layer_with_the_model(fam: dict, in_memory: bool, tmp_path: Path) -> None:
+    out, p = tmp_path / "out", fam["prefix"]
+    plan = prune_checkpoint(fam["src"], fam["stats"], out, ratio=0.5, in_memory=in_memory, progress=False)
+    assert [l.name for l in plan.layers][-1] == f"{p}.mlp"
     assert_agrees_with_config(out, mtp_layers=1)
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["n_routed_experts"] == 4
     disk = load_file(str(out / "model.safetensors"))
-    src = load_file(str(ds["src"] / "model.safetensors"))
+    src = load_file(str(fam["src"] / "model.safetensors"))
     keep = plan.layers[-1].keep
-    assert torch.equal(disk["model.layers.3.mlp.gate.weight"], src["model.layers.3.mlp.gate.weight"][keep])
-    assert torch.equal(disk["model.layers.3.mlp.gate.e_score_correction_bias"],
-                       src["model.layers.3.mlp.gate.e_score_correction_bias"][keep])
+    routers = [k for k in src if k.startswith(f"{p}.mlp.gate.")]  # weight (and DeepSeek's correction bias)
+    assert routers and all(torch.equal(disk[k], src[k][keep]) for k in routers)
     for j, e in enumerate(keep):
-        assert torch.equal(disk[f"model.layers.3.mlp.experts.{j}.down_proj.weight"],
-                           src[f"model.layers.3.mlp.experts.{e}.down_proj.weight"])
-    for k in ("eh_proj.weight", "enorm.weight", "shared_head.head.weight", "embed_tokens.weight"):
-        assert torch.equal(disk[f"model.layers.3.{k}"], src[f"model.layers.3.{k}"])
+        assert torch.equal(disk[f"{p}.mlp.experts.{j}.down_proj.weight"], src[f"{p}.mlp.experts.{e}.down_proj.weight"])
+    rest = [k for k in src if k.startswith(fam["root"]) and ".mlp.experts." not in k and k not in routers]
+    assert len(rest) > 6 and all(torch.equal(disk[k], src[k]) for k in rest)  # attention, norms, projection, copies
     # the pruned MTP layer predicts as the original does with the removed experts masked out of its routing
-    torch.testing.assert_close(mtp_logits(out), mtp_logits(ds["src"], plan), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mtp_logits(out), mtp_logits(fam["src"], plan), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("sequential", [False, True], ids=["from-stats", "sequential"])
-def test_merging_at_size_and_in_memory_merge_the_mtp_layer_alike(ds: dict[str, Path], sequential: bool,
-                                                                  tmp_path: Path) -> None:
-    """From observed samples, and sequentially (REAM: the MTP layer's sample re-gathered through the merged
-    layers before it, by the MTP forward): the same plan and tensors at size as in memory."""
-    how = (dict(method="ream", calib=TEXTS, sequential=True, seq_len=16, batch_size=2, max_tokens=64) if sequential
-           else dict(method="average", stats_path=ds["stats"]))
-    size = merge_checkpoint(ds["src"], tmp_path / "size", ratio=0.5, device="cpu", **how)
-    mem = merge_checkpoint(ds["src"], tmp_path / "mem", ratio=0.5, device="cpu", in_memory=True, **how)
+def _merge_alike(c: dict, tmp_path: Path, how: dict) -> None:
+    size = merge_checkpoint(c["src"], tmp_path / "size", ratio=0.5, device="cpu", **how)
+    mem = merge_checkpoint(c["src"], tmp_path / "mem", ratio=0.5, device="cpu", in_memory=True, **how)
     assert [l.groups for l in size.layers] == [l.groups for l in mem.layers]
-    assert size.layers[-1].name == "model.layers.3.mlp"
+    assert size.layers[-1].name == f"{c['prefix']}.mlp"
     for out in ("size", "mem"):
         assert_agrees_with_config(tmp_path / out, mtp_layers=1)
     a, b = load_file(str(tmp_path / "size" / "model.safetensors")), load_file(str(tmp_path / "mem" / "model.safetensors"))
-    assert a.keys() == b.keys() and any(k.startswith("model.layers.3.mlp.experts.3.") for k in a)
+    assert a.keys() == b.keys() and any(k.startswith(f"{c['prefix']}.mlp.experts.3.") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_merging_at_size_and_in_memory_merge_the_mtp_layer_alike(fam: dict, tmp_path: Path) -> None:
+    """From observed samples: the same plan and tensors at size as in memory, MTP layer included."""
+    _merge_alike(fam, tmp_path, dict(method="average", stats_path=fam["stats"]))
+
+
+def test_sequential_merging_reaches_the_mtp_layer_through_its_forward(ds: dict, tmp_path: Path) -> None:
+    """REAM's sequential merge: the MTP layer's sample is re-gathered through the merged layers before it
+    by the MTP forward, at size (layer by layer from the shards) as in memory."""
+    _merge_alike(ds, tmp_path, dict(method="ream", calib=TEXTS, sequential=True, seq_len=16, batch_size=2,
+                                    max_tokens=64))
 
 
 @pytest.mark.parametrize("how", ["streamed", "in-memory", "merged"])
