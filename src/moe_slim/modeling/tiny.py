@@ -142,8 +142,20 @@ SHRINK: dict[str, Any] = dict(
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "gemma4": dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=12,
                    vocab_size_per_layer_input=128, hidden_size_per_layer_input=16),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"], num_dense_layers=1),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
 }
+
+
+def _keep_every_kind(pattern: list[Any], n: int) -> list[Any]:
+    """The first ``n`` entries of a per-layer pattern, with its last entries replaced by kinds that would
+    otherwise be lost (a hybrid stack keeps a full-attention layer, a dense-then-MoE stack a MoE layer)."""
+    head = list(pattern[:n])
+    missing = [k for k in dict.fromkeys(map(str, pattern)) if k not in map(str, head)]
+    kinds = {str(k): k for k in pattern}
+    for i, k in enumerate(missing[: n - 1]):
+        head[n - 1 - i] = kinds[k]
+    return head
 
 
 def shrunk_config(model_type: str, layers: int = 4, **overrides: Any) -> Any:
@@ -164,7 +176,7 @@ def shrunk_config(model_type: str, layers: int = 4, **overrides: Any) -> Any:
         config.num_hidden_layers = min(layers, old)
         for key, value in d.items():
             if isinstance(value, list) and len(value) == old and key != "rope_parameters":
-                setattr(config, key, value[: config.num_hidden_layers])
+                setattr(config, key, _keep_every_kind(value, config.num_hidden_layers))
     for key, value in {**TINY_OVERRIDES.get(model_type, {}), **overrides}.items():
         setattr(config, key, value)
     return config
