@@ -91,7 +91,8 @@ def merge_checkpoint(
     """
     model_path = resolve_model(model_path)  # a local directory, or a Hugging Face Hub id
     data_dir = data_dir_or_default(data_dir)
-    check_output(out, overwrite, inputs=[model_path, stats_path, plan_path, data_dir, *calibration_inputs(calib)])
+    check_output(out, overwrite, inputs=[model_path, stats_path, plan_path, data_dir, *calibration_inputs(calib)],
+                 kind="plan" if plan_only else "checkpoint")
     family_of(load_config(model_path))
     save_dtype = output_dtype(dtype, model_path)  # merging computes in float32 on CPUs; the output keeps the source dtype
     dev = devices.resolve_device(device)

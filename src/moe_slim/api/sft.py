@@ -48,7 +48,7 @@ def sft_checkpoint(
     """
     model_path = resolve_model(model_path)  # a local directory, or a Hugging Face Hub id
     kwargs["data_dir"] = data_dir_or_default(kwargs.get("data_dir"))
-    check_output(out, overwrite, inputs=[model_path, kwargs["data_dir"]])
+    check_output(out, overwrite, inputs=[model_path, kwargs["data_dir"]], kind="checkpoint")
     mode = check_mode(mode)
     if not isinstance(steps, int) or steps <= 0:
         raise MoeSlimError(f"--steps must be a positive integer (got {steps!r})")

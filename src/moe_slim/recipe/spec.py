@@ -24,6 +24,7 @@ from ..schema import (
     EvalSettings,
     NonNegativeInt,
     PositiveInt,
+    SeqLen,
     Strict,
     Tokens,
     read_yaml,
@@ -33,7 +34,7 @@ from ..schema import (
 
 class ObserveStep(Strict):
     calib: str
-    seq_len: PositiveInt = 512
+    seq_len: SeqLen = 512
     batch_size: PositiveInt = 8
     max_tokens: Tokens | None = None
     samples: Tokens | None = None
