@@ -4,7 +4,7 @@ lm-eval resolves ``custom_dataset: !function moe_slim_tasks.<task>`` relative to
 the function with the task's metadata: ``lm_eval --include_path /path/to/evals --tasks
 moe_slim_translation_choice --metadata '{"data_dir": "/path/to/data"}'``. Without ``data_dir`` the
 built data is found as moe_slim finds it ($MOE_SLIM_DATA, ./data, or the checkout's data/). The items
-are the ones ``moe-slim eval`` scores: derived from the test split with fixed seeds, cached in DATA/mc.
+are the ones ``moe-slim eval`` scores: derived from the test split with fixed seeds, cached in ~/.cache/moe_slim/mc ($MOE_SLIM_CACHE).
 """
 
 from __future__ import annotations

@@ -40,10 +40,15 @@ def _tokens(value: Any) -> int:
         raise ValueError(str(exc)) from None
 
 
+#: the largest integer a spec or an option takes (a count, a seed): a larger one is a slip, and some ran for ever
+MAX_INT = 2**31 - 1
+#: the longest sequence (tokens) and the largest token budget taken, far beyond any model's context
+MAX_SEQ_LEN, MAX_TOKENS = 1 << 20, 10**12
 #: a token count written as 4096, "32k" or "1.5M"
-Tokens = Annotated[int, BeforeValidator(_tokens)]
-PositiveInt = Annotated[int, Field(strict=True, ge=1)]
-NonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
+Tokens = Annotated[int, BeforeValidator(_tokens), Field(le=MAX_TOKENS)]
+PositiveInt = Annotated[int, Field(strict=True, ge=1, le=MAX_INT)]
+NonNegativeInt = Annotated[int, Field(strict=True, ge=0, le=MAX_INT)]
+SeqLen = Annotated[int, Field(strict=True, ge=1, le=MAX_SEQ_LEN)]
 
 
 class EvalSettings(Strict):

@@ -3,9 +3,11 @@ the inputs unchanged (hashed before and after)."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -25,7 +27,7 @@ from moe_slim.modeling.tiny import save_tiny, tiny_model, tiny_tokenizer
 def tree_hash(root: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(root.rglob("*")):
-        if p.is_file() and "mc" not in p.relative_to(root).parts:  # eval caches derived MC items under data/mc
+        if p.is_file():
             h.update(str(p.relative_to(root)).encode())
             h.update(p.read_bytes())
     return h.hexdigest()
@@ -77,8 +79,33 @@ def w(tmp_path_factory) -> dict[str, str]:
     mine = root / "mine"
     mine.mkdir()
     (mine / "thesis.txt").write_text("do not delete")
+    userdb = root / "userdb"  # a directory of the user's that happens to hold a file named results.db
+    userdb.mkdir()
+    (userdb / "results.db").write_text("my own database")
+    (userdb / "notes.txt").write_text("mine")
+    ckpt = root / "ckpt"  # a finished checkpoint moe_slim wrote
+    shutil.copytree(model, ckpt)
+    (ckpt / ".moe_slim").write_text(json.dumps({"written_by": "moe_slim", "kind": "checkpoint"}))
+    ref = root / "refmodel"  # the reference model, as shipped in models/reference
+    shutil.copytree(model, ref)
+    (ref / ".moe_slim").write_text(json.dumps({"written_by": "moe_slim", "kind": "reference"}))
+    (ref / "training.json").write_text("{}")
+    legacy = root / "legacy"  # an older version's output whose kind cannot be told
+    legacy.mkdir()
+    (legacy / ".moe_slim").write_text(json.dumps({"written_by": "moe_slim"}))
+    (legacy / "notes.txt").write_text("?")
+    (root / "badcache" / "debs").mkdir(parents=True)
+    (root / "badcache" / "debs" / "a2ps_4.14-7_amd64.deb").write_bytes(b"not an ar archive" * 8)
+    (root / "seedspec.yaml").write_text(yaml.safe_dump({**spec, "seed": 10**400}))
+    recipe = {"model": str(model), "data_dir": str(data), "stats": str(root / "stats"), "prune": {"ratio": 0.5}}
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    (root / "otherrecipe.yaml").write_text(yaml.safe_dump({**recipe, "stats": str(root / "other-stats")}))
+    (root / "bigrecipe.yaml").write_text(yaml.safe_dump({**recipe, "stats": None, "observe": {
+        "calib": f"general={calib}", "seq_len": 10**29}}))
     names = ("model", "other", "calib", "stats", "other-stats", "corrupt-stats", "plan.json", "mixtral-plan.json",
-             "garbage.json", "truncated", "pickled", "dense", "data", "spec.yaml", "badspec.yaml", "afile", "mine")
+             "garbage.json", "truncated", "pickled", "dense", "data", "spec.yaml", "badspec.yaml", "afile", "mine",
+             "userdb", "ckpt", "refmodel", "legacy", "badcache", "seedspec.yaml", "recipe.yaml", "otherrecipe.yaml",
+             "bigrecipe.yaml")
     return {"root": str(root), **{n.replace("-", "_").replace(".", "_"): str(root / n) for n in names},
             "empty": str(root / "empty.jsonl"), "calib": str(calib), "task2": str(root / "task2.jsonl"),
             "onecls": str(root / "onecls.jsonl")}
@@ -169,10 +196,134 @@ CASES: list[tuple[str, str]] = [
 ]
 
 
-@pytest.mark.parametrize("line, says", CASES, ids=[f"{i:02d}-{c[0].split()[0]}" for i, c in enumerate(CASES)])
-def test_bad_input_is_one_line_exit_2_nothing_written(w, tmp_path, capsys, line: str, says: str) -> None:
+# The output rule (moe_slim.outputs), for every command that writes: (base line with {o}, the kind it writes)
+WRITERS: dict[str, tuple[str, str]] = {
+    "observe": ("observe {model} --calib general={calib} --out {o}", "stats"),
+    "prune": ("prune {model} --stats {stats} --ratio 0.5 --out {o}", "checkpoint"),
+    "prune-plan": ("prune {model} --stats {stats} --ratio 0.5 --plan-only --out {o}", "plan"),
+    "apply": ("apply {model} --plan {plan_json} --out {o}", "checkpoint"),
+    "merge": ("merge {model} --stats {stats} --ratio 0.5 --out {o}", "checkpoint"),
+    "mone": ("mone {model} --stats {stats} --ratio 0.5 --out {o}", "checkpoint"),
+    "probe": ("probe {dense} --tasks {task2} --budget 0.5 --out {o}", "probe"),
+    "slim-dense": ("slim-dense {dense} --plan {garbage_json} --out {o}", "checkpoint"),
+    "sft": ("sft {model} --data translation=1 --steps 2 --out {o}", "checkpoint"),
+    "train-reference": ("train-reference --data {data} --out {o}", "reference"),
+    "data": ("data build --domains math --out {o}", "data"),
+    "run": ("run {recipe_yaml} --out {o}", "checkpoint"),
+    "report": ("report {root}/noresults.db --out {o}", "report"),
+}
+KIND_SAYS = {"checkpoint": "is a model checkpoint", "stats": "is a router statistics directory"}
+GUARD: list[tuple[str, str]] = []
+for _name, (_base, _kind) in WRITERS.items():
+    _other = "{other_stats}" if _kind != "stats" else "{ckpt}"
+    _not_ref = "{refmodel} --overwrite" if _kind != "reference" else "{ckpt} --overwrite"
+    for _o, _says in (("{afile}/x", "is a file, not a directory"), ("{ro}/x", "cannot write"),
+                      ("{mine}", "already exists"), ("{mine} --overwrite", "is not a moe_slim output"),
+                      ("{userdb} --overwrite", "is not a moe_slim output"),
+                      (_not_ref, "a reference model (as the shipped" if _kind != "reference" else "is a model checkpoint"),
+                      (f"{_other} --overwrite", KIND_SAYS["stats" if _kind != "stats" else "checkpoint"]),
+                      ("{legacy} --overwrite", "of a kind this version does not know")):
+        GUARD.append((_base.replace("{o}", _o), _says))
+GUARD += [(f"eval {{model}} --tasks perplexity --data {{data}} --out {o}", says) for o, says in (
+    ("{afile}/x.json", "is a file, not a directory"), ("{ro}/x.json", "cannot write"), ("{afile}", "already exists"),
+    ("{afile} --overwrite", "is not a moe_slim output"), ("{userdb}/results.db --overwrite", "is not a moe_slim output"),
+    ("{refmodel} --overwrite", "a reference model"), ("{ckpt} --overwrite", "is a model checkpoint"))]
+GUARD += [(f"sweep {{spec_yaml}} --out {o}", says) for o, says in (
+    ("{afile}/x", "is a file, not a directory"), ("{ro}/x", "cannot write"), ("{afile}", "is not a directory"),
+    ("{mine}", "a directory that moe_slim did not write"), ("{userdb}", "a directory that moe_slim did not write"),
+    ("{ckpt}", "is a model checkpoint, not a sweep directory"), ("{stats}", "is a router statistics directory"))]
+
+# every integer and number option: a value far beyond any sensible one is refused in one line, never run
+HUGE, NOT_A_NUMBER = "1" + "0" * 30, "1e400"
+BASES = {"observe": "observe {model} --calib general={calib} --out {out}",
+         "prune": "prune {model} --stats {stats} --ratio 0.5 --out {out}",
+         "eval": "eval {model} --tasks perplexity --data {data} --out {out}.json",
+         "probe": "probe {dense} --tasks {task2} --budget 0.5 --out {out}",
+         "slim-dense": "slim-dense {dense} --plan {garbage_json} --out {out}",
+         "merge": "merge {model} --stats {stats} --ratio 0.5 --out {out}",
+         "train-reference": "train-reference --data {data} --out {out}",
+         "reference-card": "reference-card {model}",
+         "sweep": "sweep {spec_yaml} --out {out}",
+         "sft": "sft {model} --data translation=1 --steps 2 --out {out}"}
+NUMBERS: dict[str, tuple[str, ...]] = {
+    "observe": ("--seq-len", "--batch-size"), "prune": ("--floor", "--seed"),
+    "eval": ("--limit", "--batch-size", "--mc-batch-size", "--seq-len"),
+    "probe": ("--per-class", "--seed", "--max-length", "--batch-size", "--folds", "--mc-limit", "--heal"),
+    "slim-dense": ("--heal", "--seed"), "merge": ("--group-size", "--pca-dims", "--seq-len", "--batch-size", "--seed"),
+    "train-reference": ("--steps", "--dense-steps", "--threads", "--seed"),
+    "reference-card": ("--translation-per-pair",), "sweep": ("--jobs", "--max-points"),
+    "sft": ("--steps", "--batch-size", "--grad-accum", "--seq-len", "--eval-every", "--val-examples", "--patience",
+            "--chrf-limit", "--lora-r", "--lora-alpha", "--seed")}
+ARGS: list[tuple[str, str]] = [(f"{BASES[c]} {opt} {HUGE}", f"argument {opt}") for c, opts in NUMBERS.items()
+                               for opt in opts]
+ARGS += [(f"{BASES[c]} {opt} {NOT_A_NUMBER}", f"argument {opt}") for c, opt in (
+    ("slim-dense", "--heal-lr"), ("train-reference", "--max-minutes"), ("sft", "--lr"), ("sft", "--max-minutes"),
+    ("sft", "--weight-decay"))]
+ARGS += [(f"{BASES[c]} {opt} nonsense", f"argument {opt}: invalid choice") for c, opt in (
+    ("probe", "--selection"), ("probe", "--pooling"), ("probe", "--model-eval"), ("slim-dense", "--heal-mode"),
+    ("merge", "--router-row"), ("merge", "--align"), ("merge", "--weighting"), ("merge", "--dominants"),
+    ("sft", "--scheduler"), ("sft", "--mode"))]
+ARGS += [(line, "required") for line in (
+    "observe {model} --out {out}", "prune {model} --ratio 0.5 --out {out}", "apply {model} --out {out}",
+    "mone {model} --stats {stats} --out {out}", "run {recipe_yaml}", "report", "stats", "data", "eval",
+    "probe {dense} --budget 0.5 --out {out}", "slim-dense {dense} --out {out}", "sft {model} --steps 2 --data x=1",
+    "merge --out {out}", "sweep")]
+ARGS += [("reference-card {mine}", "not a checkpoint moe_slim wrote"), ("reference-card {afile}", "does not exist")]
+
+# the exact cases of issue 29
+ISSUE: list[tuple[str, str]] = [
+    ("prune {model} --stats {stats} --out {userdb} --ratio 0.5 --overwrite", "is not a moe_slim output"),  # 1
+    ("report {root}/noresults.db --out {ckpt}", "already exists"),  # 2
+    ("report {root}/noresults.db --out {ckpt} --overwrite", "is a model checkpoint; --overwrite replaces only a sweep report"),
+    ("data build --domains math --out {shipped} --overwrite",  # 4
+     "is a reference model (as the shipped models/reference) that only train-reference replaces"),
+    ("data build --domains math --out {refmodel} --overwrite", "only train-reference replaces"),
+    ("sweep {spec_yaml} --out {mine}", "is a directory that moe_slim did not write"),  # 5
+    ("data build --packages a2ps --no-download --cache-dir {badcache} --out {out}", "is not a readable Debian package"),  # 8
+    ("train-reference --device cuda --data {data} --out {out}", "no CUDA GPU"),  # 9
+    ("run {otherrecipe_yaml} --out {out}", "stats were gathered on"),  # 11: and no .out.run left beside it
+    ("sweep {seedspec_yaml} --out {out}", "seed must be an integer <= 2147483647"),  # 12
+    ("run {bigrecipe_yaml} --out {out}", "observe.seq_len must be an integer <= 1048576"),
+    ("observe {model} --calib general={calib} --out {out} --seq-len 100000000000000000000000000000", "at most"),
+    ("observe {model} --calib general={calib} --out {out} --max-tokens 1e29", "token count must be at most"),
+]
+ALL = CASES + GUARD + ARGS + ISSUE
+
+
+@pytest.fixture(scope="module")
+def ro(w) -> str | None:
+    """A read-only directory: a tmpfs mounted read-only (root can write anywhere else), or mode 0555."""
+    path = Path(w["root"]) / "ro"
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        yield str(path)
+        path.chmod(0o755)
+        return
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        print(f"read-only cases skipped: mount not permitted here ({proc.stderr.strip()})")
+        yield None
+        return
+    yield str(path)
+    subprocess.run(["umount", str(path)], check=True)
+
+
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "reference"
+
+
+@pytest.mark.parametrize("line, says", ALL, ids=[f"{i:03d}-{c[0].split()[0]}" for i, c in enumerate(ALL)])
+def test_bad_input_is_one_line_exit_2_nothing_written(w, ro, tmp_path, capsys, line: str, says: str) -> None:
+    if "{ro}" in line and ro is None:
+        pytest.skip("mounting a read-only tmpfs is not permitted here (CI runs as root)")
+    if "--device cuda" in line and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the command would train")
+    if "{shipped}" in line and not (SHIPPED / ".moe_slim").is_file():
+        pytest.skip("no shipped reference model in this checkout")
+    shipped_before = tree_hash(SHIPPED) if "{shipped}" in line else None
     out = tmp_path / "out"
-    argv = line.format(**w, out=out).split()
+    argv = line.format(**w, out=out, ro=ro, shipped=SHIPPED).split()
     before = tree_hash(Path(w["root"]))
     capsys.readouterr()
     code = main(argv)
@@ -183,6 +334,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(w, tmp_path, capsys, line:
     assert not list(tmp_path.iterdir()), f"something was written: {list(tmp_path.iterdir())}"
     assert tree_hash(Path(w["root"])) == before, "an input changed"
     assert not [p for p in Path(w["root"]).rglob(".*.tmp-*")], "a temporary file was left"
+    if shipped_before is not None:
+        assert tree_hash(SHIPPED) == shipped_before, "the shipped model changed"
 
 
 @pytest.mark.parametrize("line", [
@@ -198,3 +351,23 @@ def test_real_processes_print_one_line_too(w, tmp_path, line: str) -> None:
                           env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("moe-slim: "), proc.stderr
+
+
+def test_the_pickle_refusal_suggests_a_command_that_pastes_safely(w, tmp_path, capsys) -> None:
+    """The conversion command in the message survives any path: quoted for the shell, a Python literal inside."""
+    odd = tmp_path / "it's a \"model\" $HOME"
+    shutil.copytree(w["pickled"], odd)
+    assert main(["observe", str(odd), "--calib", f"general={w['calib']}", "--out", str(tmp_path / "s"),
+                 "--no-layerwise"]) == 2
+    err = capsys.readouterr().err.strip()
+    command = shlex.split(err.split("convert it once: ", 1)[1])
+    assert command[:2] == ["python", "-c"] and len(command) == 3
+    tree = ast.parse(command[2])
+    literals = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+    assert sorted(literals) == [str(odd), f"{odd}-safetensors"]
+
+
+def test_include_path_says_it_runs_code(capsys) -> None:
+    assert main(["eval", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "This RUNS PYTHON CODE from DIR" in text

@@ -25,6 +25,7 @@ from moe_slim.evals.mc import (
     task_config,
 )
 from moe_slim.evals.mc_items import BUILDERS, MC_TASKS, N_CHOICES
+from moe_slim.outputs import cache_dir
 
 
 @pytest.fixture(autouse=True)
@@ -68,12 +69,13 @@ def test_item_content():
 
 def test_cache_reused_and_rebuilt(tmp_path):
     data = write_fixture_data(tmp_path / "data", 12)
-    first = prepare_mc_data("general_cloze", data)
-    assert first["rebuilt"] and first["path"].startswith(str(data / "mc"))
-    again = prepare_mc_data("general_cloze", data)
+    cache = tmp_path / "cache"
+    first = prepare_mc_data("general_cloze", data, cache)
+    assert first["rebuilt"] and first["path"].startswith(str(cache))
+    again = prepare_mc_data("general_cloze", data, cache)
     assert not again["rebuilt"] and again["sha256"] == first["sha256"]
     write_fixture_data(tmp_path / "data", 14)  # the source changed: the items are rebuilt
-    changed = prepare_mc_data("general_cloze", data)
+    changed = prepare_mc_data("general_cloze", data, cache)
     assert changed["rebuilt"] and changed["source_sha256"] != first["source_sha256"]
 
 
@@ -100,7 +102,8 @@ def test_lm_eval_loads_our_tasks_from_any_directory(tmp_path, monkeypatch):
     task = get_task_dict([f"{TASK_PREFIX}translation_choice"], manager)[f"{TASK_PREFIX}translation_choice"]
     docs = list(task.test_docs())
     assert len(docs) == 36 and {"query", "choices", "gold"} <= set(docs[0])
-    assert (data / "mc" / "translation_choice.jsonl").is_file()
+    assert not (data / "mc").exists()  # the derived items are cached outside the data (an input)
+    assert any((cache_dir() / "mc").glob("*/translation_choice.jsonl"))
 
 
 def test_lm_eval_runs_offline_on_in_memory_model(tmp_path):

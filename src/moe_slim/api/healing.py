@@ -66,7 +66,8 @@ def sft_checkpoint(
     if teacher is not None:
         teacher = resolve_model(teacher)
         _check_vocab(teacher, model_path)
-    check_output(out, overwrite, inputs=[p for p in (model_path, kwargs["data_dir"], teacher) if p is not None])
+    check_output(out, overwrite, inputs=[p for p in (model_path, kwargs["data_dir"], teacher) if p is not None],
+                 kind="checkpoint")
     mode = check_mode(mode)
     if not isinstance(steps, int) or steps <= 0:
         raise MoeSlimError(f"--steps must be a positive integer (got {steps!r})")

@@ -87,7 +87,8 @@ def merge_checkpoint(
     sequential, max_tokens = resolved.sequential, resolved.max_tokens
     model_path = resolve_model(model_path)  # a local directory, or a Hugging Face Hub id
     data_dir = data_dir_or_default(data_dir)
-    check_output(out, overwrite, inputs=[model_path, stats_path, plan_path, data_dir, *calibration_inputs(calib)])
+    check_output(out, overwrite, inputs=[model_path, stats_path, plan_path, data_dir, *calibration_inputs(calib)],
+                 kind="plan" if plan_only else "checkpoint")
     config = load_config(model_path)
     family_of(config)
     refuse_quantized_merge(config, model_path)

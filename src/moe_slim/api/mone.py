@@ -36,7 +36,7 @@ def mone_checkpoint(
     """Keep the top ``1 - ratio`` experts of every layer by the ``mone`` criterion, replace the others by
     their mean outputs (novices) and write the checkpoint (see :mod:`moe_slim.checkpoint.substitution`)."""
     model_path = resolve_model(model_path)
-    check_output(out, overwrite, inputs=[model_path, stats_path])
+    check_output(out, overwrite, inputs=[model_path, stats_path], kind="checkpoint")
     family_of(load_config(model_path))
     stats = RouterStats.load(stats_path)
     save_dtype = output_dtype(dtype, model_path)

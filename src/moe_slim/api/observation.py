@@ -57,7 +57,7 @@ def observe_checkpoint(
     """
     model_path = resolve_model(model_path)  # a local directory, or a Hugging Face Hub id
     data_dir = data_dir_or_default(data_dir)
-    check_output(out, overwrite, inputs=[model_path, data_dir, work_dir, *calibration_inputs(calib)])
+    check_output(out, overwrite, inputs=[model_path, data_dir, work_dir, *calibration_inputs(calib)], kind="stats")
     config = load_config(model_path)
     family_of(config)  # unsupported family: fail before loading weights
     texts, budget = calibration_texts(calib, data_dir)

@@ -92,7 +92,7 @@ def parse_weights(text: str | None) -> dict[str, float] | None:
 
 def write_plan(plan: ExpertPlan, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """A plan without a checkpoint: ``OUT/plan.json`` (and a merge plan's permutations beside it)."""
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, kind="plan") as tmp:
         plan.write_files(tmp)
     return Path(out) / "plan.json"
 

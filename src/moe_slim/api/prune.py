@@ -67,7 +67,7 @@ def prune_checkpoint(
     out and sets the config's MTP layer count to 0.
     """
     model_path = resolve_model(model_path)  # a local directory, or a Hugging Face Hub id
-    check_output(out, overwrite, inputs=[model_path, stats_path])
+    check_output(out, overwrite, inputs=[model_path, stats_path], kind="plan" if plan_only else "checkpoint")
     if criterion not in ALL_CRITERIA:
         raise MoeSlimError(f"unknown criterion '{criterion}' (choose from: {', '.join(ALL_CRITERIA)})")
     if ratio is not None:
@@ -115,7 +115,7 @@ def apply_checkpoint(
     ``in_memory=True`` (or a source without safetensors) replays it on the loaded model.
     """
     model_path = resolve_model(model_path)  # a local directory, or a Hugging Face Hub id
-    check_output(out, overwrite, inputs=[model_path, plan_path])
+    check_output(out, overwrite, inputs=[model_path, plan_path], kind="checkpoint")
     plan = load_plan(plan_path)
     config = load_config(model_path)
     family_of(config)

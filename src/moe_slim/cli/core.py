@@ -10,10 +10,12 @@ from .common import (
     _tokens,
     add_data_dir,
     add_json,
+    add_out,
     emit,
     fraction,
     non_negative_int,
     positive_int,
+    seq_len,
 )
 
 # Heavy modules (transformers) are imported inside the commands, so `moe-slim --help` and
@@ -133,9 +135,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model")
     p.add_argument("--calib", required=True,
                    help="general=a.jsonl,translation=b.jsonl | a directory | a mix over --data-dir (translation=3,general=1@200k)")
-    p.add_argument("--out", required=True, help="stats directory to write")
+    add_out(p, "a router statistics directory")
     add_data_dir(p)
-    p.add_argument("--seq-len", type=positive_int, default=512)
+    p.add_argument("--seq-len", type=seq_len, default=512)
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--max-tokens", help="token budget per domain, e.g. 50k")
     p.add_argument("--no-pack", action="store_true", help="one text per row with padding instead of packing")
@@ -153,7 +155,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "(default: .OUT.layerwise beside --out; removed when done)")
     p.add_argument("--cache-max", help="layer-wise: layer outputs kept in memory before spilling to --work-dir "
                                        "(default 2GiB)")
-    p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     add_json(p)
     p.set_defaults(func=cmd_observe)
@@ -175,8 +176,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="write only OUT/plan.json (any budget), no checkpoint; evaluate it with eval --plan")
     p.add_argument("--floor", type=positive_int, help="per-layer minimum for --budget global (never below top-k)")
     p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    add_out(p, "a checkpoint (a plan directory with --plan-only)")
     add_write_options(p)
     add_json(p)
     p.set_defaults(func=cmd_prune)
@@ -184,8 +184,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("apply", help="apply a saved plan.json to a checkpoint (no statistics needed)")
     p.add_argument("model")
     p.add_argument("--plan", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    add_out(p, "a checkpoint")
     add_write_options(p)
     add_json(p)
     p.set_defaults(func=cmd_apply)

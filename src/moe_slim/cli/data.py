@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from ..data.paths import data_dir_or_default
-from .common import add_data_dir, add_json, emit, non_negative_int
+from .common import add_data_dir, add_json, add_out, emit, non_negative_int
 
 
 def register(subparsers: Any) -> None:
@@ -19,8 +19,7 @@ def register(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
 
     b = sub.add_parser("build", help="build data/<domain>/<split>.jsonl and data/manifest.json")
-    b.add_argument("--out", default="data", help="output directory (default: data)")
-    b.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    add_out(b, "a data directory", default="data")
     b.add_argument("--seed", type=non_negative_int, default=0, help="seed of the split and sampling hashes (default: 0)")
     b.add_argument("--locale-dir", action="append", default=[], metavar="DIR",
                    help="extra gettext locale directory (<DIR>/<lang>/LC_MESSAGES/*.mo), repeatable; "

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..errors import MoeSlimError
+from .common import add_out, non_negative_int, positive_float, positive_int, seq_len
 
 
 def _fractions(text: str) -> tuple[float, ...]:
@@ -79,18 +80,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--selection", choices=("contiguous", "free"), default="contiguous",
                    help="plan.json removes one contiguous block of layers per stack (default) or any subset; "
                         "both variants and the baselines are written to plans/")
-    p.add_argument("--out", required=True, help="output directory")
+    add_out(p, "a probe directory (plan.json, probe matrix, plans/)")
     p.add_argument("--data", default="data", help="data directory for built-in tasks (default: data)")
     p.add_argument("--split", help="data split for built-in tasks (default: train, else the first found)")
     p.add_argument("--eval-split", help="measure retention on this split of the built-in tasks (held out), "
                                         "e.g. validation (default: on the probing texts)")
     p.add_argument("--eval-tasks", help="measure retention on these tasks (same names as --tasks), held out")
-    p.add_argument("--per-class", type=int, default=100, help="examples per label (default 100)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-class", type=positive_int, default=100, help="examples per label (default 100)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--pooling", choices=("mean", "last"), default="mean")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per text (default 128)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    p.add_argument("--max-length", type=seq_len, default=128, help="tokens per text (default 128)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--folds", type=positive_int, default=5, help="cross-validation folds (default 5)")
     p.add_argument("--scaling", default="0.1,0.2,0.3,0.4,0.5,0.65,0.8",
                    help="budget fractions measured for the scaling fit, or 'off'")
     p.add_argument("--no-compare", action="store_true", help="do not measure the baselines at the plan's budget")
@@ -98,26 +99,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="score every compared plan on the model's own outputs (decoders: per-domain perplexity and "
                         "the MC tasks; encoders: classifiers on train->test splits), the headline retention; auto: "
                         "when --data has test splits (default)")
-    p.add_argument("--mc-limit", type=int, default=40, help="MC items per task for --model-eval (default 40)")
+    p.add_argument("--mc-limit", type=positive_int, default=40, help="MC items per task for --model-eval (default 40)")
     p.add_argument("--heal", type=_steps, default=0, metavar="STEPS",
                    help="also heal every compared plan for STEPS distillation steps and score it again (default 0)")
-    p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_probe)
 
     s = sub.add_parser("slim-dense", help="remove the layers a probe plan drops and write the checkpoint")
     s.add_argument("model", help="checkpoint directory or .gguf file (the one the plan was made for)")
     s.add_argument("--plan", required=True, help="plan.json written by probe")
-    s.add_argument("--out", required=True, help="output checkpoint directory")
+    add_out(s, "a checkpoint")
     s.add_argument("--heal", type=_steps, default=0, metavar="STEPS",
                    help="after removing layers, heal for STEPS optimizer steps (default 0: no healing)")
     s.add_argument("--heal-mode", choices=("distill", "sft"), default="distill",
                    help="distill: KL to the original model's logits (encoders: its final hidden states); "
                         "sft: next-token fine-tuning (default distill)")
     s.add_argument("--heal-data", help="mix spec over the data's train split (default general=1)")
-    s.add_argument("--heal-lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    s.add_argument("--heal-lr", type=positive_float, default=1e-4, help="learning rate (default 1e-4)")
     s.add_argument("--data", default=None, help="data directory for healing (default: data)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--seed", type=non_negative_int, default=0)
     s.set_defaults(func=cmd_slim_dense)
 
 
@@ -128,4 +127,4 @@ def _steps(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of steps") from None
     if v < 0:
         raise argparse.ArgumentTypeError(f"{v} steps: give 0 (no healing) or more")
-    return v
+    return non_negative_int(text)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..evals.suites import BUILTIN_TASKS, SUITES, TASK_ALIASES
-from .common import add_data_dir, add_json, emit, positive_int
+from .common import add_data_dir, add_json, emit, positive_int, seq_len
 
 
 def register(subparsers: Any) -> None:
@@ -35,16 +35,18 @@ def register(subparsers: Any) -> None:
     p.add_argument("--baseline", default=None,
                    help="results JSON of another system: paired-bootstrap intervals of the translation scores")
     p.add_argument("--include-path", action="append", default=None, metavar="DIR",
-                   help="directory of extra lm-eval task YAMLs (repeatable)")
+                   help="directory of extra lm-eval task YAMLs (repeatable). This RUNS PYTHON CODE from DIR: "
+                        "lm-eval's !function tag imports the .py files it names there; give only directories you trust")
     p.add_argument("--batch-size", type=positive_int, default=None, help="generation batch size (default 32)")
     p.add_argument("--mc-batch-size", type=positive_int, default=None, help="lm-eval batch size (default 16)")
-    p.add_argument("--seq-len", type=positive_int, default=None, help="perplexity window length in tokens")
-    p.add_argument("--mc-cache", default=None, help="where derived MC items are cached (default: DATA/mc)")
+    p.add_argument("--seq-len", type=seq_len, default=None, help="perplexity window length in tokens")
+    p.add_argument("--mc-cache", default=None, help="where derived MC items are cached (default: ~/.cache/moe_slim/mc, or $MOE_SLIM_CACHE/mc)")
     p.add_argument("--dtype", default="auto",
                    help="compute dtype: auto (the checkpoint's on a GPU, float32 on a CPU), bfloat16, float16, float32")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: the GPU when there is one)")
     p.add_argument("--device-map", default=None, help="accelerate device map, e.g. auto")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out, only when it is a results file moe_slim wrote")
     p.add_argument("--split", default="test",
                    help="data split to evaluate: test (default), validation, ..., or catalog_test / catalog_validation "
                         "(translation from whole catalogs unseen in training; other domains then use test)")
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
                            include_path=args.include_path, baseline=args.baseline, split=args.split)
     args.checkpoint = str(resolve_model(args.checkpoint))  # a local directory, or a Hugging Face Hub id
     check_output(args.out, args.overwrite, inputs=[args.checkpoint, args.data_dir, args.baseline, args.plan,
-                                                   *(args.include_path or [])])
+                                                   *(args.include_path or [])], kind="results")
     if args.plan is not None:
         from ..api import load_plan
 

@@ -8,10 +8,12 @@ from .common import (
     _tokens,
     add_data_dir,
     add_json,
+    add_out,
     emit,
     fraction,
     non_negative_int,
     positive_int,
+    seq_len,
 )
 from .core import add_device_options, add_drop_mtp
 
@@ -95,11 +97,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="M-SMoE: rank dominants across layers (needs --tied)")
     p.add_argument("--protect-super", action="store_true", default=None,
                    help="never merge a super-expert (largest output norm a robust-z > 3.5 outlier) into another")
-    p.add_argument("--seq-len", type=positive_int, default=512)
+    p.add_argument("--seq-len", type=seq_len, default=512)
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--seed", type=non_negative_int, default=None)
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    add_out(p, "a checkpoint (a plan directory with --plan-only)")
     p.add_argument("--dtype", default="auto",
                    help="dtype of the written weights: auto (the source's; merging computes in float32), bfloat16, "
                         "float16, float32")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_json, emit, fraction
+from .common import add_json, add_out, emit, fraction
 
 
 def cmd_mone(args: argparse.Namespace) -> int:
@@ -30,8 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mix", help="calibration mix, e.g. translation=3,general=1 (default: all domains)")
     p.add_argument("--standard", action="store_true",
                    help="write the nearest standard checkpoint instead (novices dropped, router sliced; loads anywhere)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    add_out(p, "a checkpoint")
     p.add_argument("--dtype", default="auto", help="dtype of the written weights (default: the source's)")
     add_json(p)
     p.set_defaults(func=cmd_mone)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .common import add_out
+
 
 def cmd_run(args: argparse.Namespace) -> int:
     from ..recipe.run import run_recipe
@@ -25,8 +27,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run a recipe: observe -> prune or merge -> optional SFT -> eval -> checkpoint")
     p.add_argument("recipe", help="recipe YAML (see moe_slim.recipe.spec for the schema)")
-    p.add_argument("--out", required=True, help="checkpoint directory to write")
-    p.add_argument("--overwrite", action="store_true")
+    add_out(p, "a checkpoint")
     p.add_argument("--json", action="store_true", help="print what each step produced as JSON")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_run)

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 
 from ..reference import REFERENCE_DIR
-from .common import add_data_dir, non_negative_int, positive_int
+from .common import add_data_dir, add_out, non_negative_int, positive_float, positive_int
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -46,17 +46,16 @@ def cmd_card(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-reference", help="train the reference MoE from the built data (GPU if present)")
-    p.add_argument("--out", default=str(REFERENCE_DIR))
+    add_out(p, "the reference model", default=str(REFERENCE_DIR))
     add_data_dir(p)
     p.add_argument("--steps", type=positive_int, help="override the recipe's step count")
     p.add_argument("--dense-steps", type=non_negative_int,
                    help="override the recipe's dense (pre-upcycling) step count; 0 trains the MoE from scratch")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--max-minutes", type=float,
+    p.add_argument("--max-minutes", type=positive_float,
                    help="stop the MoE training once this many minutes have passed (recorded in training.json)")
     p.add_argument("--seed", type=non_negative_int)
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("reference-card", help="measure the reference model and write its model card")

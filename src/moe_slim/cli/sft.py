@@ -9,12 +9,14 @@ from ..recover.distill import DEFAULT_TOPK, LOSSES
 from ..recover.modes import MODES
 from .common import (
     add_json,
+    add_out,
     emit,
     non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
     probability,
+    seq_len,
 )
 from .core import add_device_options
 
@@ -74,7 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                  "(or a YAML mix)")
     p.add_argument("--data", dest="mix", help=argparse.SUPPRESS)  # its name before --data-dir meant the data directory
     p.add_argument("--steps", type=positive_int, required=True, help="optimizer steps (at most; early stopping may end sooner)")
-    p.add_argument("--out", required=True)
+    add_out(p, "a checkpoint (or a LoRA adapter)")
     p.add_argument("--mode", default="experts", choices=MODES,
                    help="full | experts (experts and routers only; default) | router (router weights only) "
                         "| lora (attention/MLP linears)")
@@ -96,7 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="peak learning rate (default: full 5e-5, experts 1e-4, router 1e-3, lora 2e-4)")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--seq-len", type=positive_int, default=256)
+    p.add_argument("--seq-len", type=seq_len, default=256)
     p.add_argument("--warmup", type=_warmup, default=0.1, help="warm-up steps, or a fraction of --steps (default 0.1)")
     p.add_argument("--scheduler", default="cosine", choices=SCHEDULERS)
     p.add_argument("--weight-decay", type=non_negative_float, default=0.0)
@@ -117,7 +119,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="dtype of the written weights: auto (the source's; training runs in float32 on CPUs), "
                         "bfloat16, float16, float32")
     add_device_options(p, "--compute-dtype")
-    p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     add_json(p)
     p.set_defaults(func=cmd_sft)

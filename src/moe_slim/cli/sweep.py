@@ -46,7 +46,8 @@ def _report_json(rep: dict, target: str | None) -> dict:
 def cmd_report(args: argparse.Namespace) -> int:
     from ..sweep.report import target_line, write_report
 
-    rep = write_report(args.results, args.out, target=args.target, plots=not args.no_plots)
+    rep = write_report(args.results, args.out, target=args.target, plots=not args.no_plots,
+                       overwrite=True if args.overwrite else None)
     lines = [rep["table"]]
     if args.target:
         best = rep["best"]
@@ -81,5 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", help="report directory (default: report/ beside the database)")
     r.add_argument("--target", help='e.g. "chrf>=0.98*baseline" or "ppl<=1.1*baseline"')
     r.add_argument("--no-plots", action="store_true")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier report at --out (the default place, report/ beside the database, is "
+                        "always rewritten); only a report is ever replaced")
     add_json(r)
     r.set_defaults(func=cmd_report)

@@ -285,7 +285,7 @@ def build_data(out: str | Path = "data", options: BuildOptions | None = None, *,
     requested domain has records; an existing ``out`` is refused unless ``overwrite``."""
     opts = options or BuildOptions()
     opts.validate()
-    out = check_output(out, overwrite, inputs=_inputs(opts))
+    out = check_output(out, overwrite, inputs=_inputs(opts), kind="data")
     say = log_fn or log.info
     warnings: list[str] = []
 
@@ -332,7 +332,7 @@ def build_data(out: str | Path = "data", options: BuildOptions | None = None, *,
         "domains": {},
         "warnings": warnings,
     }
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, kind="data") as tmp:
         for name, (dom, splits) in built.items():
             (tmp / name).mkdir()
             files = {}

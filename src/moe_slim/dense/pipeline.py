@@ -238,7 +238,7 @@ def run_probe(
     from .slim import load_dense
 
     t_start = time.time()
-    check_output(out, overwrite, inputs=[model_path] if model_path is not None else [])
+    check_output(out, overwrite, inputs=[model_path] if model_path is not None else [], kind="probe")
     if selection not in SELECTIONS:
         raise MoeSlimError(f"unknown selection {selection!r}; choose one of {', '.join(SELECTIONS)}")
     contiguous = selection == "contiguous"
@@ -381,7 +381,7 @@ def run_probe(
         "layers_with_significant_gain": significant,
         "libraries": library_versions(), "seconds": round(time.time() - t_start, 1),
     }
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, kind="probe") as tmp:
         mj = pm.to_json()
         mj["relevance"] = {k: np.round(v, 6).tolist() for k, v in relevance.items()}
         (tmp / "probe_matrix.json").write_text(json.dumps(mj, indent=1) + "\n")

@@ -290,7 +290,7 @@ def apply_plan(model_path: str | os.PathLike, plan_path: str | os.PathLike, out:
 
     from ..checkpoint.cards import dense_card
 
-    check_output(out, overwrite, inputs=[model_path, plan_path])
+    check_output(out, overwrite, inputs=[model_path, plan_path], kind="checkpoint")
     plan = read_plan(plan_path)
     if heal_steps < 0:
         raise MoeSlimError(f"--heal {heal_steps}: give a number of steps >= 0")

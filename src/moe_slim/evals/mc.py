@@ -1,7 +1,7 @@
 """Multiple-choice tasks through lm-evaluation-harness, on the in-memory model.
 
 Our four tasks are derived deterministically from the test split (see :data:`BUILDERS`) and written
-as JSONL into a cache directory (``<data_dir>/mc/`` by default), rebuilt only when the source file's
+as JSONL into a cache directory (``~/.cache/moe_slim/mc/<source sha256>/`` by default), rebuilt only when the source file's
 sha256 or the builder version changes. Their lm-eval definitions are the YAML files in the
 repository's top-level ``evals/`` directory; at run time each YAML is loaded and pointed at the
 cached JSONL. All tasks (ours and any lm-eval task the user names, found in ``include_path`` or
@@ -30,6 +30,7 @@ import yaml
 from ..data.paths import data_dir_or_default
 from ..errors import MoeSlimError
 from ..modeling.hub import offline as hub_offline
+from ..outputs import cache_dir as default_cache_dir
 from .data import file_sha256, read_jsonl
 from .mc_items import BUILDER_VERSION, BUILDERS, MC_SEED, MC_TASKS
 
@@ -53,8 +54,9 @@ def prepare_mc_data(task: str, data_dir: str | os.PathLike, cache_dir: str | os.
                     split: str = "test") -> dict[str, Any]:
     """The JSONL of one of our MC tasks, built from ``<data_dir>/<domain>/<split>.jsonl`` or reused from the cache.
 
-    Returns ``{"path", "sha256", "n", "source", "source_sha256", "rebuilt"}``. The cache directory
-    defaults to ``<data_dir>/mc``; when it cannot be written a temporary directory is used.
+    Returns ``{"path", "sha256", "n", "source", "source_sha256", "rebuilt"}``. The items are cached under
+    ``cache_dir`` (default: ``mc/<source sha256>/`` in :func:`moe_slim.outputs.cache_dir`, never inside
+    the data directory, an input); when it cannot be written a temporary directory is used.
     """
     if task not in BUILDERS:
         raise MoeSlimError(f"unknown multiple-choice task {task!r} (ours: {', '.join(MC_TASKS)})")
@@ -63,7 +65,7 @@ def prepare_mc_data(task: str, data_dir: str | os.PathLike, cache_dir: str | os.
     domain, builder = BUILDERS[task]
     source = data_file(data_dir, domain, split)
     source_sha = file_sha256(source)
-    cache = Path(cache_dir) if cache_dir is not None else Path(data_dir) / "mc"
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "mc" / source_sha[:16]
     try:
         cache.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=cache, prefix=".probe-")

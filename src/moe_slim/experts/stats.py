@@ -220,7 +220,7 @@ class RouterStats:
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write ``stats.safetensors`` + ``meta.json`` into directory ``path``, atomically."""
         flat = {f"{d}/{f}": t.contiguous() for d, ts in self.domains.items() for f, t in ts.items()}
-        with atomic_dir(path, overwrite=overwrite) as tmp:
+        with atomic_dir(path, overwrite=overwrite, kind="stats") as tmp:
             save_file(flat, str(tmp / "stats.safetensors"), metadata={"format": FORMAT})
             pause_point("after-first-file")
             meta = dict(self.meta, format=FORMAT, domains=list(self.domains))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,10 +72,12 @@ def require_safetensors(path: str | os.PathLike) -> None:
         return
     pickled = sorted(f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
     if pickled:
+        # the paths as Python string literals, the code as one shell word: any path pastes safely
+        code = (f"from transformers import AutoModel; AutoModel.from_pretrained({json.dumps(str(p))}, "
+                f"use_safetensors=False).save_pretrained({json.dumps(str(p) + '-safetensors')})")
         raise MoeSlimError(
             f"{p} holds only pickled weights ({pickled[0]}); moe_slim reads safetensors only, since unpickling a file "
-            "can run code. If you trust it, convert it once: python -c \"from transformers import AutoModel; "
-            f"AutoModel.from_pretrained('{p}', use_safetensors=False).save_pretrained('{p}-safetensors')\"")
+            f"can run code. If you trust it, convert it once: python -c {shlex.quote(code)}")
 
 
 @contextmanager

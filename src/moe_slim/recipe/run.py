@@ -23,13 +23,22 @@ from ..checkpoint.cards import with_evaluation
 from ..data.paths import data_dir_or_default
 from ..errors import MoeSlimError
 from ..modeling.hub import resolve_model
-from ..outputs import MARKER, atomic_dir, check_output, is_moe_slim_output
+from ..outputs import MARKER, atomic_dir, check_output, is_moe_slim_output, note
 from .spec import Recipe, recipe_of
 
 
 def _done(path: Path) -> bool:
     """A step's output from an earlier, interrupted run of the same recipe."""
     return path.is_dir() and is_moe_slim_output(path)
+
+
+def _drop_if_unfinished(work: Path) -> None:
+    """After a refusal: remove the work directory when no step finished in it (nothing to resume), else say
+    where the finished steps wait for a rerun."""
+    if any(_done(p) for p in work.iterdir()):
+        note(f"the finished steps are kept in {work} for a rerun of the same recipe (remove it with: rm -r {work})")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def run_recipe(recipe: Recipe, raw: dict[str, Any], out: str | os.PathLike, *, recipe_path: str | None = None,
@@ -40,7 +49,7 @@ def run_recipe(recipe: Recipe, raw: dict[str, Any], out: str | os.PathLike, *, r
     model = resolve_model(recipe.model)
     data_dir = data_dir_or_default(recipe.data_dir)
     out = Path(out)
-    check_output(out, overwrite, inputs=[model, recipe.stats, data_dir, recipe_path])
+    check_output(out, overwrite, inputs=[model, recipe.stats, data_dir, recipe_path], kind="checkpoint")
     if recipe.stats is not None and not Path(recipe.stats).is_dir():
         raise MoeSlimError(f"recipe: stats {recipe.stats} is not a directory (run observe, or give an observe step)")
     work = out.parent / f".{out.name}.run"
@@ -49,64 +58,68 @@ def run_recipe(recipe: Recipe, raw: dict[str, Any], out: str | os.PathLike, *, r
         shutil.rmtree(work)  # another recipe's leftovers: nothing there can be reused
     work.mkdir(parents=True, exist_ok=True)
     (work / "recipe.json").write_text(key)
-    steps: dict[str, Any] = {}
+    try:
+        steps: dict[str, Any] = {}
 
-    stats: str | None = recipe.stats
-    if stats is None and recipe.observe is not None:
-        stats_dir = work / "stats"
-        if not _done(stats_dir):
-            o = recipe.observe
-            say(f"observe: {o.calib}")
-            observe_checkpoint(model, o.calib, stats_dir, seq_len=o.seq_len, batch_size=o.batch_size,
-                               max_tokens=o.max_tokens, data_dir=data_dir, samples=o.samples or 0,
-                               layerwise=o.layerwise, device=recipe.device, progress=progress, overwrite=True)
-        stats = str(stats_dir)
-    steps["stats"] = stats
+        stats: str | None = recipe.stats
+        if stats is None and recipe.observe is not None:
+            stats_dir = work / "stats"
+            if not _done(stats_dir):
+                o = recipe.observe
+                say(f"observe: {o.calib}")
+                observe_checkpoint(model, o.calib, stats_dir, seq_len=o.seq_len, batch_size=o.batch_size,
+                                   max_tokens=o.max_tokens, data_dir=data_dir, samples=o.samples or 0,
+                                   layerwise=o.layerwise, device=recipe.device, progress=progress, overwrite=True)
+            stats = str(stats_dir)
+        steps["stats"] = stats
 
-    slim = work / "slim"
-    if not _done(slim):
-        if recipe.prune is not None:
-            p = recipe.prune
-            say(f"prune: {p.criterion} ratio {p.ratio}")
-            plan = prune_checkpoint(model, stats, slim, criterion=p.criterion, ratio=p.ratio, mix=p.mix,
-                                    reference=p.reference, budget=p.budget, floor=p.floor, seed=p.seed,
-                                    dtype=recipe.dtype, progress=progress, overwrite=True)
-        else:
-            m = recipe.merge
-            say(f"merge: {m.method} ratio {m.ratio}")
-            sequential = m.resolved().sequential
-            plan = merge_checkpoint(model, slim, method=m, ratio=m.ratio, stats_path=stats,
-                                    calib=recipe.observe.calib if sequential and recipe.observe else None,
-                                    mix=m.mix, data_dir=data_dir, dtype=recipe.dtype, device=recipe.device,
-                                    overwrite=True, log=log)
-        steps["kept_per_layer"] = plan.kept_counts
-    final = slim
+        slim = work / "slim"
+        if not _done(slim):
+            if recipe.prune is not None:
+                p = recipe.prune
+                say(f"prune: {p.criterion} ratio {p.ratio}")
+                plan = prune_checkpoint(model, stats, slim, criterion=p.criterion, ratio=p.ratio, mix=p.mix,
+                                        reference=p.reference, budget=p.budget, floor=p.floor, seed=p.seed,
+                                        dtype=recipe.dtype, progress=progress, overwrite=True)
+            else:
+                m = recipe.merge
+                say(f"merge: {m.method} ratio {m.ratio}")
+                sequential = m.resolved().sequential
+                plan = merge_checkpoint(model, slim, method=m, ratio=m.ratio, stats_path=stats,
+                                        calib=recipe.observe.calib if sequential and recipe.observe else None,
+                                        mix=m.mix, data_dir=data_dir, dtype=recipe.dtype, device=recipe.device,
+                                        overwrite=True, log=log)
+            steps["kept_per_layer"] = plan.kept_counts
+        final = slim
 
-    if recipe.recover is not None:
-        healed = work / "healed"
-        if not _done(healed):
-            stage = recipe.recover["sft"]
-            say(f"sft: {stage.steps} steps on {stage.data} ({stage.loss})")
-            result = sft_checkpoint(slim, healed, data=stage.data, dtype=recipe.dtype, device=recipe.device,
-                                    data_dir=data_dir, progress=progress, overwrite=True, merge_lora=True,
-                                    teacher=model if stage.loss != "ce" else None, **stage.sft_kwargs())
-            steps["sft"] = {"before": result.metrics_before, "after": result.metrics_after, "steps": result.steps,
-                            "loss": result.loss, **({"teacher": result.teacher} if result.teacher else {})}
-        final = healed
+        if recipe.recover is not None:
+            healed = work / "healed"
+            if not _done(healed):
+                stage = recipe.recover["sft"]
+                say(f"sft: {stage.steps} steps on {stage.data} ({stage.loss})")
+                result = sft_checkpoint(slim, healed, data=stage.data, dtype=recipe.dtype, device=recipe.device,
+                                        data_dir=data_dir, progress=progress, overwrite=True, merge_lora=True,
+                                        teacher=model if stage.loss != "ce" else None, **stage.sft_kwargs())
+                steps["sft"] = {"before": result.metrics_before, "after": result.metrics_after, "steps": result.steps,
+                                "loss": result.loss, **({"teacher": result.teacher} if result.teacher else {})}
+            final = healed
 
-    results = None
-    if recipe.eval is not None:
-        from ..evals.run import evaluate
-        from ..modeling.loading import load_model
+        results = None
+        if recipe.eval is not None:
+            from ..evals.run import evaluate
+            from ..modeling.loading import load_model
 
-        e = recipe.eval
-        say(f"eval: {e.suite} {e.tasks or ''}")
-        m_, tok = load_model(final, device=recipe.device if recipe.device != "auto" else None)
-        results = evaluate(m_, tok, e.suite, tasks=e.tasks, limit=e.limit, batch_size=e.batch_size,
-                           data_dir=data_dir, translation_testset=e.translation_testset, hash_weights=False,
-                           split=e.split)
-        steps["metrics"] = results["metrics"]
+            e = recipe.eval
+            say(f"eval: {e.suite} {e.tasks or ''}")
+            m_, tok = load_model(final, device=recipe.device if recipe.device != "auto" else None)
+            results = evaluate(m_, tok, e.suite, tasks=e.tasks, limit=e.limit, batch_size=e.batch_size,
+                               data_dir=data_dir, translation_testset=e.translation_testset, hash_weights=False,
+                               split=e.split)
+            steps["metrics"] = results["metrics"]
 
+    except MoeSlimError:
+        _drop_if_unfinished(work)
+        raise
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for f in final.iterdir():
             if f.is_file() and f.name != MARKER:

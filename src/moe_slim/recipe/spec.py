@@ -25,6 +25,7 @@ from ..schema import (
     EvalSettings,
     NonNegativeInt,
     PositiveInt,
+    SeqLen,
     Strict,
     Tokens,
     read_yaml,
@@ -34,7 +35,7 @@ from ..schema import (
 
 class ObserveStep(Strict):
     calib: str
-    seq_len: PositiveInt = 512
+    seq_len: SeqLen = 512
     batch_size: PositiveInt = 8
     max_tokens: Tokens | None = None
     samples: Tokens | None = None

@@ -145,7 +145,7 @@ def write_card(
         raise MoeSlimError(f"{model_dir} is not a checkpoint moe_slim wrote (no {MARKER} marker); "
                            "reference-card writes the card of a model trained by `moe-slim train-reference`")
     for name in ("metrics.json", "README.md"):
-        check_output(model_dir / name, overwrite=True)
+        check_output(model_dir / name, overwrite=True, kind="member")
     model, tok = load_model(model_dir, dtype=torch.float32)
     training = json.loads((model_dir / "training.json").read_text())
     log("observing the four domains for the specialisation report ...")
@@ -167,9 +167,9 @@ def write_card(
         "specialisation": spec,
         "training": {k: training.get(k) for k in keys},
     }
-    with atomic_file(model_dir / "metrics.json", overwrite=True) as tmp:
+    with atomic_file(model_dir / "metrics.json", overwrite=True, kind="member") as tmp:
         tmp.write_text(json.dumps(metrics, indent=1))
-    with atomic_file(model_dir / "README.md", overwrite=True) as tmp:
+    with atomic_file(model_dir / "README.md", overwrite=True, kind="member") as tmp:
         tmp.write_text(_card_text(metrics, training))
     return metrics
 

@@ -55,13 +55,15 @@ def train_reference(
     the MoE phases stop early once that much time has passed, and ``training.json`` says where.
     """
     from ..checkpoint.save import tidy_checkpoint_files
+    from ..modeling.devices import resolve_device
     from ..outputs import atomic_dir, check_output
 
     from ..data.paths import data_dir_or_default
 
     recipe = recipe or Recipe()
     data_dir = data_dir_or_default(data_dir)
-    check_output(out, overwrite, inputs=[data_dir])
+    check_output(out, overwrite, inputs=[data_dir], kind="reference")
+    dev = resolve_device(device)  # a GPU asked for on a machine without one: one line, before the data loads
     data = Path(data_dir)
     texts = {d: _read_texts(data, d, "train", recipe.max_docs_per_domain, recipe.seed) for d in DOMAINS}
     texts["translation"] += copied_pairs(data, recipe.copy_fraction, recipe.seed)
@@ -72,7 +74,6 @@ def train_reference(
     if not resume_from:
         tok_corpus = [t for d in DOMAINS for t in random.Random(recipe.seed).sample(texts[d], min(20000, len(texts[d])))]
         tok = train_tokenizer(tok_corpus, recipe.vocab_size)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if resume_from:  # phase 1 already trained by this recipe: continue from its checkpoint
         tok = PreTrainedTokenizerFast.from_pretrained(str(resume_from))
         model = Qwen3MoeForCausalLM.from_pretrained(str(resume_from), dtype=torch.float32, use_safetensors=True).to(dev)
@@ -173,7 +174,7 @@ def train_reference(
             "tokens_seen": steps_done * recipe.batch_size * recipe.seq_len,
             "resumed_phase1_from": str(resume_from) if resume_from else None,
             "train_docs": {d: len(texts[d]) for d in DOMAINS}}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, kind="reference") as tmp:
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         (tmp / "training.json").write_text(json.dumps(info, indent=2))

@@ -181,19 +181,25 @@ def target_line(best: dict[str, Any]) -> str:
 
 
 def write_report(db: str | os.PathLike, out: str | os.PathLike | None = None, *, target: str | None = None,
-                 plots: bool = True) -> dict[str, Any]:
-    """Write ``report.md`` and the front PNGs for a results DB; return paths, the table and the best point."""
-    from ..outputs import atomic_dir, refuse_overlap
+                 plots: bool = True, overwrite: bool | None = None) -> dict[str, Any]:
+    """Write ``report.md`` and the front PNGs for a results DB; return paths, the table and the best point.
+
+    An existing report is replaced only with ``overwrite``, which defaults to True for the default place
+    (``report/`` in the sweep directory, rewritten as the sweep grows) and False for an ``out`` given;
+    either way only a previous report is replaced (:mod:`moe_slim.outputs`)."""
+    from ..outputs import atomic_dir, check_output
     from .store import read_rows
 
     if target is not None:
         parse_target(target)
+    dbp = Path(db)
+    if overwrite is None:
+        overwrite = out is None
+    out = Path(out) if out is not None else (dbp if dbp.is_dir() else dbp.parent) / "report"
+    check_output(out, overwrite, [dbp / "results.db" if dbp.is_dir() else dbp], kind="report")
     rows, meta = read_rows(db)
     if not rows:
         raise MoeSlimError(f"{db} holds no results yet (run the sweep)")
-    dbp = Path(db)
-    out = Path(out) if out is not None else (dbp if dbp.is_dir() else dbp.parent) / "report"
-    refuse_overlap(out, [dbp / "results.db" if dbp.is_dir() else dbp])
     fr = fronts(rows)
     best = best_for_target(rows, target, writable_only=True) if target else None
     best_any = best_for_target(rows, target) if target else None
@@ -229,7 +235,7 @@ def write_report(db: str | os.PathLike, out: str | os.PathLike | None = None, *,
             md += ["", f"In memory only (different expert counts per layer, not writable as a checkpoint): "
                    f"{best_any['method']} ratio {best_any['ratio']:g}, budget {best_any['budget']}, mix "
                    f"{best_any['mix']}: {best_any['experts_kept']}/{best_any['experts_total']} experts."]
-    with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, overwrite=overwrite, kind="report") as tmp:
         pngs = [save(params_vs_chrf(rows, fr["params_vs_chrf"]), tmp / "params_vs_chrf.png"),
                 save(mc_vs_generative(rows, fr["mc_vs_generative"]), tmp / "mc_vs_generative.png")] if plots else []
         (tmp / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")

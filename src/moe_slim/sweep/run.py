@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import MoeSlimError
 from ..evals.data import file_sha256
-from ..outputs import pause_point, refuse_overlap
+from ..outputs import check_resumable_dir, open_resumable_dir, pause_point
 from .best import write_best
 from .grid import Point, _canonical, _hash, point_key
 from .spec import SWEEP_FORMAT, SweepSpec, parse_spec
@@ -276,10 +276,10 @@ def run_sweep(
     if jobs < 1:
         raise MoeSlimError(f"--jobs must be at least 1 (got {jobs})")
     out = Path(out)
-    refuse_overlap(out, [spec.model, spec.data_dir, spec.path])
+    check_resumable_dir(out, "sweep", [spec.model, spec.data_dir, spec.path])
     model_hash = model_content_hash(spec.model)
     model, tok = load_spec_model(spec)
-    out.mkdir(parents=True, exist_ok=True)
+    open_resumable_dir(out, "sweep", [spec.model, spec.data_dir, spec.path])
     stats, stats_dir, stats_key, calib_hashes = prepare_stats(spec, out, model, tok, model_hash, say)
     shared = spec.shared_config(model_hash)
     shared_row = dict(shared, stats_key=stats_key)

@@ -49,6 +49,7 @@ from ..schema import (
     EvalSettings,
     NonNegativeInt,
     PositiveInt,
+    SeqLen,
     Strict,
     Tokens,
     read_yaml,
@@ -113,7 +114,7 @@ class CalibrationSettings(Strict):
     split: str = "calibration"
     texts_per_domain: PositiveInt = 128
     max_tokens: Tokens | None = None
-    seq_len: PositiveInt = 256
+    seq_len: SeqLen = 256
     batch_size: PositiveInt = 8
     samples: Tokens = 4096
 

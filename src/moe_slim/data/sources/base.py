@@ -9,6 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 Warn = Callable[[str], None]
+#: the largest archive member a source reads (locale tarballs, .deb catalogs); no real one comes near it, and a
+#: crafted archive that expands a few MB into GBs is never read whole
+MAX_MEMBER_BYTES = 8 << 20
 
 
 class SourceMissing(Exception):

