@@ -6,7 +6,8 @@ calibration statistics (one ``observe`` with token samples and output sums):
 * ``reap-prune``, ``freq-prune``: REAP / frequency pruning; a ``+super`` suffix on any variant never
   removes or merges a super-expert (:mod:`moe_slim.experts.superexperts`);
 * ``mone``: MoNE, the others replaced by their mean output (novices; router rows kept);
-* ``ream``: REAM with the default group size C = max(2, round(E/8)) (alignment tokens from every domain);
+* ``ream``: REAM with moe_slim's defaults (C = min(16, E/2); alignment tokens from every domain);
+  ``ream-repo``: REAM's repository defaults (preset; sequential);
 * ``hc-smoe``: HC-SMoE, the merged expert keeping its most frequent member's router row (``@method``
   suffix: the paper's representative's row; ``@saliency``: the most salient member's);
   ``hc-smoe-tied``: HC-SMoE as the paper (members bound to the merge, router untouched, no shrink);
@@ -54,7 +55,7 @@ from moe_slim.experts.superexperts import super_experts  # noqa: E402
 from moe_slim.families import moe_layers  # noqa: E402
 
 DOMAINS = ("general", "math", "code", "translation")
-VARIANTS = ("reap-prune", "freq-prune", "mone", "ream", "hc-smoe", "hc-smoe-tied", "m-smoe", "average")
+VARIANTS = ("reap-prune", "freq-prune", "mone", "ream", "ream-repo", "hc-smoe", "hc-smoe-tied", "m-smoe", "average")
 # also measured (README): reap-prune+super, mone+super, ream+super (super-experts on/off) and
 # hc-smoe@method (HC-SMoE's own representative's router row, as shipped before issue 19)
 
@@ -72,14 +73,11 @@ def compress(variant: str, base: torch.nn.Module, stats, ratio: float, args) -> 
     extra = 0
     protect = variant.endswith("+super")  # any variant: never remove or merge a super-expert
     variant = variant.removesuffix("+super")
-    variant, *opts = variant.split(":")  # ream:weighting=ream-repo, m-smoe:dominants=saliency, ...
-    choice: dict = dict(o.split("=", 1) for o in opts)
+    variant, *opts = variant.split(":")  # ream:weighting=p2norm-routed, m-smoe:dominants=saliency, ...
+    choice: dict = {k: {"true": True, "false": False}.get(v, int(v) if v.isdigit() else v)
+                    for k, v in (o.split("=", 1) for o in opts)}
     variant, _, row = variant.partition("@")  # hc-smoe@method: the router row rule (frequency, saliency, method)
     choice.update({"router_row": row} if row else {})
-    if variant == "ream-seq":  # REAM's sequential mode: each layer's sample re-gathered through the merged layers
-        merge_model(model, None, "ream", ratio, max_tokens=tokens, sequential=True, calibration=args.calib,
-                    tokenizer=args.tok, seq_len=args.seq_len)
-        return model, time.perf_counter() - t0, count_parameters(model) * args.bytes_per_param
     if variant in ("reap-prune", "freq-prune"):
         crit = "frequency" if variant == "freq-prune" else "reap"
         apply_plan(model, plan_for(model, stats, criterion=crit, ratio=ratio, protect_super=protect))
@@ -93,7 +91,8 @@ def compress(variant: str, base: torch.nn.Module, stats, ratio: float, args) -> 
     elif variant == "hc-smoe-tied":
         merge_model(model, stats, "hc-smoe", ratio, max_tokens=tokens, tied=True, protect_super=protect)
     else:
-        merge_model(model, stats, variant, ratio, max_tokens=tokens, protect_super=protect, **choice)
+        merge_model(model, stats, variant, ratio, max_tokens=tokens, protect_super=protect, calibration=args.calib,
+                    tokenizer=args.tok, seq_len=args.seq_len, **choice)  # the text: sequential merges (ream-repo)
     secs = time.perf_counter() - t0
     return model, secs, (count_parameters(model) + extra) * args.bytes_per_param
 

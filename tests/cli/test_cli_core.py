@@ -171,6 +171,18 @@ def test_merge_cli_constants_mirror_the_merge_module() -> None:
     assert cli_merge.METHODS == merge.METHODS
     assert cli_merge.GROUPINGS == merge.GROUPINGS
     assert cli_merge.DEFAULT_ALIGN_TOKENS == merge.DEFAULT_ALIGN_TOKENS
+    import typing
+
+    from moe_slim.experts.merge.config import PRESETS, MergeOptions
+
+    def allowed(field: str) -> tuple[str, ...]:
+        lit = next(a for a in typing.get_args(MergeOptions.model_fields[field].annotation) if a is not type(None))
+        return typing.get_args(lit)
+
+    assert cli_merge.PRESETS == tuple(PRESETS)
+    assert (cli_merge.WEIGHTINGS, cli_merge.CENTROIDS, cli_merge.PCAS) == (
+        allowed("weighting"), allowed("centroids"), allowed("pca"))
+    assert set(cli_merge.CHOICES) <= set(MergeOptions.model_fields)
 
 
 def test_token_counts_parse_or_fail_in_one_line() -> None:

@@ -97,14 +97,15 @@ def test_global_dominants_need_a_tied_msmoe_and_vary_per_layer() -> None:
     assert all(len(l.groups) >= 1 for l in plan.layers)
 
 
-def test_ream_group_size_scales_with_the_expert_count() -> None:
-    assert default_group_size(128, 64) == 16  # REAM's own C at 128 experts
-    assert default_group_size(16, 12) == 2
-    assert default_group_size(16, 4) == 4  # never too small to cover every expert
-    assert default_group_size(64, 32, n_group=8) == 8
+def test_ream_group_size_is_the_repositorys_16_at_most_half_the_experts() -> None:
+    assert default_group_size(128, 64) == 16  # REAM's repository C
+    assert default_group_size(32, 24) == 16 and default_group_size(64, 16) == 16
+    assert default_group_size(16, 12) == 8  # at most half the experts
+    assert default_group_size(40, 2) == 20  # never too small to cover every expert
+    assert default_group_size(64, 32, n_group=8) == 4  # per router group of 8
     model, stats = _copies("qwen3_moe")
     plan = merge_model(copy.deepcopy(model), stats, "ream", 0.25)  # 8 -> 6 experts
-    assert plan.info["group_size"] == 2 and max(len(g) for l in plan.layers for g in l.groups) <= 2
+    assert plan.info["group_size"] == 4 and max(len(g) for l in plan.layers for g in l.groups) <= 4
 
 
 def test_alignment_tokens_come_from_every_domain(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,7 +20,7 @@ Spec schema (YAML; relative paths resolve against the current directory)::
     ratios: [0.25, 0.5, 0.75]              # share of experts removed per layer, in (0, 1)
     budgets: [uniform]                     # uniform and/or global (prune only; merges are uniform)
     floor: null                            # per-layer floor for the global budget
-    merge: {max_tokens: 4096}              # group_size: REAM C (default max(2, round(E/8)))
+    merge: {max_tokens: 4096}              # any merge option (group_size: REAM's C, default min(16, E/2))
     eval: {suite: quick, tasks: [translation, translation_choice, perplexity], limit: 20}
     recover: null                          # {sft: {steps: N, ...}}: fine-tune every pruned/merged point before
                                            # evaluating (moe_slim.recover.stage.recover; keys as sft()); baseline untouched

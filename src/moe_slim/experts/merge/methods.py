@@ -4,15 +4,18 @@
 method     grouping                                       alignment           weights     router row
 =========  =============================================  ==================  ==========  ================
 ream       k most REAP-salient centroids; in saliency     Hungarian on        p^2*||f||   centroid
-           order each takes up to C-1 most similar        activations +       (REAM repo)
-           unassigned experts (similarity: gated mean     weight vectors
-           outputs and router-logit columns)
+           order each takes up to C-1 most similar        activations +       over all
+           unassigned experts (similarity: gated mean     weight vectors      sample
+           outputs and router-logit columns)              (PCA per pair)      tokens
 hc-smoe    average-linkage clustering of mean outputs     none                frequency   representative
 m-smoe     k most frequent experts dominate; the others   weight matching     frequency   dominant
            join the one with the most similar router
            logits
 average    as ream (override with ``grouping=``)          none                uniform     centroid
 =========  =============================================  ==================  ==========  ================
+
+Each reference's own defaults are presets of :class:`~.config.MergeOptions` (``ream-repo``: routed-token
+p^2*||f|| for weights and centroids, one PCA per layer, C = 16, sequential).
 
 HC-SMoE's own "representative" is the member whose mean output is closest to the cluster's mean;
 which member's router row a merged expert keeps is a separate choice (:mod:`.options`: by default
