@@ -259,6 +259,16 @@ def test_mone_gives_the_mtp_layer_novices_of_its_own(ds: dict[str, Path], tmp_pa
     assert stored == set(kept)  # the kept experts under their logical ids
     values = load_file(str(tmp_path / "sub" / "novices.safetensors"))
     assert {f"model.layers.3.mlp.experts.novice_values.{e}" for e in novices} <= values.keys()
+    for standard in (False, True):  # --drop-mtp: neither the layer nor its novices
+        out = tmp_path / f"drop{standard}"
+        mone_checkpoint(ds["src"], ds["stats"], out, ratio=0.5, standard=standard, drop_mtp=True)
+        assert not [k for k in ShardedCheckpoint(out).keys if k.startswith("model.layers.3.")]
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["num_nextn_predict_layers"] == 0
+        if not standard:
+            assert list(cfg["compression_config"]["transform_config"]["expert_substitution"]["targets"]) == [
+                "model.layers.1.mlp.experts", "model.layers.2.mlp.experts"]
+            assert not [k for k in load_file(str(out / "novices.safetensors")) if k.startswith("model.layers.3.")]
 
 
 def test_an_mtp_layer_moe_slim_cannot_run_keeps_the_last_layers_experts(tmp_path: Path,
