@@ -36,8 +36,10 @@ def save_tiny_layer_mtp(model_type: str, path: Path, seed: int = 0, depths: int 
             sd[f"{p}.{name}.weight"] += 1.0  # DeepSeek's RMSNorm scales by the weight itself
         sd[f"{p}.shared_head.head.weight"] = sd["lm_head.weight"].clone()
         sd[f"{p}.embed_tokens.weight"] = sd["model.embed_tokens.weight"].clone()
-        sd[f"{p}.mlp.gate.weight"] = 2 * torch.randn(sd[f"{p}.mlp.gate.weight"].shape, generator=g)
-    for key in [k for k in sd if k.endswith("e_score_correction_bias")]:
+        for key in [k for k in sd if k.startswith(f"{p}.mlp.") and ".experts." not in k and "shared" not in k
+                    and k.endswith("gate.weight") and sd[k].shape[0] == 8]:  # the router (DeepSeek, GLM, HY-V3)
+            sd[key] = 2 * torch.randn(sd[key].shape, generator=g)
+    for key in [k for k in sd if k.endswith(("e_score_correction_bias", "expert_bias"))]:
         sd[key] = 0.3 * torch.randn(sd[key].shape, generator=g)
     save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((path / "config.json").read_text())
@@ -50,12 +52,21 @@ def save_tiny_deepseek_mtp(path: Path, seed: int = 0, depths: int = 1) -> Path:
     return save_tiny_layer_mtp("deepseek_v3", path, seed, depths)
 
 
-def save_tiny_qwen3_next_mtp(path: Path, seed: int = 0) -> Path:
-    """A Qwen3-Next-shaped tiny checkpoint: 3 hybrid layers (linear, linear, full attention), then one
-    full-attention MoE MTP layer stored as Qwen3-Next stores it: ``mtp.layers.0.*`` with ``mtp.fc``,
-    ``mtp.pre_fc_norm_embedding``, ``mtp.pre_fc_norm_hidden`` and ``mtp.norm``."""
-    types = ["linear_attention", "linear_attention", "full_attention"]
-    save_tiny("qwen3_next", path, seed=seed, num_hidden_layers=4, layer_types=types + ["full_attention"])
+def save_tiny_qwen3_next_mtp(path: Path, seed: int = 0, model_type: str = "qwen3_next") -> Path:
+    """A Qwen3-Next-shaped tiny checkpoint (Qwen3.5-MoE and Mellum store their MTP layers alike): 3 layers,
+    then one MoE MTP layer stored as Qwen3-Next stores it: ``mtp.layers.0.*`` with ``mtp.fc``,
+    ``mtp.pre_fc_norm_embedding``, ``mtp.pre_fc_norm_hidden`` and ``mtp.norm``. The MTP layer has the
+    attention and MLP types transformers' ``get_mtp_config`` gives it (full attention by default)."""
+    from moe_slim.modeling.mtp import count_key, mtp_config
+    from moe_slim.modeling.tiny import tiny_config
+
+    main = tiny_config(model_type, layers=3)
+    if "linear_attention" in (getattr(main, "layer_types", None) or []):  # hybrid as published: full attention last
+        main.layer_types = ["linear_attention", "linear_attention", "full_attention"]
+    mtp = mtp_config(main, 1, moe_type=(getattr(main, "mlp_layer_types", None) or [None])[-1])
+    over: dict[str, Any] = {k: list(getattr(main, k))[:3] + [getattr(mtp, k)[0]] for k in ("layer_types", "mlp_layer_types")
+                            if getattr(main, k, None) is not None}
+    save_tiny(model_type, path, seed=seed, num_hidden_layers=4, **over)
     sd = load_file(str(path / "model.safetensors"))
     g = torch.Generator().manual_seed(seed + 1)
     H = sd["model.embed_tokens.weight"].shape[1]
@@ -65,7 +76,8 @@ def save_tiny_qwen3_next_mtp(path: Path, seed: int = 0) -> Path:
     sd["mtp.layers.0.mlp.gate.weight"] = 2 * torch.randn(sd["mtp.layers.0.mlp.gate.weight"].shape, generator=g)
     save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((path / "config.json").read_text())
-    cfg.update(num_hidden_layers=3, layer_types=types, mtp_num_hidden_layers=1)
+    cfg.update(num_hidden_layers=3, **{k: v[:3] for k, v in over.items()})
+    cfg[count_key(main) or "mtp_num_hidden_layers"] = 1  # Qwen3-Next's config.json key, which transformers ignores
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     return path
 
@@ -81,15 +93,18 @@ def transformers_mtp(main_model: torch.nn.Module, path: Path) -> Any:
 
     from transformers.modeling_layers import MtpModel
 
-    from moe_slim.modeling.mtp import mtp_config
+    from moe_slim.modeling.mtp import mtp_of
     from moe_slim.modeling.shards import ShardedCheckpoint
 
     keys = ShardedCheckpoint(path).keys
     config = main_model.config
-    n = sum(1 for k in keys if re.match(r"^(model\.layers\.\d+|mtp\.layers\.\d+)\.input_layernorm\.weight$", k)
-            and (k.startswith("mtp.") or int(k.split(".")[2]) >= config.num_hidden_layers))
+    built = mtp_of(main_model).config  # transformers' defaults where the family's config has no MTP fields
+    n = built.num_hidden_layers
     if getattr(config, "num_mtp_layers", None) is None:
-        config.num_mtp_layers, config.mtp_layer_types = n, mtp_config(config, n).layer_types
+        config.num_mtp_layers = n
+    for k in ("layer_types", "mlp_layer_types"):
+        if getattr(config, k, None) is not None and getattr(config, f"mtp_{k}", None) is None:
+            setattr(config, f"mtp_{k}", getattr(built, k))
     regex = MtpModel.get_mtp_weights_regex(main_model)
     if not any(k.startswith("model.layers.") and regex.search(k) for k in keys) and not any(
             k.startswith("mtp.") for k in keys):
@@ -126,3 +141,14 @@ def assert_agrees_with_config(path: Path, mtp_layers: int) -> None:
     assert {d.layer for d in routers} == {l.index for l in layout.layers}  # every layer's router (and biases)
     for d in routers:
         assert ckpt.entry(d.key).shape[0] == n, d.key
+
+
+def router_keys(path: Path) -> list[str]:
+    """The on-disk router tensors (weight, biases) of the checkpoint's last MoE layer (its MTP layer)."""
+    from moe_slim.modeling.loading import load_config
+    from moe_slim.modeling.mtp import checkpoint_skeleton
+    from moe_slim.modeling.ondisk import DiskLayout
+    from moe_slim.modeling.shards import ShardedCheckpoint
+
+    layout = DiskLayout(checkpoint_skeleton(load_config(path), path), ShardedCheckpoint(path).keys)
+    return [d.key for d in layout.of_layer(len(layout.layers) - 1, ("router",))]

@@ -32,6 +32,7 @@ def mone_checkpoint(
     overwrite: bool = False,
     dtype: str | torch.dtype | None = None,
     protect_super: bool = False,
+    drop_mtp: bool = False,
 ) -> NovicePlan:
     """Keep the top ``1 - ratio`` experts of every layer by the ``mone`` criterion, replace the others by
     their mean outputs (novices) and write the checkpoint (see :mod:`moe_slim.checkpoint.substitution`)."""
@@ -41,7 +42,7 @@ def mone_checkpoint(
     stats = RouterStats.load(stats_path)
     save_dtype = output_dtype(dtype, model_path)
     model, tok = load_model(model_path, dtype=torch.float32)
-    check_mtp_writable(model, model_path, drop=False)
+    check_mtp_writable(model, model_path, drop=drop_mtp)
     plan = plan_for(model, stats, criterion="mone", ratio=ratio, mix=mix, protect_super=protect_super)
     if all(len(lp.keep) == plan.num_experts for lp in plan.layers):
         raise MoeSlimError(f"--ratio {ratio:g} of {plan.num_experts} experts rounds to no novice in any layer "
@@ -57,6 +58,7 @@ def mone_checkpoint(
     card = card.replace("prune" + "d with moe_slim", "MoNE (novices) with moe_slim", 1)
     if not standard:
         card += "\n## Format\n\n" + SUBSTITUTION_NOTE + "\n"
-    write_mone_checkpoint(model, tok, out, nplan, card=card, standard=standard, dtype=save_dtype, overwrite=overwrite)
+    write_mone_checkpoint(model, tok, out, nplan, card=card, standard=standard, dtype=save_dtype, overwrite=overwrite,
+                          drop_mtp=drop_mtp)
     return nplan
 

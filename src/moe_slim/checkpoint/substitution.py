@@ -38,6 +38,7 @@ from ..errors import MoeSlimError
 from ..experts.mone import NovicePlan
 from ..experts.prune import apply_plan
 from ..families import moe_layers
+from ..modeling.mtp import drop_mtp as drop_mtp_layers
 from ..outputs import atomic_dir
 from .save import save_checkpoint, tidy_checkpoint_files
 
@@ -132,11 +133,17 @@ def _logical_ids(directory: Path, renames: dict[str, list[int]]) -> None:
 
 
 def write_mone_checkpoint(model: nn.Module, tokenizer: Any, out: str | os.PathLike, nplan: NovicePlan, *, card: str,
-                          standard: bool = False, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
-    """Write ``model`` (the original, changed in place) with ``nplan``'s novices as a checkpoint (see the module)."""
+                          standard: bool = False, dtype: torch.dtype | None = None, overwrite: bool = False,
+                          drop_mtp: bool = False) -> Path:
+    """Write ``model`` (the original, changed in place) with ``nplan``'s novices as a checkpoint (see the module);
+    ``drop_mtp`` leaves its MTP layers (the plan's last layers) out and sets the config's MTP count to 0."""
     if standard:
         apply_plan(model, nplan.plan)
+        if drop_mtp:
+            drop_mtp_layers(model)
         return save_checkpoint(model, tokenizer, out, card=card, plan=nplan.plan, dtype=dtype, overwrite=overwrite)
+    if drop_mtp:
+        drop_mtp_layers(model)  # the MTP layers come last: the plan's layers still line up with the model's
     layers = moe_layers(model)
     names = {id(mod): n for n, mod in model.named_modules()}
     paths = [names[id(l.experts)] for l in layers]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .common import add_json, add_out, emit, fraction
+from .core import add_drop_mtp
 
 
 def cmd_mone(args: argparse.Namespace) -> int:
@@ -12,7 +13,8 @@ def cmd_mone(args: argparse.Namespace) -> int:
     from ..api.mone import mone_checkpoint
 
     nplan = mone_checkpoint(args.model, args.stats, args.out, ratio=args.ratio, mix=parse_weights(args.mix),
-                            standard=args.standard, overwrite=args.overwrite, dtype=args.dtype)
+                            standard=args.standard, overwrite=args.overwrite, dtype=args.dtype,
+                            drop_mtp=args.drop_mtp)
     plan = nplan.plan
     what = "standard checkpoint (novices dropped)" if args.standard else \
         "vLLM expert-substitution checkpoint (plain transformers cannot load it)"
@@ -32,5 +34,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="write the nearest standard checkpoint instead (novices dropped, router sliced; loads anywhere)")
     add_out(p, "a checkpoint")
     p.add_argument("--dtype", default="auto", help="dtype of the written weights (default: the source's)")
+    add_drop_mtp(p)
     add_json(p)
     p.set_defaults(func=cmd_mone)

@@ -27,6 +27,7 @@ MoE blocks are MoE layers of the checkpoint like any other, so moe_slim grafts t
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ class MtpLayers:
     roots: list[str]  # top-level module paths that hold them (what to load, unload or drop)
     hidden_first: bool = False  # the projection reads [hnorm(h), enorm(e)] (transformers' mtp_hidden_states_first)
     unplaced: str = ""  # why the MTP tensors could not be grafted (then there are no depths)
+    config: Any = None  # the config the MTP decoder layers were built from (its layer types, for masks and rope)
 
     def check_writable(self, where: str) -> None:
         """A one-line error when an output would keep MTP tensors moe_slim could not place (and so not slice)."""
@@ -89,11 +91,15 @@ def ignore_patterns(model: nn.Module) -> list[str]:
 
 
 def mtp_patterns(model: nn.Module) -> list[re.Pattern]:
-    """Regexes of on-disk MTP tensor names for this model (see the module docstring); a numbered layer is
-    captured as group ``mtp_index`` and counts only from ``num_hidden_layers`` on."""
-    n = num_main_layers(model.config)
+    """Regexes of on-disk MTP tensor names for this model (see the module docstring)."""
+    return mtp_regexes(ignore_patterns(model), num_main_layers(model.config))
+
+
+def mtp_regexes(patterns: list[str], n: int) -> list[re.Pattern]:
+    """The MTP patterns among a model class's ``_keys_to_ignore_on_load_unexpected``, for a model of ``n``
+    layers: a numbered layer is captured as group ``mtp_index`` and counts only from ``n`` on."""
     out = []
-    for p in ignore_patterns(model):
+    for p in patterns:
         m = _NUMBERED.search(p)
         if m is not None:
             if int(m.group(1)) < n:
@@ -156,26 +162,41 @@ def _ensure_path(model: nn.Module, path: str) -> nn.Module:
     return obj
 
 
-def mtp_config(config: Any, n: int) -> Any:
+def mtp_config(config: Any, n: int, moe_type: str | None = None) -> Any:
     """The config MTP decoder layers are built from: transformers' ``get_mtp_config`` (layer-indexed fields
     replaced by their ``mtp_*`` versions, every layer MoE). A family whose config has no MTP fields gets
     transformers' defaults for them: ``num_mtp_layers = n``, full-attention layers (what ``MtpModel`` masks
-    for when a config names no MTP layer types)."""
-    if getattr(config, "num_mtp_layers", None) is None or (
-            getattr(config, "layer_types", None) is not None and getattr(config, "mtp_layer_types", None) is None):
+    for when a config names no MTP layer types), and MoE MLPs (``moe_type``: what ``mlp_layer_types`` calls
+    the main model's MoE layers)."""
+    missing = {"num_mtp_layers": n} if getattr(config, "num_mtp_layers", None) is None else {}
+    if getattr(config, "layer_types", None) is not None and getattr(config, "mtp_layer_types", None) is None:
+        missing["mtp_layer_types"] = ["full_attention"] * n
+    if getattr(config, "mlp_layer_types", None) is not None and getattr(config, "mtp_mlp_layer_types", None) is None \
+            and moe_type is not None:
+        missing["mtp_mlp_layer_types"] = [moe_type] * n
+    if missing:
         config = copy.deepcopy(config)
-        config.num_mtp_layers = n
-        if getattr(config, "layer_types", None) is not None and getattr(config, "mtp_layer_types", None) is None:
-            config.mtp_layer_types = ["full_attention"] * n
+        for key, value in missing.items():
+            setattr(config, key, value)
     try:
         return config.get_mtp_config()
     except ValueError as exc:  # e.g. per-layer MLP types without their MTP version
         raise MoeSlimError(f"cannot build the MTP layers of this {config.model_type} model: {exc}") from None
 
 
-def _decoder_layer(model: nn.Module, depth: int, n: int) -> nn.Module:
-    """A fresh decoder layer of the model's own class for MTP depth ``depth`` of ``n``, as ``MtpModel`` builds it."""
-    return _last_layer_class(model)(mtp_config(model.config, n), depth)
+
+
+def _moe_mlp_type(model: nn.Module) -> str | None:
+    """What the config's ``mlp_layer_types`` calls a layer with a MoE block (``sparse``, ``moe``...)."""
+    from ..families import moe_layers
+
+    types = getattr(model.config, "mlp_layer_types", None)
+    stack = family_of(model).layer_stacks[-1]
+    for layer in moe_layers(model) if types is not None else []:
+        index = layer.name[len(stack) + 1:].split(".", 1)[0] if layer.name.startswith(stack + ".") else ""
+        if index.isdigit() and int(index) < len(types):
+            return types[int(index)]
+    return None
 
 
 def _last_layer_class(model: nn.Module) -> type:
@@ -229,10 +250,11 @@ def _graft(model: nn.Module, keys: list[str], shapes: dict[str, tuple[int, ...]]
         raise MoeSlimError("they hold no decoder layer under a layers.N name")
     depths: list[MtpDepth] = []
     norm_cls = None
+    config = mtp_config(model.config, len(prefixes), _moe_mlp_type(model))
     with init_empty_weights():  # no memory until loaded: a real MTP layer is as large as any other
         for k, prefix in enumerate(prefixes):
             parent, idx = prefix.rsplit(".", 1)
-            layer = _decoder_layer(model, k, len(prefixes))
+            layer = _last_layer_class(model)(config, k)  # as transformers' MtpModel builds depth k
             holder = get_path(model, parent)
             if isinstance(holder, nn.ModuleList):
                 if len(holder) != int(idx):
@@ -262,7 +284,8 @@ def _graft(model: nn.Module, keys: list[str], shapes: dict[str, tuple[int, ...]]
     tops = {d.prefix for d in depths} | {k.split(".", 1)[0] for k in keys
                                          if not any(k.startswith(d.prefix + ".") for d in depths)}
     roots = sorted(r for r in tops if not any(r.startswith(t + ".") for t in tops))  # mtp.layers.0 is under mtp
-    return MtpLayers(keys, depths, roots, bool(getattr(model.config, "mtp_hidden_states_first", False)))
+    return MtpLayers(keys, depths, roots, bool(getattr(model.config, "mtp_hidden_states_first", False)),
+                     config=config)
 
 
 def _fits(model: nn.Module, state: dict[str, Any]) -> Any:
@@ -361,8 +384,6 @@ def mtp_step(model: nn.Module, depth: int, previous: torch.Tensor, next_ids: tor
              attention_mask: torch.Tensor | None, position_ids: torch.Tensor) -> torch.Tensor:
     """One MTP depth, as transformers' ``MtpLayer.forward``: ``previous`` is the hidden state the depth reads
     (the main model's final one for depth 0), ``next_ids`` the tokens one step further along."""
-    from transformers.masking_utils import create_causal_mask
-
     info = mtp_of(model)
     assert info is not None
     d = info.depths[depth]
@@ -377,15 +398,29 @@ def mtp_step(model: nn.Module, depth: int, previous: torch.Tensor, next_ids: tor
     attention_mask = attention_mask.to(dev) if attention_mask is not None else None
     pieces = [part["enorm"](embeds), part["hnorm"](previous)]
     x = part["eh_proj"](torch.cat(pieces[::-1] if info.hidden_first else pieces, dim=-1))
+    layer_type = (getattr(info.config, "layer_types", None) or [None] * (depth + 1))[depth]
     base = model.get_decoder() if hasattr(model, "get_decoder") else model
-    position_embeddings = base.rotary_emb(x, position_ids) if getattr(base, "rotary_emb", None) is not None else None
-    mask = create_causal_mask(config=model.config, inputs_embeds=x, attention_mask=attention_mask, cache=None,
-                              position_ids=position_ids)
-    x = model.get_submodule(d.prefix)(x, attention_mask=mask, position_embeddings=position_embeddings,
-                                      position_ids=position_ids)
+    rotary = getattr(base, "rotary_emb", None)
+    per_layer = rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
+    position_embeddings = None if rotary is None else (
+        rotary(x, position_ids, layer_type=layer_type) if per_layer else rotary(x, position_ids))
+    x = model.get_submodule(d.prefix)(x, position_embeddings=position_embeddings, position_ids=position_ids,
+                                      **_masks(info.config, layer_type, x, attention_mask, position_ids))
     if isinstance(x, tuple):
         x = x[0]
     return part["post_norm"](x) if "post_norm" in part else x
+
+
+def _masks(config: Any, layer_type: str | None, x: torch.Tensor, attention_mask: torch.Tensor | None,
+           position_ids: torch.Tensor) -> dict[str, Any]:
+    """The masks an MTP layer of ``layer_type`` takes, as ``MtpModel.create_masks_for_mtp_layer`` makes them."""
+    from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING, create_causal_mask
+
+    kwargs = dict(config=config, inputs_embeds=x, attention_mask=attention_mask, cache=None, position_ids=position_ids)
+    fns = LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING.get(layer_type) if layer_type else None
+    fns = fns if isinstance(fns, dict) else {layer_type if fns else "full_attention": fns or create_causal_mask}
+    names = {"full_attention": "attention_mask", "sliding_attention": "attention_mask", "linear_attention": "conv_mask"}
+    return {names.get(t, "attention_mask"): fn(**kwargs) for t, fn in fns.items()}
 
 
 def shifted(ids: torch.Tensor, mask: torch.Tensor, by: int) -> tuple[torch.Tensor, torch.Tensor]:
