@@ -269,7 +269,10 @@ ARGS += [(line, "required") for line in (
     "mone {model} --stats {stats} --out {out}", "run {recipe_yaml}", "report", "stats", "data", "eval",
     "probe {dense} --budget 0.5 --out {out}", "slim-dense {dense} --out {out}", "sft {model} --steps 2 --data x=1",
     "merge --out {out}", "sweep")]
-ARGS += [("reference-card {mine}", "not a checkpoint moe_slim wrote"), ("reference-card {afile}", "does not exist")]
+ARGS += [("reference-card {mine}", "not a checkpoint moe_slim wrote"), ("reference-card {afile}", "does not exist"),
+         ("families --colour", "unrecognized arguments: --colour"), ("stats {afile}", "is not a stats directory"),
+         ("data info --data-dir {root}/nodata", "manifest.json not found"), ("data frob", "invalid choice: 'frob'"),
+         ("data build --out {out} --seed -1", "argument --seed"), ("data build --out {out} --packages nano", "reserved")]
 
 # the exact cases of issue 29
 ISSUE: list[tuple[str, str]] = [
