@@ -129,7 +129,7 @@ def is_sweep_db(path: Path) -> bool:
     import sqlite3
 
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
             row = conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
     except sqlite3.Error:
         return False
@@ -193,6 +193,9 @@ def check_writable(out: Path) -> None:
 def may_replace(out: Path, kind: str) -> None:
     """The overwrite rule: a one-line error unless ``out`` is a moe_slim output of ``kind`` (the same kind
     of thing this command writes). Applied before the work and again at the moment of replacing."""
+    if out.is_symlink():
+        raise MoeSlimError(f"{out} is a symbolic link; --overwrite replaces only what moe_slim wrote there itself "
+                           f"(give the link's target, {out.resolve()}, or remove the link)")
     have = output_kind(out)
     if have is None:
         raise MoeSlimError(f"{out} exists and is not a moe_slim output; --overwrite replaces only moe_slim's own "

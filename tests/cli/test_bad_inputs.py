@@ -90,6 +90,7 @@ def w(tmp_path_factory) -> dict[str, str]:
     shutil.copytree(model, ref)
     (ref / ".moe_slim").write_text(json.dumps({"written_by": "moe_slim", "kind": "reference"}))
     (ref / "training.json").write_text("{}")
+    (root / "link").symlink_to(ckpt)  # a link to an output: replacing it would replace the link, not the output
     legacy = root / "legacy"  # an older version's output whose kind cannot be told
     legacy.mkdir()
     (legacy / ".moe_slim").write_text(json.dumps({"written_by": "moe_slim"}))
@@ -104,7 +105,7 @@ def w(tmp_path_factory) -> dict[str, str]:
         "calib": f"general={calib}", "seq_len": 10**29}}))
     names = ("model", "other", "calib", "stats", "other-stats", "corrupt-stats", "plan.json", "mixtral-plan.json",
              "garbage.json", "truncated", "pickled", "dense", "data", "spec.yaml", "badspec.yaml", "afile", "mine",
-             "userdb", "ckpt", "refmodel", "legacy", "badcache", "seedspec.yaml", "recipe.yaml", "otherrecipe.yaml",
+             "userdb", "ckpt", "refmodel", "legacy", "link", "badcache", "seedspec.yaml", "recipe.yaml", "otherrecipe.yaml",
              "bigrecipe.yaml")
     return {"root": str(root), **{n.replace("-", "_").replace(".", "_"): str(root / n) for n in names},
             "empty": str(root / "empty.jsonl"), "calib": str(calib), "task2": str(root / "task2.jsonl"),
@@ -268,7 +269,10 @@ ARGS += [(line, "required") for line in (
     "mone {model} --stats {stats} --out {out}", "run {recipe_yaml}", "report", "stats", "data", "eval",
     "probe {dense} --budget 0.5 --out {out}", "slim-dense {dense} --out {out}", "sft {model} --steps 2 --data x=1",
     "merge --out {out}", "sweep")]
-ARGS += [("reference-card {mine}", "not a checkpoint moe_slim wrote"), ("reference-card {afile}", "does not exist")]
+ARGS += [("reference-card {mine}", "not a checkpoint moe_slim wrote"), ("reference-card {afile}", "does not exist"),
+         ("families --colour", "unrecognized arguments: --colour"), ("stats {afile}", "is not a stats directory"),
+         ("data info --data-dir {root}/nodata", "manifest.json not found"), ("data frob", "invalid choice: 'frob'"),
+         ("data build --out {out} --seed -1", "argument --seed"), ("data build --out {out} --packages nano", "reserved")]
 
 # the exact cases of issue 29
 ISSUE: list[tuple[str, str]] = [
@@ -286,6 +290,7 @@ ISSUE: list[tuple[str, str]] = [
     ("run {bigrecipe_yaml} --out {out}", "observe.seq_len must be an integer <= 1048576"),
     ("observe {model} --calib general={calib} --out {out} --seq-len 100000000000000000000000000000", "at most"),
     ("observe {model} --calib general={calib} --out {out} --max-tokens 1e29", "token count must be at most"),
+    ("prune {model} --stats {stats} --ratio 0.5 --out {link} --overwrite", "is a symbolic link"),
 ]
 ALL = CASES + GUARD + ARGS + ISSUE
 
