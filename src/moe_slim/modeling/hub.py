@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -31,8 +32,6 @@ def go_offline() -> None:
     """Switch this process's hub clients to offline mode (cached files are used, nothing is retried)."""
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ[var] = "1"
-    import sys
-
     from huggingface_hub import constants
 
     constants.HF_HUB_OFFLINE = True
