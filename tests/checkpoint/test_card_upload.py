@@ -107,3 +107,15 @@ def test_push_is_one_line_offline_and_uploads_the_card_with_the_scores(src: Path
     assert MARKER not in sent["files"] and "model.safetensors" in sent["files"] and "plan.json" in sent["files"]
     assert "| translation/chrf | 22.42 | [20.00, 24.50] | 90 |" in sent["files"]["README.md"].decode()
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before, "the folder itself is not changed"
+
+
+def test_slim_dense_card_names_the_probe_plan_it_does_not_hold(src: Path, tmp_path: Path) -> None:
+    from moe_slim.checkpoint.cards import dense_card
+    from moe_slim.modeling.loading import load_model
+
+    model, _ = load_model(src)
+    prov = {"method": "probscale", "plan": str(tmp_path / "probe" / "plan.json"), "keep": {"layers": [0]},
+            "layers_before": {"layers": 2}, "params_before": 10, "params_after": 5, "budget": {"spec": "x2"}}
+    (tmp_path / "card.md").write_text(dense_card(source=str(src), provenance=prov, model=model, causal=True))
+    card = upload_ready(tmp_path / "card.md", [src, tmp_path])
+    assert "`moe-slim slim-dense src --plan PLAN --out OUT`" in card.text and "(`plan.json`, written by" in card.text

@@ -10,7 +10,7 @@ from eval_fixtures import save_checkpoint, tiny_moe, tiny_tokenizer, write_fixtu
 
 from moe_slim.cli import main
 from moe_slim.errors import MoeSlimError
-from moe_slim.evals.run import plan_evaluation
+from moe_slim.evals.run import check_hub_datasets, plan_evaluation
 from moe_slim.evals.testsets import StandardTestSet, load_testset, resolve_testset
 from moe_slim.modeling import hub
 from moe_slim.modeling.hub import resolve_model
@@ -36,14 +36,24 @@ def test_hub_id_on_the_command_line_is_one_line_offline(tmp_path: Path, capsys) 
 
 def test_lm_eval_registry_tasks_need_no_include_path_and_fail_offline_in_one_line(tmp_path: Path, capsys,
                                                                                    monkeypatch) -> None:
+    from huggingface_hub import constants
+
     data = write_fixture_data(tmp_path / "data", n_per_domain=3)
     with monkeypatch.context() as m:  # as if arc_easy's dataset had been cached on an earlier online run
-        m.setattr(hub, "dataset_cached", lambda repo: repo == "allenai/ai2_arc")
+        m.setattr(hub, "dataset_cached", lambda repo=None: repo in (None, "allenai/ai2_arc"))
         plan = plan_evaluation("quick", tasks="arc_easy,translation_choice", data_dir=data)
     assert plan.resolver.hub_datasets(plan.external) == {"arc_easy": "allenai/ai2_arc"}
     assert plan.external == ["arc_easy"] and "translation_choice" in plan.mc_tasks
     with pytest.raises(MoeSlimError, match="unknown task 'arc_easyy'.*lm-eval's registry"):
         plan.resolver.manager(["arc_easyy"])
+    with monkeypatch.context() as m:  # other datasets are cached, not this one: named, before the model loads
+        m.setattr(hub, "dataset_cached", lambda repo=None: repo is None)
+        with pytest.raises(MoeSlimError, match=r"arc_easy need their datasets \(allenai/ai2_arc\) from the Hugging "
+                                               r"Face hub, which is offline here"):
+            check_hub_datasets(plan.resolver, plan.external)
+    # a fresh machine (nothing cached): one line before lm-eval's registry is even indexed
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
     tok = tiny_tokenizer()
     ckpt = save_checkpoint(tiny_moe(tok), tok, tmp_path / "ckpt")
     capsys.readouterr()
@@ -51,7 +61,8 @@ def test_lm_eval_registry_tasks_need_no_include_path_and_fail_offline_in_one_lin
                "--out", str(tmp_path / "r.json"), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err
-    assert "arc_easy need their datasets (allenai/ai2_arc) from the Hugging Face hub, which is offline here" in err[0]
+    assert ("arc_easy read their datasets from the Hugging Face hub, which is offline here (HF_HUB_OFFLINE=1), "
+            "and no hub dataset is cached here") in err[0]
     assert not (tmp_path / "r.json").exists()
 
 

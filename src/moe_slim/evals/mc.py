@@ -198,6 +198,17 @@ class TaskResolver:
         return self._manager
 
 
+    def outside_include_path(self, names: Sequence[str]) -> list[str]:
+        """The names the include path does not define (lm-eval's registry, slow to index, would be asked)."""
+        if not names:
+            return []
+        with _quiet_lm_eval():
+            from lm_eval.tasks import TaskManager
+
+            if self._manager is None:
+                self._manager = TaskManager(include_path=self.include_path or None, include_defaults=False)
+            return [n for n in names if n not in self._manager.all_tasks]
+
     def hub_datasets(self, names: Sequence[str]) -> dict[str, str]:
         """The Hugging Face hub dataset each of ``names`` reads, for tasks whose YAML (with its includes)
         names one; groups, local files and ``datasets``' packaged builders (json, csv, ...) are left out."""

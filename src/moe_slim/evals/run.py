@@ -70,6 +70,19 @@ def check_testset_names(tasks: Sequence[str]) -> None:
                                f"{t.lower()}:en-de (en into de, fr or es)")
 
 
+def check_hub_reachable(resolver: TaskResolver, tasks: Sequence[str]) -> None:
+    """Registry tasks on a machine that cannot reach the hub and has no hub dataset cached cannot run: say so
+    before indexing lm-eval's registry (~20 s)."""
+    from ..modeling.hub import dataset_cached, hub_unavailable
+
+    registry = resolver.outside_include_path(tasks)
+    why = hub_unavailable() if registry else None
+    if why and not dataset_cached():
+        raise MoeSlimError(f"lm-eval task(s) {', '.join(registry)} read their datasets from the Hugging Face hub, "
+                           f"which is {why}, and no hub dataset is cached here; run them once where the hub is "
+                           "reachable to cache the data, or evaluate our offline tasks (--suite quick)")
+
+
 def check_hub_datasets(resolver: TaskResolver, tasks: Sequence[str]) -> None:
     """lm-eval tasks whose datasets are neither cached nor reachable fail here in one line, before the model
     loads (the hub clients would otherwise retry for a minute, a line each time)."""
@@ -111,6 +124,7 @@ def plan_evaluation(
     resolver = TaskResolver(include_path)
     if external:
         check_testset_names(external)
+        check_hub_reachable(resolver, external)  # a fresh offline machine: one line before indexing the registry
         resolver.manager(external)  # unknown names fail here, before any model work
         check_hub_datasets(resolver, external)
     data = data_dir_or_default(data_dir)

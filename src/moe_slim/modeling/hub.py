@@ -60,13 +60,18 @@ def hub_unavailable() -> str | None:
     return _probed["why"]
 
 
-def dataset_cached(repo: str) -> bool:
-    """Whether a hub dataset has been downloaded into this machine's caches (hub or datasets cache)."""
+def _dataset_caches() -> tuple[Path, Path]:
     from huggingface_hub import constants
 
-    hub = Path(constants.HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}"
-    legacy = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets") / repo.replace("/", "___")
-    return hub.is_dir() or legacy.is_dir()
+    return Path(constants.HF_HUB_CACHE), Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets")
+
+
+def dataset_cached(repo: str | None = None) -> bool:
+    """Whether a hub dataset (any, when ``repo`` is None) has been downloaded into this machine's caches."""
+    hub, legacy = _dataset_caches()
+    if repo is None:
+        return any(hub.glob("datasets--*")) or any(legacy.glob("*___*"))
+    return (hub / f"datasets--{repo.replace('/', '--')}").is_dir() or (legacy / repo.replace("/", "___")).is_dir()
 
 
 def resolve_model(spec: str | os.PathLike) -> Path:
