@@ -160,7 +160,8 @@ def _extract(deb: Path, dest: Path, langs: tuple[str, ...]) -> None:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 f = tar.extractfile(m)
                 with open(out, "wb") as fh:
-                    shutil.copyfileobj(f, fh, 1 << 20) if f else None
+                    if f is not None:
+                        shutil.copyfileobj(f, fh, 1 << 20)
     except tarfile.TarError as exc:
         proc.kill()
         shutil.rmtree(tmp, ignore_errors=True)
