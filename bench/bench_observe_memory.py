@@ -28,6 +28,8 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/moe_slim_bench_observe")
     ap.add_argument("--tokens", default="16k")
     ap.add_argument("--keep", action="store_true", help="keep the generated model for the next run")
+    ap.add_argument("--family", default="qwen3_moe", choices=("qwen3_moe", "qwen3_next"),
+                    help="qwen3_next: the same sizes in a hybrid linear-attention stack")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     import torch
@@ -36,7 +38,7 @@ def main() -> int:
     from moe_slim.modeling.shards import ShardedCheckpoint
 
     work = Path(args.work)
-    src = source_model(work)
+    src = source_model(work, family=args.family)
     ck = ShardedCheckpoint(src)
     layer0 = sum(e.nbytes for k, e in ck.entries.items() if k.startswith("model.layers.0."))
     print(f"source: {ck.total_bytes / 1e9:.2f} GB bf16 ({ck.total_bytes / 2 * 4 / 1e9:.2f} GB in float32); "

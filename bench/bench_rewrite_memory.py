@@ -29,12 +29,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/moe_slim_bench_rewrite")
     ap.add_argument("--keep", action="store_true", help="keep the generated model for the next run")
+    ap.add_argument("--family", default="qwen3_moe", choices=("qwen3_moe", "qwen3_next"),
+                    help="qwen3_next: the same sizes in a hybrid linear-attention stack")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     from moe_slim.modeling.shards import ShardedCheckpoint
 
     work = Path(args.work)
-    src = source_model(work)
+    src = source_model(work, family=args.family)
     ck = ShardedCheckpoint(src)
     largest = max(ck.entries.values(), key=lambda e: e.nbytes)
     expert_bytes = sum(e.nbytes for k, e in ck.entries.items() if ".mlp.experts." in k)

@@ -1,4 +1,5 @@
-"""Shared pieces of the memory benchmarks: a generated ~1.85 GB Qwen3-MoE and a peak-RSS runner."""
+"""Shared pieces of the memory benchmarks: a generated ~1.85 GB Qwen3-MoE (or Qwen3-Next: the same
+sizes in a hybrid stack, three Gated DeltaNet layers to one full-attention layer) and a peak-RSS runner."""
 
 from __future__ import annotations
 
@@ -9,14 +10,20 @@ import time
 from pathlib import Path
 
 
-def build_model(path: Path, layers: int = 8) -> None:
+#: what a Qwen3-Next of the same sizes adds: linear-attention heads and a shared expert
+QWEN3_NEXT = dict(linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64,
+                  linear_conv_kernel_dim=4, shared_expert_intermediate_size=384, full_attention_interval=4)
+
+
+def build_model(path: Path, layers: int = 8, family: str = "qwen3_moe") -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from moe_slim.modeling.tiny import tiny_tokenizer
 
+    extra = QWEN3_NEXT if family == "qwen3_next" else {}
     config = AutoConfig.for_model(
-        "qwen3_moe", vocab_size=151936, hidden_size=768, intermediate_size=2048, moe_intermediate_size=384,
+        family, **extra, vocab_size=151936, hidden_size=768, intermediate_size=2048, moe_intermediate_size=384,
         num_hidden_layers=layers, num_attention_heads=12, num_key_value_heads=4, head_dim=64, num_experts=96,
         num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=2048, tie_word_embeddings=False,
         pad_token_id=0, eos_token_id=1)
@@ -37,16 +44,16 @@ def run(cmd: list[str]) -> tuple[float, float]:
     return int(proc.stderr.strip().splitlines()[-1]) / 1024, wall
 
 
-def source_model(work: Path, layers: int = 8) -> Path:
+def source_model(work: Path, layers: int = 8, family: str = "qwen3_moe") -> Path:
     """The generated checkpoint under ``work/source`` (``layers`` decoder layers), built (once) when missing."""
-    src = work / "source"
+    src = work / ("source" if family == "qwen3_moe" else f"source-{family}")
     if not (src / "config.json").is_file():
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         t0 = time.perf_counter()
-        build_model(src, layers)
+        build_model(src, layers, family)
         print(f"built {src} in {time.perf_counter() - t0:.0f}s")
     return src
 

@@ -192,8 +192,9 @@ def test_json_output_and_version(workdir: Path, tmp_path: Path, capsys) -> None:
     out = _json.loads(capsys.readouterr().out)
     assert out["kept_per_layer"] == [4, 4] and out["params_after"] < out["params_before"]
     assert main(["families", "--json"]) == 0
-    names = [f["name"] for f in _json.loads(capsys.readouterr().out)["families"]]
-    assert "qwen3_moe" in names and "nllb_moe" in names
+    rows = {f["model_type"]: f for f in _json.loads(capsys.readouterr().out)["families"]}
+    assert rows["qwen3_moe"]["status"] == rows["nllb-moe"]["status"] == "tested end to end"
+    assert rows["deepseek_v4"]["status"] == "refused" and "hash" in rows["deepseek_v4"]["differs"]
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("moe-slim ")
 

@@ -182,3 +182,18 @@ def test_a_dtype_the_device_cannot_run_is_one_line(monkeypatch) -> None:
     monkeypatch.setattr(torch.Tensor, "__matmul__", broken)
     with pytest.raises(MoeSlimError, match=r"device cpu cannot compute in float16 \(\"addmm_impl_cpu_\" not implemented"):
         devices.check_runs(torch.device("cpu"), torch.float16)
+
+
+#: hybrid stacks: linear attention (Gated DeltaNet), Mamba and other recurrent layers between MoE layers
+HYBRID = ("qwen3_next", "qwen3_5_moe", "jamba", "nemotron_h", "lara_mini", "lfm2_moe")
+
+
+@pytest.mark.parametrize("model_type", HYBRID)
+def test_layerwise_equals_whole_model_on_hybrid_stacks(model_type: str, tmp_path: Path, one_torch_thread) -> None:
+    """Each layer runs on its own with the conv and recurrent states it builds itself (no cache is
+    carried between layers during observation), so the per-layer path matches the whole model."""
+    path = save_tiny(model_type, tmp_path / model_type)
+    model, tok = load_model(path)
+    whole = observe(model, tok, TEXTS, **SETTINGS)
+    layerwise = observe_layerwise(path, tok, TEXTS, **SETTINGS)
+    assert_same_stats(whole, layerwise)

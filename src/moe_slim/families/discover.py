@@ -139,7 +139,7 @@ def discover(model: nn.Module) -> tuple[Family, list[tuple[str, nn.Module]]]:
         from .catalog import moe_model_types
 
         if mt in moe_model_types():
-            raise MoeSlimError(f"model of type '{mt}' has no MoE layer (its config turns every MoE block off; "
+            raise MoeSlimError(f"model of type '{mt}' has no MoE layer (its config may turn every MoE block off; "
                                "for dense models use `moe-slim probe`)")
         if problems:
             raise MoeSlimError(f"model type '{mt}' is not a supported MoE family: {problems[0]}")

@@ -40,6 +40,7 @@ QUIRKS: dict[str, dict[str, Any]] = {
         notes="softmax router; group-limited greedy top-k when topk_method='group_limited_greedy'"),
     "deepseek_v3": dict(group_min_experts=2, notes="sigmoid router with e_score_correction_bias; groups score by their top-2 experts"),
     "ernie4_5_moe": dict(scoring="softmax", notes="softmax router; correction bias in gate.moe_statics [1, E]"),
+    "afmoe": dict(notes="sigmoid router in a sub-module (router.gate); expert_bias on the block; route_scale"),
     "phimoe": dict(exact_scores=False, notes="sparsemixer routing: weights come from masked softmaxes over the logits"),
     "flint": dict(scoring="sigmoid", notes="sigmoid top-k without a correction bias"),
     "gpt_oss": dict(notes="router bias; expert biases; interleaved gate_up layout [E, H, 2I]"),
@@ -62,23 +63,25 @@ _VLM = ("image-text model whose language model has no causal-LM class in transfo
 REFUSED: dict[str, str] = {
     **{mt: _VLM for mt in ("deepseek_ocr2", "diffusion_gemma", "ernie4_5_vl_moe", "glm4v_moe", "glm5_next", "hy_v4_vl",
                            "mistral4", "mistral_large4", "muse_spark", "qwen3_vl_moe", "step3p7", "unlimited_ocr")},
-    "deepseek_v4": "hash-routed layers (gate.tid2eid: token id -> experts) pick experts by token id, which "
-                   "pruning would have to remap; not reproduced yet",
+    "deepseek_v4": "hash-routed layers (gate.tid2eid: token id -> experts) send tokens to fixed experts, so "
+                   "removing one strands its tokens, and keeping those layers whole leaves no single expert count "
+                   "for the config",
+    "dbrx": "experts are stored as [E*I, H] matrices (experts.mlp.w1, v1, w2), not along a leading expert dimension",
     "llama4": "Llama4TextExperts.forward takes router-scaled inputs (hidden_states), not (hidden, top_k_index, "
               "top_k_weights), so routing cannot be recorded",
     "jetmoe": "experts are split over two modules (input_linear, output_linear) and attention is MoE too",
     "longcat_flash": "the router scores zero-computation experts too (router rows != experts), which a plan cannot slice",
     "zaya": "the router is an MLP with balancing biases, not a weight[E, H]",
-    "gemma4": "the router scales each expert's weight (per_expert_scale), which moe_slim does not reproduce yet",
-    "afmoe": "pruned routing differs from masked routing (route_scale with expert_bias on the block); not reproduced yet",
+    "gemma4": ("the router returns probabilities, not logits, and scales each expert's weight "
+               "(per_expert_scale); moe_slim's gate statistics would be wrong"),
 }
 
 #: model_type -> why no tiny model of it is tested yet (its default config does not shrink to one that
 #: runs). Discovery still applies to real checkpoints; the enumerating test fails once a tiny model runs.
 _SHRINK = "its default config shrunk to a tiny model does not run a forward"
 UNTESTED: dict[str, str] = {mt: _SHRINK for mt in (
-    "axk1", "axk2", "bailing_hybrid", "dbrx", "deepseek_v32", "dots1", "dots3_note", "glm4_moe_lite", "glm_moe_dsa",
-    "granitemoehybrid", "hunyuan_v1_moe", "hy_v4", "kimi_linear", "lfm2_moe",
+    "axk1", "axk2", "bailing_hybrid", "deepseek_v32", "dots1", "dots3_note", "glm4_moe_lite", "glm_moe_dsa",
+    "granitemoehybrid", "hunyuan_v1_moe", "hy_v4", "kimi_linear",
     "qwen4_exp")}
 UNTESTED.update(dict.fromkeys(("inkling2", "inkling2_loop"), "a tiny checkpoint of it does not reload (negative "
                                                              "embedding size from its default config)"))

@@ -76,7 +76,24 @@ def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> PreTrainedMo
         for name, p in model.named_parameters():
             if "e_score_correction_bias" in name:
                 p.zero_()
+        _spread_constant_routers(model)
     return model.eval()
+
+
+def _spread_constant_routers(model: PreTrainedModel) -> None:
+    """Some families initialise router weights to zeros (AFMoE): every token then ties every expert and
+    top-k picks by index. Give such routers random rows so that routing depends on the token."""
+    from ..errors import MoeSlimError
+    from ..families import moe_layers
+
+    try:
+        layers = moe_layers(model)
+    except MoeSlimError:  # a refused family: built for the test that refuses it
+        return
+    for layer in layers:
+        w = layer.router_weight
+        if w is not None and w.numel() and bool((w == w.reshape(-1)[0]).all()):
+            w.normal_(0.0, 0.5)
 
 
 def tiny_tokenizer() -> Any:
@@ -125,8 +142,20 @@ SHRINK: dict[str, Any] = dict(
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "gemma4": dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=12,
                    vocab_size_per_layer_input=128, hidden_size_per_layer_input=16),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"], num_dense_layers=1),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
 }
+
+
+def _keep_every_kind(pattern: list[Any], n: int) -> list[Any]:
+    """The first ``n`` entries of a per-layer pattern, with its last entries replaced by kinds that would
+    otherwise be lost (a hybrid stack keeps a full-attention layer, a dense-then-MoE stack a MoE layer)."""
+    head = list(pattern[:n])
+    missing = [k for k in dict.fromkeys(map(str, pattern)) if k not in map(str, head)]
+    kinds = {str(k): k for k in pattern}
+    for i, k in enumerate(missing[: n - 1]):
+        head[n - 1 - i] = kinds[k]
+    return head
 
 
 def shrunk_config(model_type: str, layers: int = 4, **overrides: Any) -> Any:
@@ -147,7 +176,7 @@ def shrunk_config(model_type: str, layers: int = 4, **overrides: Any) -> Any:
         config.num_hidden_layers = min(layers, old)
         for key, value in d.items():
             if isinstance(value, list) and len(value) == old and key != "rope_parameters":
-                setattr(config, key, value[: config.num_hidden_layers])
+                setattr(config, key, _keep_every_kind(value, config.num_hidden_layers))
     for key, value in {**TINY_OVERRIDES.get(model_type, {}), **overrides}.items():
         setattr(config, key, value)
     return config
