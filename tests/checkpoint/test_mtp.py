@@ -26,7 +26,8 @@ from moe_slim.experts.observe import observe, observe_layerwise
 from moe_slim.experts.plan import ExpertPlan, LayerPlan
 from moe_slim.families import moe_layers
 from moe_slim.modeling.loading import load_model
-from moe_slim.modeling.mtp import count_key, mtp_of, mtp_patterns, mtp_step, shifted
+from moe_slim.modeling.mtp import count_key, mtp_of, mtp_patterns
+from moe_slim.modeling.mtp_forward import mtp_step, shifted
 from moe_slim.modeling.shards import ShardedCheckpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..modeling.mtp import mtp_of, mtp_step, shifted
+from ..modeling.mtp import mtp_of
+from ..modeling.mtp_forward import mtp_step, shifted
 from ..outputs import note
 from .batches import Batch
 from .recorder import Recorder
