@@ -102,7 +102,13 @@ class Family:
         return int(getattr(config, self.top_k_key))
 
     def num_experts(self, config: Any) -> int:
-        return int(getattr(config, self.n_experts_key))
+        return int(getattr(config, self._count_key()))
+
+    def _count_key(self) -> str:
+        if self.n_experts_key is None:
+            raise MoeSlimError(f"no config key of this {self.name} model holds its expert count, so a pruned config "
+                               "cannot state the new count")
+        return self.n_experts_key
 
     def groups(self, config: Any) -> tuple[int, int] | None:
         """``(n_group, topk_group)`` when the router limits top-k to groups, else None."""
@@ -230,8 +236,7 @@ def set_expert_count(layer: MoeLayer, n: int) -> None:
 
 def set_config_counts(config: Any, family: Family, n: int) -> None:
     """Write the new expert count (and a top-k that fits) into the config."""
-    if family.n_experts_key is not None:
-        setattr(config, family.n_experts_key, n)
+    setattr(config, family._count_key(), n)
     if family.top_k_key is not None and int(getattr(config, family.top_k_key)) > n:
         setattr(config, family.top_k_key, n)
 

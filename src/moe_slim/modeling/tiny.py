@@ -143,6 +143,8 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "gemma4": dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=12,
                    vocab_size_per_layer_input=128, hidden_size_per_layer_input=16),
     "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"], num_dense_layers=1),
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"] * 2, mamba_n_heads=8, mamba_d_head=8,
+                             mamba_d_state=8),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
 }
 
@@ -167,8 +169,11 @@ def shrunk_config(model_type: str, layers: int = 4, **overrides: Any) -> Any:
     config = AutoConfig.for_model(text)
     d = config.to_dict()
     for key, value in SHRINK.items():
-        if key in d and d[key] is not None and not isinstance(d[key], (dict, list)):
+        current = d.get(key, getattr(config, key, None) if key in getattr(config, "attribute_map", {}) else None)
+        if current is not None and not isinstance(current, (dict, list)):
             setattr(config, key, value)
+    if d.get("kv_lora_rank") and "num_key_value_heads" in d:  # latent attention: every head has its keys
+        config.num_key_value_heads = config.num_attention_heads
     if (d.get("n_group") or 1) > 1:
         config.n_group, config.topk_group = 2, 1
     old = d.get("num_hidden_layers")
