@@ -64,12 +64,15 @@ class DataLedger:
         self.data_dir = Path(data_dir)
         self.files: dict[str, str] = {}
 
-    def record(self, path: str | os.PathLike) -> Path:
+    def record(self, path: str | os.PathLike, key: str | None = None) -> Path:
+        """Record ``path`` under ``key`` (default: its path relative to the data dir; files derived into the
+        cache pass their own, machine-independent key such as ``mc/general_cloze.jsonl``)."""
         p = Path(path)
-        try:
-            key = p.resolve().relative_to(self.data_dir.resolve()).as_posix()
-        except ValueError:
-            key = str(p)
+        if key is None:
+            try:
+                key = p.resolve().relative_to(self.data_dir.resolve()).as_posix()
+            except ValueError:
+                key = str(p)
         if key not in self.files:
             self.files[key] = file_sha256(p)
         return p

@@ -314,8 +314,8 @@ def run_plan(
                     results[name] = {**mc["tasks"][name], "timing": "mc"}
             for name, info in mc["tasks"].items():  # groups expand to subtasks
                 results.setdefault(name, {**info, "timing": "mc"})
-            for info in mc["data"].values():
-                ledger.record(info["path"])
+            for info in mc["data"].values():  # derived items live in the cache: named as mc/<file>, not by path
+                ledger.record(info["path"], key=f"mc/{Path(info['path']).name}")
             results["_mc"] = {"data": mc["data"], "lm_eval": mc.get("lm_eval", {})}
             timings["mc"] = time.perf_counter() - t0
         if "math_gen" in plan.tasks:
