@@ -8,6 +8,17 @@ import sys
 from ..errors import MoeSlimError
 
 
+PROBE_MEASURED = (
+    "Probe every layer on tasks and choose the layers to keep under a budget (ProbScale). Measured, in the paper's "
+    "own setting (slim for one task, then fine-tune; bench/bench_probscale_tasks.py, docs/bench_probscale/tasks.md): "
+    "ProbScale does NOT beat the baselines. Where the probes see no gain beyond noise (domain id, code vs prose on "
+    "all-MiniLM-L6-v2) the plan is Block Influence's (differences exactly 0; retention at x6 0.993 and 0.995, n = 300 "
+    "and 200). Where they change the plan (language id: the embeddings already separate languages), it keeps the "
+    "first layers and the fine-tuned classifier falls to chance: retention at x6 0.261 vs Block Influence 0.851 "
+    "(-0.59 [-0.67, -0.51], n = 400); SmolLM2-135M at x10: 0.528 (n = 200). Use slim-dense --task to measure your "
+    "own task, and compare --method block-influence.")
+
+
 def _fractions(text: str | None) -> tuple[float, ...] | None:
     if text is None:
         return None  # auto: the sweep runs only for a retain:X budget
@@ -96,7 +107,8 @@ def _slim_for_task(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("probe", help="probe every layer on tasks and choose layers to keep under a budget (ProbScale)")
+    p = sub.add_parser("probe", help="probe every layer on tasks and choose layers to keep under a budget (ProbScale)",
+                       description=PROBE_MEASURED)
     p.add_argument("model", help="checkpoint directory or .gguf file")
     p.add_argument("--tasks", required=True,
                    help="comma list of built-ins (easy: langid, domainid, pairmatch; hard: pairmatch-hard, codeline, "
