@@ -11,10 +11,14 @@ batches, seed, learning rates and trainable parts for every plan), and report ac
 Plans that keep the same layers are fine-tuned once. Results are appended to ``OUT/results.json`` as
 they come (a rerun resumes); ``--report`` writes the markdown report from one or more results files.
 
-    python bench/bench_probscale_tasks.py --model minilm --budgets x2,x3,x6 --out runs/pst/minilm
-    python bench/bench_probscale_tasks.py --model smollm2 --tasks langid,codeprose --budgets x5,x10 \
-        --train-layers 1 --out runs/pst/smollm2
-    python bench/bench_probscale_tasks.py --report runs/pst/minilm runs/pst/smollm2 --write docs/bench_probscale/tasks.md
+The defaults are the settings of the 2026-12-06 report (what 2 shared cores allowed); one process per
+task is how it ran:
+
+    python bench/bench_probscale_tasks.py --model minilm --tasks langid --out runs/pst/minilm_langid
+    python bench/bench_probscale_tasks.py --model smollm2 --tasks langid,domainid --budgets x10,x5 \
+        --train-layers 1 --train-per-class 100 --test-per-class 50 --out runs/pst/smollm2
+    python bench/bench_probscale_tasks.py --user-path --model minilm --tasks langid --budgets x3 --out runs/pst/user
+    python bench/bench_probscale_tasks.py --report runs/pst/minilm_* runs/pst/smollm2 --write report.md
 """
 
 from __future__ import annotations
@@ -147,16 +151,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="minilm")
     ap.add_argument("--tasks", default=",".join(TASKS))
-    ap.add_argument("--budgets", default="x2,x3,x6")
+    ap.add_argument("--budgets", default="x6,x3,x2")
     ap.add_argument("--data", default=str(ROOT / "data"))
     ap.add_argument("--out", default="runs/bench_probscale_tasks/minilm")
-    ap.add_argument("--train-per-class", type=int, default=200)
+    ap.add_argument("--train-per-class", type=int, default=150)
     ap.add_argument("--test-per-class", type=int, default=100)
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--head-lr", type=float, default=1e-3)
-    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--head-lr", type=float, default=2e-3)
+    ap.add_argument("--max-length", type=int, default=32)
     ap.add_argument("--train-layers", type=int, default=None, help="top kept layers that train (default: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
