@@ -9,7 +9,20 @@ from ..errors import MoeSlimError
 from .common import add_out, non_negative_int, positive_float, positive_int, seq_len
 
 
-def _fractions(text: str) -> tuple[float, ...]:
+PROBE_MEASURED = (
+    "Probe every layer on tasks and choose the layers to keep under a budget (ProbScale). Measured, in the paper's "
+    "own setting (slim for one task, then fine-tune; bench/bench_probscale_tasks.py, docs/bench_probscale/tasks.md): "
+    "ProbScale does NOT beat the baselines. Where the probes see no gain beyond noise (domain id, code vs prose on "
+    "all-MiniLM-L6-v2) the plan is Block Influence's (differences exactly 0; retention at x6 0.993 and 0.995, n = 300 "
+    "and 200). Where they change the plan (language id: the embeddings already separate languages), it keeps the "
+    "first layers and the fine-tuned classifier falls to chance: retention at x6 0.261 vs Block Influence 0.851 "
+    "(-0.59 [-0.67, -0.51], n = 400); SmolLM2-135M language id: 0.744 at x5, 0.528 at x10 (n = 200). "
+    "Use slim-dense --task to measure your own task, and compare --method block-influence.")
+
+
+def _fractions(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None  # auto: the sweep runs only for a retain:X budget
     if text.strip().lower() in ("", "none", "0", "off"):
         return ()
     try:
@@ -54,22 +67,49 @@ def _sizes(res: dict) -> dict[str, int]:
     return {k: len(v) for k, v in res["summary"]["layer_params"].items()}
 
 
+def _log(msg: str) -> None:
+    print(f"moe-slim: {msg}", file=sys.stderr, flush=True)
+
+
 def cmd_slim_dense(args: argparse.Namespace) -> int:
+    if (args.plan is None) == (args.task is None):
+        raise MoeSlimError("give --plan (a probe plan.json) or --task (a labelled JSONL to slim and fine-tune for)")
+    if args.task is not None:
+        return _slim_for_task(args)
     from ..dense.slim import apply_plan
 
     info = apply_plan(args.model, args.plan, args.out, overwrite=args.overwrite, heal_steps=args.heal,
                       heal_mode=args.heal_mode, heal_data=args.heal_data, data_dir=args.data, heal_lr=args.heal_lr,
-                      seed=args.seed, log=lambda m: print(f"moe-slim: {m}", file=sys.stderr, flush=True))
+                      seed=args.seed, log=_log, dtype=args.dtype)
     kept = "; ".join(f"{s}: {len(k)}" for s, k in info["keep"].items())
     h = info["heal"]
     healed = f"; healed: {h['mode']} {h['steps']} steps ({h['seconds']} s)" if h else ""
+    note = f"; {info['dequantized']}" if info.get("dequantized") else ""
     print(f"wrote {args.out} (with README.md model card): kept layers {kept}; parameters {info['params_before']:,} "
-          f"-> {info['params_after']:,}{healed}")
+          f"-> {info['params_after']:,}{healed}{note}")
+    return 0
+
+
+def _slim_for_task(args: argparse.Namespace) -> int:
+    from ..dense.classify import FinetuneConfig
+    from ..dense.taskrun import slim_for_task
+
+    cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, head_lr=10 * args.lr,
+                         max_length=args.max_length,
+                         train_layers=args.train_layers, seed=args.seed)
+    info = slim_for_task(args.model, args.task, args.out, budget=args.budget or "x5", test_path=args.test,
+                         method=args.method, finetune=cfg, dtype=args.dtype, overwrite=args.overwrite, log=_log)
+    r = info["retention"]
+    note = f"; {info['dequantized']}" if info.get("dequantized") else ""
+    print(f"wrote {args.out} (text-classification checkpoint with README.md card): kept layers {info['keep']}, "
+          f"{info['reduction']:.2f}x fewer layer parameters; accuracy {r['accuracy']:.3f} vs {r['full_accuracy']:.3f} "
+          f"full, retention {r['retention']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] (n={r['n']}){note}")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("probe", help="probe every layer on tasks and choose layers to keep under a budget (ProbScale)")
+    p = sub.add_parser("probe", help="probe every layer on tasks and choose layers to keep under a budget (ProbScale)",
+                       description=PROBE_MEASURED)
     p.add_argument("model", help="checkpoint directory or .gguf file")
     p.add_argument("--tasks", required=True,
                    help="comma list of built-ins (easy: langid, domainid, pairmatch; hard: pairmatch-hard, codeline, "
@@ -92,8 +132,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=seq_len, default=128, help="tokens per text (default 128)")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--folds", type=positive_int, default=5, help="cross-validation folds (default 5)")
-    p.add_argument("--scaling", default="0.1,0.2,0.3,0.4,0.5,0.65,0.8",
-                   help="budget fractions measured for the scaling fit, or 'off'")
+    p.add_argument("--scaling", default=None,
+                   help="budget fractions measured for the scaling fit, or 'off' (default: 0.1,0.2,0.3,0.4,0.5,0.65,0.8 "
+                        "with a retain:X budget, which needs the fit; off with an explicit --budget)")
     p.add_argument("--no-compare", action="store_true", help="do not measure the baselines at the plan's budget")
     p.add_argument("--model-eval", choices=("auto", "on", "off"), default="auto",
                    help="score every compared plan on the model's own outputs (decoders: per-domain perplexity and "
@@ -104,10 +145,28 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also heal every compared plan for STEPS distillation steps and score it again (default 0)")
     p.set_defaults(func=cmd_probe)
 
-    s = sub.add_parser("slim-dense", help="remove the layers a probe plan drops and write the checkpoint")
+    s = sub.add_parser("slim-dense", help="remove the layers a probe plan drops and write the checkpoint; or, with "
+                                          "--task, slim and fine-tune a classifier for a labelled JSONL task")
     s.add_argument("model", help="checkpoint directory or .gguf file (the one the plan was made for)")
-    s.add_argument("--plan", required=True, help="plan.json written by probe")
+    s.add_argument("--plan", help="plan.json written by probe")
     add_out(s, "a checkpoint")
+    s.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+                   help="dtype written (default auto: the source's; bfloat16 for a GGUF source, de-quantized on load)")
+    t = s.add_argument_group("task-specific slimming (--task instead of --plan)")
+    t.add_argument("--task", help="JSONL with text and label per line: probe its layers, keep ProbScale's selection "
+                                  "at --budget, fine-tune the slimmed and the full model the same way, write the "
+                                  "slimmed classifier with its retention (n, 95%% interval) in the card")
+    t.add_argument("--test", help="held-out JSONL scored for retention (default: a stratified 20%% of --task)")
+    t.add_argument("--budget", help="fewer transformer-layer parameters, e.g. x5 (default), 0.2, 6L")
+    t.add_argument("--method", default="probscale-contiguous",
+                   help="whose plan to keep: probscale-contiguous (default), probscale-free, block-influence, "
+                        "angular, first-n, last-n, evenly-spaced")
+    t.add_argument("--steps", type=positive_int, default=150, help="fine-tuning steps, same for both models (default 150)")
+    t.add_argument("--batch-size", type=positive_int, default=16)
+    t.add_argument("--lr", type=positive_float, default=1e-4, help="learning rate of the layers (the head: 10x)")
+    t.add_argument("--max-length", type=seq_len, default=64, help="tokens per text (default 64)")
+    t.add_argument("--train-layers", type=positive_int, default=None,
+                   help="fine-tune only the top N kept layers and the head (default: all kept layers)")
     s.add_argument("--heal", type=_steps, default=0, metavar="STEPS",
                    help="after removing layers, heal for STEPS optimizer steps (default 0: no healing)")
     s.add_argument("--heal-mode", choices=("distill", "sft"), default="distill",

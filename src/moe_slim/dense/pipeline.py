@@ -13,7 +13,6 @@ Outputs (one directory, written atomically)::
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sys
@@ -43,7 +42,7 @@ from .select import (
     round_up_budget,
     select_filled,
 )
-from .slim import make_plan, slim_model
+from .slim import make_plan, slim_copy
 from .tasks import Task, load_tasks, parse_weights
 
 DEFAULT_SCALING_FRACTIONS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.65, 0.8)
@@ -78,8 +77,7 @@ class Measurer:
 
     def slim_copy(self, keep: dict[str, list[int]]) -> Any:
         """A slimmed copy of the model that shares the weight tensors (no weight is copied)."""
-        memo = {id(t): t for t in [*self.model.parameters(), *self.model.buffers()]}
-        return slim_model(copy.deepcopy(self.model, memo), keep)
+        return slim_copy(self.model, keep)
 
     def _prefix_rows(self, keep: dict[str, list[int]]) -> dict[str, int] | None:
         if self.full is None or len(self.full[0].pooled) != 1:
@@ -213,7 +211,7 @@ def run_probe(
     max_length: int = 128,
     batch_size: int = 16,
     n_folds: int = 5,
-    scaling_fractions: tuple[float, ...] | None = DEFAULT_SCALING_FRACTIONS,
+    scaling_fractions: tuple[float, ...] | None = None,
     compare: bool = True,
     eval_tasks: str | list[str] | list[Task] | None = None,
     eval_split: str | None = None,
@@ -228,7 +226,9 @@ def run_probe(
     """Probe MODEL on TASKS, choose layers for BUDGET, fit the scaling law, write everything to OUT.
 
     ``budget``: a spec for :func:`parse_budget`, or ``retain:0.95`` (the default) for the budget
-    the scaling fit predicts for that retention. ``eval_tasks`` (or ``eval_split`` for the built-in
+    the scaling fit predicts for that retention. ``scaling_fractions``: the budgets of the scaling sweep;
+    None (the default) runs it only for a ``retain:`` budget, which needs it (an explicit budget does not,
+    and the sweep is the slowest part of a run); ``()`` never. ``eval_tasks`` (or ``eval_split`` for the built-in
     tasks): held-out texts on which every retention is measured (default: the probing texts).
     ``model_eval``: also score every compared plan on the model's own outputs (:mod:`.measure`; the headline
     retention): ``on``, ``off``, or ``auto`` (on when ``data_dir`` holds the test splits). ``heal_steps``:
@@ -251,6 +251,8 @@ def run_probe(
             raise MoeSlimError(f"budget {budget!r}: give the retention as a number, e.g. retain:0.95") from None
         if not 0 < retain_target <= 1.2:
             raise MoeSlimError(f"budget {budget!r}: the retention target must be in (0, 1.2]")
+        if scaling_fractions is None:
+            scaling_fractions = DEFAULT_SCALING_FRACTIONS
         if not scaling_fractions:
             raise MoeSlimError("a retain:X budget needs the scaling sweep; give an explicit --budget instead")
     task_list = tasks if tasks and isinstance(tasks, list) and isinstance(tasks[0], Task) else \

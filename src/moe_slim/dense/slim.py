@@ -102,6 +102,41 @@ def load_dense(path: str | os.PathLike) -> tuple[torch.nn.Module, Any]:
     return model, load_tokenizer(p)
 
 
+def gguf_source(path: str | os.PathLike) -> str | None:
+    """``GGUF <quantization>`` (e.g. ``GGUF MOSTLY_Q4_1``) when ``path`` is a GGUF model, else None."""
+    gg = _gguf_location(Path(path))
+    if gg is None:
+        return None
+    try:
+        import gguf
+
+        field = gguf.GGUFReader(str(gg[0] / gg[1])).fields.get("general.file_type")
+        kind = gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name if field is not None else "unknown type"
+    except Exception:  # noqa: BLE001 - the type is only reported; loading will name any real problem
+        kind = "unknown type"
+    return f"GGUF {kind}"
+
+
+WRITE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+                "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def output_dtype(spec: str, model: torch.nn.Module, gguf: str | None) -> torch.dtype:
+    """The dtype to write: ``auto`` keeps the loaded dtype, except that a GGUF source (de-quantized to
+    float32 on load) is written as bfloat16 (float32 would be 3x the GGUF file for no precision it had)."""
+    if spec not in WRITE_DTYPES:
+        raise MoeSlimError(f"--dtype {spec!r}: choose one of auto, bfloat16, float16, float32")
+    want = WRITE_DTYPES[spec]
+    if want is not None:
+        return want
+    return torch.bfloat16 if gguf else next(model.parameters()).dtype
+
+
+def dequantized_note(gguf: str, dtype: torch.dtype) -> str:
+    """One sentence for the card and stdout."""
+    return f"the source is {gguf}, de-quantized on load; written as {str(dtype).removeprefix('torch.')}"
+
+
 def _drop_quantizer(model: torch.nn.Module) -> None:
     """Forget GGUF/other load-time quantizers on a model whose weights are plain tensors."""
     if getattr(model, "hf_quantizer", None) is not None:
@@ -210,6 +245,15 @@ def slim_model(model: torch.nn.Module, keep: dict[str, list[int]]) -> torch.nn.M
     return model
 
 
+def slim_copy(model: torch.nn.Module, keep: dict[str, list[int]]) -> torch.nn.Module:
+    """A slimmed copy of the model that shares the weight tensors (no weight is copied): for measuring,
+    or as the source of a new model that copies what it trains."""
+    import copy
+
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return slim_model(copy.deepcopy(model, memo), keep)
+
+
 # --------------------------------------------------------------------------------------------
 # plans and checkpoints
 
@@ -283,9 +327,11 @@ def save_slimmed(model: torch.nn.Module, tokenizer: Any, out: str | os.PathLike,
 def apply_plan(model_path: str | os.PathLike, plan_path: str | os.PathLike, out: str | os.PathLike, *,
                overwrite: bool = False, heal_steps: int = 0, heal_mode: str = "distill", heal_data: str | None = None,
                data_dir: str | os.PathLike | None = None, heal_lr: float = 1e-4, seed: int = 0,
-               log: Any = None) -> dict[str, Any]:
+               log: Any = None, dtype: str = "auto") -> dict[str, Any]:
     """Load MODEL, remove the layers the plan drops, optionally heal (``heal_steps`` of distillation from
-    the original, or SFT), write the checkpoint and its model card to OUT. Returns a summary."""
+    the original, or SFT), write the checkpoint and its model card to OUT. Returns a summary.
+
+    ``dtype``: what to write (:func:`output_dtype`: ``auto`` keeps the source dtype, bfloat16 for GGUF)."""
     import copy
 
     from ..checkpoint.cards import dense_card
@@ -294,7 +340,9 @@ def apply_plan(model_path: str | os.PathLike, plan_path: str | os.PathLike, out:
     plan = read_plan(plan_path)
     if heal_steps < 0:
         raise MoeSlimError(f"--heal {heal_steps}: give a number of steps >= 0")
+    gguf = gguf_source(model_path)
     model, tok = load_dense(model_path)
+    write_dtype = output_dtype(dtype, model, gguf)
     check_plan_matches(plan, model)
     before = model_fingerprint(model)
     n_before = sum(p.numel() for p in model.parameters())
@@ -320,8 +368,13 @@ def apply_plan(model_path: str | os.PathLike, plan_path: str | os.PathLike, out:
         "budget": plan.get("budget"),
         "measured": plan.get("measured"),
         "heal": heal_info,
+        "dtype": str(write_dtype).removeprefix("torch."),
+        "dequantized": dequantized_note(gguf, write_dtype) if gguf else None,
     }
+    model.to(write_dtype)
     causal = family_for(model).kind == "decoder" and model.get_output_embeddings() is not None
     card = dense_card(source=str(model_path), provenance=provenance, model=model, causal=causal)
+    if gguf:
+        card = card.rstrip("\n") + f"\n\n## Source format\n\nNote: {provenance['dequantized']}.\n"
     save_slimmed(model, tok, out, overwrite=overwrite, provenance=provenance, card=card)
     return provenance

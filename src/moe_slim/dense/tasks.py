@@ -8,6 +8,7 @@ Built-in tasks, built offline from ``data/<domain>/<split>.jsonl`` with a seed:
 * ``langid``: language identification (en/de/fr/es) from the translation pairs: the English
   ``src`` is labelled ``en``, the ``ref`` is labelled with its ``tgt_lang``;
 * ``domainid``: domain identification (general/math/code) from the ``text`` of those domains;
+* ``codeprose``: code (the ``code`` domain's ``text``) versus prose (the ``general`` domain's);
 * ``pairmatch``: does a translation pair match? ``src`` and ``ref`` formatted with the shared
   translation prompt (:func:`moe_slim.prompts.translation_text`), either the true pair or the
   ``ref`` of another pair *of the same target language* (so the language gives nothing away).
@@ -41,7 +42,7 @@ from ..data.jsonl import read_jsonl
 from ..errors import MoeSlimError
 from ..prompts import translation_text
 
-EASY_TASKS: tuple[str, ...] = ("langid", "domainid", "pairmatch")
+EASY_TASKS: tuple[str, ...] = ("langid", "domainid", "codeprose", "pairmatch")
 HARD_TASKS: tuple[str, ...] = ("pairmatch-hard", "codeline", "mathanswer", "cloze")
 BUILTIN_TASKS: tuple[str, ...] = EASY_TASKS + HARD_TASKS
 SPLIT_PREFERENCE: tuple[str, ...] = ("train", "calibration", "calib", "dev", "validation", "valid", "test")
@@ -60,6 +61,13 @@ class Task:
     @property
     def classes(self) -> list[str]:
         return sorted(set(self.labels))
+
+    def indices_by_label(self) -> dict[str, list[int]]:
+        """The positions of each label's examples, in order."""
+        by: dict[str, list[int]] = defaultdict(list)
+        for i, lab in enumerate(self.labels):
+            by[lab].append(i)
+        return dict(by)
 
     def counts(self) -> dict[str, int]:
         return dict(sorted(Counter(self.labels).items()))
@@ -127,9 +135,7 @@ def balance(task: Task, per_class: int | None, seed: int) -> Task:
     if per_class is None:
         return task
     rng = random.Random(seed)
-    by: dict[str, list[int]] = defaultdict(list)
-    for i, lab in enumerate(task.labels):
-        by[lab].append(i)
+    by = task.indices_by_label()
     keep: list[int] = []
     for lab in sorted(by):
         idx = by[lab]
@@ -201,6 +207,19 @@ def build_domainid(data_dir: Path, split: str | None, per_class: int, seed: int)
                 texts.append(r["text"])
                 labels.append(dom)
     return balance(Task("domainid", texts, labels, source=",".join(sources)), per_class, seed)
+
+
+def build_codeprose(data_dir: Path, split: str | None, per_class: int, seed: int) -> Task:
+    """Code (``code`` domain) versus prose (``general`` domain) texts."""
+    texts, labels, sources = [], [], []
+    for dom, lab in (("code", "code"), ("general", "prose")):
+        f = _domain_file(data_dir, dom, split)
+        sources.append(str(f))
+        for r in _records(f, limit=max(2000, 4 * per_class)):
+            if isinstance(r.get("text"), str) and r["text"].strip():
+                texts.append(r["text"])
+                labels.append(lab)
+    return balance(Task("codeprose", texts, labels, source=",".join(sources)), per_class, seed)
 
 
 def build_pairmatch(data_dir: Path, split: str | None, per_class: int, seed: int) -> Task:
@@ -281,7 +300,7 @@ def _build_from_mc(name: str) -> Any:
     return build
 
 
-_BUILDERS = {"langid": build_langid, "domainid": build_domainid, "pairmatch": build_pairmatch,
+_BUILDERS = {"langid": build_langid, "domainid": build_domainid, "codeprose": build_codeprose, "pairmatch": build_pairmatch,
              "pairmatch-hard": build_pairmatch_hard, **{n: _build_from_mc(n) for n in _MC_FOR}}
 
 

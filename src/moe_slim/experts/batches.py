@@ -50,17 +50,18 @@ def make_batches(
             if ids:
                 rows.append(ids)
                 used += len(ids)
-    batches = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
-        width = max(len(r) for r in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for j, r in enumerate(chunk):
-            ids[j, : len(r)] = torch.tensor(r)
-            mask[j, : len(r)] = 1
-        batches.append(Batch(ids, mask))
-    return batches
+    return [Batch(*pad_rows(rows[i : i + batch_size], pad_id)) for i in range(0, len(rows), batch_size)]
+
+
+def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows right-padded to the longest: ``(input_ids, attention_mask)``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        ids[j, : len(r)] = torch.tensor(r)
+        mask[j, : len(r)] = 1
+    return ids, mask
 
 
 def calibration_batches(tokenizer: Any, calibration: dict[str, list[str]], *, seq_len: int, batch_size: int,

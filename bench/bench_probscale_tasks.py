@@ -1,0 +1,184 @@
+"""ProbScale in its paper's setting: task-specific slimming of fine-tuned models, every baseline at equal size.
+
+For each task (built from the project's data; probes and fine-tuning on the ``train`` split, scores on the
+``test`` split, nothing chosen on test items) and each budget (fewer transformer-layer parameters, e.g.
+``x2,x3,x6``): probe every layer of the pretrained model on the training texts (5-fold cross-validated
+logistic regression), take ProbScale's plan and every baseline at exactly its parameter count (Block
+Influence, angular distance, first-n, last-n, evenly spaced, random under three seeds), fine-tune each
+slimmed model and the full model with one recipe (transformers' sequence classifier; the same steps,
+batches, seed, learning rates and trainable parts for every plan), and report accuracy retention
+(slim / full) with 95% paired bootstrap intervals over the test items; intervals holding 0 are ties.
+Plans that keep the same layers are fine-tuned once. Results are appended to ``OUT/results.json`` as
+they come (a rerun resumes); ``--report`` writes the markdown report from one or more results files.
+
+The defaults are the settings of the 2026-12-06 report (what 2 shared cores allowed); one process per
+task is how it ran:
+
+    python bench/bench_probscale_tasks.py --model minilm --tasks langid --out runs/pst/minilm_langid
+    python bench/bench_probscale_tasks.py --model smollm2 --tasks langid,domainid --budgets x10,x5 \
+        --train-layers 1 --train-per-class 100 --test-per-class 50 --out runs/pst/smollm2
+    python bench/bench_probscale_tasks.py --user-path --model minilm --tasks langid --budgets x3 --out runs/pst/user
+    python bench/bench_probscale_tasks.py --report runs/pst/minilm_* runs/pst/smollm2 --write report.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+
+from bench_probscale import find_models  # noqa: E402
+from moe_slim.dense import load_dense  # noqa: E402
+from moe_slim.dense.classify import FinetuneConfig  # noqa: E402
+from moe_slim.dense.taskslim import finetune_and_score, plans_for_task, probe_summary, probe_task  # noqa: E402
+from moe_slim.dense.tasks import builtin_task  # noqa: E402
+
+MODELS = {"minilm": "all-MiniLM-L6-v2", "smollm2": "SmolLM2-135M-Instruct"}
+TASKS = ("domainid", "langid", "codeprose", "pairmatch-hard", "mathanswer")
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _key(keep: dict | None) -> str:
+    return "full" if keep is None else json.dumps(keep, sort_keys=True)
+
+
+def _model_and_out(args: argparse.Namespace) -> tuple[str, str, Path] | None:
+    """The model's name and path (None, logged, when it is not installed) and the output folder, made."""
+    name = MODELS[args.model]
+    path, why = find_models()[name]
+    if path is None:
+        log(f"{name}: skipped ({why})")
+        return None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return name, path, out
+
+
+def run(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    found = _model_and_out(args)
+    if found is None:
+        return
+    name, path, out = found
+    rfile = out / "results.json"
+    res = json.loads(rfile.read_text()) if rfile.exists() else {"model": name, "tasks": {}}
+    cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
+                         max_length=args.max_length, train_layers=args.train_layers, seed=args.seed)
+    res.update({"model": name, "finetune": cfg.to_json(), "train_per_class": args.train_per_class,
+                "test_per_class": args.test_per_class, "threads": args.threads})
+    model, tok = load_dense(path)
+    emb = sum(p.numel() for p in model.get_input_embeddings().parameters())
+    res["embedding_params"] = emb
+    for tname in args.tasks.split(","):
+        train = builtin_task(tname, args.data, split="train", per_class=args.train_per_class, seed=args.seed)
+        test = builtin_task(tname, args.data, split="test", per_class=args.test_per_class, seed=args.seed + 1)
+        overlap = len(set(train.texts) & set(test.texts))
+        entry = res["tasks"].setdefault(tname, {"runs": {}, "budgets": {}})
+        entry.update({"train": train.counts(), "test": test.counts(), "train_test_overlap": overlap})
+        if "probe" not in entry:
+            t0 = time.time()
+            pm = probe_task(model, tok, train, max_length=args.max_length, seed=args.seed, truncation=cfg.truncation)
+            entry["probe"] = {**probe_summary(pm), "seconds": round(time.time() - t0, 1)}
+            entry["_pm"] = pm.to_json()
+            log(f"{tname}: probe accuracy per layer {entry['probe']['accuracy']} ({entry['probe']['seconds']}s); "
+                f"significant gains on {entry['probe']['significant_gains']} layers")
+        from moe_slim.dense.probes import ProbeMatrix
+
+        pm = ProbeMatrix.from_json(entry["_pm"])
+        todo: list[tuple[str, dict | None]] = [("full", None)]
+        for b in args.budgets.split(","):
+            sels = plans_for_task(model, pm, b)
+            entry["budgets"][b] = {m: {**s.to_json(), "key": _key(s.keep)} for m, s in sels.items()}
+            log(f"{tname} {b}: " + "; ".join(f"{m} {s.keep}" for m, s in sels.items()))
+            todo += [(m, s.keep) for m, s in sels.items()]
+        for label, keep in todo:
+            k = _key(keep)
+            if k in entry["runs"]:
+                continue
+            r = finetune_and_score(model, tok, keep, train, test, cfg)
+            entry["runs"][k] = r
+            log(f"{tname}: {label} keep {keep} -> accuracy {r['accuracy']:.3f} (n={r['n']}, {r['seconds']}s)")
+            rfile.write_text(json.dumps(res, default=str))
+        rfile.write_text(json.dumps(res, default=str))
+    log(f"wrote {rfile}")
+
+
+def user_path(args: argparse.Namespace) -> None:
+    """Time the user command, ``moe-slim slim-dense MODEL --task FILE --budget B``, in a subprocess (peak RSS)."""
+    from memory_common import run as timed
+
+    found = _model_and_out(args)
+    if found is None:
+        return
+    name, path, out = found
+    task = builtin_task(args.tasks.split(",")[0], args.data, split="train", per_class=args.train_per_class,
+                        seed=args.seed)
+    f = out / f"{task.name}.jsonl"
+    f.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in zip(task.texts, task.labels)))
+    cmd = ["nice", "-n", "10", sys.executable, "-m", "moe_slim", "slim-dense", path, "--task", str(f), "--budget",
+           args.budgets.split(",")[0], "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length",
+           str(args.max_length), "--lr", str(args.lr), "--out", str(out / "clf"), "--overwrite"]
+    if args.train_layers is not None:
+        cmd += ["--train-layers", str(args.train_layers)]
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    rss, wall = timed(cmd)
+    info = json.loads((out / "clf" / "slim.json").read_text())
+    r = info["retention"]
+    log(f"user path on {name}, task {task.name} ({len(task.texts)} texts, 20% held out), {' '.join(cmd[3:])}: "
+        f"{wall:.0f} s wall, peak RSS {rss:.0f} MB; retention {r['retention']:.3f} [{r['ci95'][0]:.3f}, "
+        f"{r['ci95'][1]:.3f}] (n={r['n']})")
+    (out / "user_path.json").write_text(json.dumps({"model": name, "cmd": cmd[3:], "wall_s": wall, "peak_rss_mb": rss,
+                                                    "retention": r, "keep": info["keep"]}, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="minilm")
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--budgets", default="x6,x3,x2")
+    ap.add_argument("--data", default=str(ROOT / "data"))
+    ap.add_argument("--out", default="runs/bench_probscale_tasks/minilm")
+    ap.add_argument("--train-per-class", type=int, default=150)
+    ap.add_argument("--test-per-class", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--head-lr", type=float, default=2e-3)
+    ap.add_argument("--max-length", type=int, default=32)
+    ap.add_argument("--train-layers", type=int, default=None, help="top kept layers that train (default: all)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--user-path", action="store_true",
+                    help="time the user command on the first task and budget instead (subprocess, peak RSS)")
+    ap.add_argument("--report", nargs="+", help="write the report from these output folders instead of running")
+    ap.add_argument("--write", help="with --report: the markdown file to write")
+    args = ap.parse_args()
+    if args.report:
+        from probscale_tasks_report import write_report
+
+        text = write_report([Path(p) / "results.json" for p in args.report])
+        if args.write:
+            Path(args.write).write_text(text)
+        print(text)
+        return
+    user_path(args) if args.user_path else run(args)
+
+
+if __name__ == "__main__":
+    main()
