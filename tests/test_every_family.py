@@ -54,12 +54,16 @@ def _routing_matches(model: torch.nn.Module, ids: torch.Tensor) -> None:
     seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     logits: list[torch.Tensor] = []
     hooks = []
+    def router_hook(m: torch.nn.Module, a: tuple, o: object, layer=None) -> None:
+        logits.append(o[layer.family.logits_output] if isinstance(o, (tuple, list)) else o)
+        if layer.family.routing is not None:  # experts called with router-scaled inputs: routing is the router's
+            seen.append((layer, *layer.family.routing(m, o)))
+
     for layer in layers:
-        idx = layer.family.logits_output
-        hooks.append(layer.router.register_forward_hook(
-            lambda m, a, o, idx=idx: logits.append(o[idx] if isinstance(o, (tuple, list)) else o)))
-        hooks.append(layer.experts.register_forward_pre_hook(
-            lambda m, a, layer=layer: seen.append((layer, a[1], a[2]))))
+        hooks.append(layer.router.register_forward_hook(lambda m, a, o, layer=layer: router_hook(m, a, o, layer)))
+        if layer.family.routing is None:
+            hooks.append(layer.experts.register_forward_pre_hook(
+                lambda m, a, layer=layer: seen.append((layer, a[1], a[2]))))
     try:
         forward_logits(model, ids)
     finally:

@@ -84,3 +84,47 @@ def test_pruned_checkpoint_reloads_and_generates(model: torch.nn.Module, tmp_pat
     gen = reloaded.generate(input_ids=ids[:1, :5], max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
     assert gen.shape[1] >= 5 if not model.config.is_encoder_decoder else gen.shape[1] >= 2
     assert (tmp_path / "out" / "plan.json").exists() and (tmp_path / "out" / "README.md").exists()
+
+
+def test_llama4_observation_reads_routing_at_the_router_and_norms_of_unscaled_tokens() -> None:
+    """Llama-4's experts get ``x * w`` and no routing: observe records the router's top-k, its sigmoid
+    weight, and ``||f(x)||`` of the unscaled token (computed here by hand from the weights)."""
+    from moe_slim.experts.observe import observe
+
+    model = tiny_model("llama4", seed=1)
+    layers = moe_layers(model)
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    hooks = [l.block.register_forward_hook(lambda m, a, o: seen.append((a[0].reshape(-1, a[0].shape[-1]), o[0], o[1])))
+             for l in layers]
+    try:
+        stats = observe(model, tiny_tokenizer(), {"d": ["the cat sat on the mat and looked at 12 birds"]}, seq_len=64,
+                        batch_size=1)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen) == len(layers)
+    acc = stats.domains["d"]
+    for li, (layer, (x, out, logits)) in enumerate(zip(layers, seen)):
+        assert int(acc["tokens"][li]) == x.shape[0], "the calibration batch must hold no padding"
+        ex = layer.experts
+        idx = logits.topk(model.config.num_experts_per_tok, dim=-1).indices
+        w = logits.gather(-1, idx).sigmoid()
+        inter = ex.down_proj.shape[1]
+
+        def f(e: int, rows: torch.Tensor) -> torch.Tensor:
+            gate, up = (rows @ ex.gate_up_proj[e]).split(inter, dim=-1)
+            return (torch.nn.functional.silu(gate) * up) @ ex.down_proj[e]
+
+        routed = torch.zeros_like(x)
+        count, wsum, nsum = torch.zeros(8), torch.zeros(8), torch.zeros(8)
+        for t in range(x.shape[0]):
+            for k in range(idx.shape[1]):
+                e = int(idx[t, k])
+                routed[t] += f(e, w[t, k] * x[t])  # what the layer adds: the expert of the scaled token
+                count[e] += 1
+                wsum[e] += w[t, k]
+                nsum[e] += f(e, x[t]).norm()  # what REAP/EAN read: the expert of the unscaled token
+        torch.testing.assert_close(out - layer.block.shared_expert(x), routed, rtol=1e-5, atol=1e-6)
+        assert torch.equal(acc["count"][li].float(), count)
+        torch.testing.assert_close(acc["weight_sum"][li].float(), wsum, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(acc["norm_sum"][li].float(), nsum, rtol=1e-5, atol=1e-6)

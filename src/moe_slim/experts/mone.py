@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import MoeSlimError
 from ..families import MoeLayer, moe_layers
 from ..modeling.dispatch import prepare_model
 from .criteria import novice_means
@@ -81,6 +82,9 @@ def install_novices(model: nn.Module, nplan: NovicePlan) -> nn.Module:
 def set_novices(layer: MoeLayer, novice: torch.Tensor, values: torch.Tensor) -> None:
     """Make experts ``novice`` (bool ``[E]``) of one layer return ``values[e]`` (``[E, hidden]``) times their weight."""
     experts = layer.experts
+    if layer.family.routing is not None:
+        raise MoeSlimError(f"novice experts are not supported for {layer.family.name}: its experts take "
+                           "router-scaled inputs, so a novice's constant cannot replace f(w x)")
     if layer.family.layout == "modules":  # module_experts_forward reads these
         experts._moe_slim_novices = (novice, values)
         return

@@ -9,7 +9,10 @@ Each selected expert's output norm is computed inside the experts' own forward: 
 the module is called once on the ``tokens x top_k`` rows with unit weights (the same work its
 grouped kernel does anyway), the norms are read off, and the routing weights are applied after.
 Module-style experts (Switch, NLLB) run through :func:`module_experts_forward`, which records as
-it dispatches.
+it dispatches. Experts called with router-scaled inputs and no routing (Llama-4, ``Family.routing``)
+are left untouched: routing is read from the router's output, and each selected expert is run once
+more, on the unscaled token, so the recorded norm is ``||f(x)||`` as for every other family (the
+layer itself adds ``f(w x)``, which for a SwiGLU expert is not ``w f(x)``).
 
 With ``samples=N`` each domain also keeps a deterministic reservoir of at most N tokens per MoE
 layer: the layer's input hidden state, the router's logits and the routing weights the experts were
@@ -203,6 +206,25 @@ def _fused_observing_forward(layer: MoeLayer, recorder: Recorder, inner: Any) ->
     return forward
 
 
+def _record_prescaled(layer: MoeLayer, recorder: Recorder, router: nn.Module, inputs: torch.Tensor,
+                      output: Any) -> None:
+    """Routing from the router's output, norms of each selected expert on the unscaled token."""
+    if recorder.domain is None:
+        return
+    top_k_index, top_k_weights = layer.family.routing(router, output)
+    x = inputs.detach().reshape(-1, inputs.shape[-1])
+    n_tokens, top_k = top_k_index.shape
+    tok = torch.arange(n_tokens, device=x.device).repeat_interleave(top_k)
+    exp = top_k_index.reshape(-1)
+    outs = torch.zeros(tok.shape[0], x.shape[-1], dtype=torch.float32, device=x.device)
+    with torch.no_grad():
+        for e in torch.unique(exp).tolist():
+            sel = (exp == e).nonzero(as_tuple=True)[0]
+            outs[sel] = layer.expert_output(layer.one_expert(e), x[tok[sel]]).float()
+    recorder.record_pairs(layer, tok, exp, top_k_weights.detach().reshape(-1).float(), outs.norm(dim=-1), n_tokens,
+                          outs)
+
+
 @contextlib.contextmanager
 def observing(model: nn.Module, recorder: Recorder) -> Iterator[Recorder]:
     """Hooks on every router and experts module for the duration of the block."""
@@ -217,9 +239,13 @@ def observing(model: nn.Module, recorder: Recorder) -> Iterator[Recorder]:
                             idx: int = idx) -> None:
                 inputs = args[0] if args else next(iter(kwargs.values()), None)
                 recorder.record_router(layer, output[idx] if isinstance(output, (tuple, list)) else output, inputs)
+                if layer.family.routing is not None:
+                    _record_prescaled(layer, recorder, module, inputs, output)
 
             handles.append(layer.router.register_forward_hook(router_hook, with_kwargs=True))
             experts = layer.experts
+            if layer.family.routing is not None:
+                continue
             if layer.family.layout == "modules":
                 experts._moe_slim_recorder = recorder
             else:

@@ -118,8 +118,8 @@ def find_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module, str, str, 
     return blocks, problems
 
 
-def _call_problem(experts: nn.Module, layout: str) -> str | None:
-    if layout != "fused":
+def _call_problem(experts: nn.Module, layout: str, mt: str) -> str | None:
+    if layout != "fused" or QUIRKS.get(mt, {}).get("routing") is not None:  # routing read at the router
         return None
     params = [p for p in inspect.signature(experts.forward).parameters.values() if p.kind != p.VAR_KEYWORD]
     if len(params) < 3:
@@ -152,7 +152,7 @@ def discover(model: nn.Module) -> tuple[Family, list[tuple[str, nn.Module]]]:
     experts, router = getattr(block, e_attr), getattr(block, r_attr)
     n = int(get_path(router, r_weight).shape[0])
     layout = "fused" if _fused_count(experts) is not None else "modules"
-    why = _call_problem(experts, layout)
+    why = _call_problem(experts, layout, mt)
     if why:
         raise MoeSlimError(f"model type '{mt}' is not supported: {why}")
     bias_path = r_weight[: -len("weight")] + "bias"

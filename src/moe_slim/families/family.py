@@ -18,6 +18,7 @@ all, and pruning slices them all.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from torch import nn
 from ..errors import MoeSlimError
 
 CombineFn = Callable[[nn.Module, tuple, dict], tuple[torch.Tensor, torch.Tensor]]
+RoutingFn = Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,10 @@ class Family:
     group_min_experts: int = 1  # experts a group must keep for the router to stay valid
     group_applies: Callable[[Any], bool] | None = None  # whether the config uses group-limited top-k
     combine: CombineFn | None = None  # "modules" layout: call args -> (hidden, combine[T, E])
+    # Fused experts called with router-scaled inputs and no routing (Llama-4: ``experts(x * w)``, so a
+    # token's output is ``sum_k f_k(w_k x)``): the router's (module, output) -> (top_k_index, top_k_weights).
+    # moe_slim then records routing at the router and runs the experts' own code on the unscaled token.
+    routing: RoutingFn | None = None
     # Per-expert parameter name -> where its intermediate neurons lie. Parameters not listed have no
     # neuron axis (output-side biases) and are averaged as they are when experts merge.
     expert_neurons: tuple[tuple[str, NeuronAxis], ...] = SWIGLU_NEURONS
@@ -201,6 +207,27 @@ class MoeLayer:
             raise TypeError("expert_params() is for fused experts")
         n = self.num_experts
         return {k: p for k, p in self.experts.named_parameters(recurse=False) if p.dim() >= 1 and p.shape[0] == n}
+
+    def one_expert(self, e: int, replace: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """Fused experts as a view holding expert ``e`` alone (parameters in ``replace`` swapped in), to run
+        through the experts' own forward code (:meth:`expert_output`)."""
+        probe = copy.copy(self.experts)
+        probe._parameters = dict(self.experts._parameters)
+        for name, p in self.expert_params().items():
+            probe._parameters[name] = (replace or {}).get(name, p.detach()[e : e + 1])
+        for attr in ("num_experts", "num_local_experts", "n_routed_experts"):
+            if isinstance(getattr(probe, attr, None), int):
+                setattr(probe, attr, 1)
+        return probe
+
+    def expert_output(self, probe: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The unweighted output ``f(x)`` of a :meth:`one_expert` view on rows ``x`` ``[n, H]``, through the
+        class's own forward in the family's call convention."""
+        forward = type(self.experts).forward
+        if self.family.routing is not None:  # router-scaled inputs: an unscaled row is weight 1
+            return forward(probe, x)
+        idx = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
+        return forward(probe, x, idx, torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device))
 
     def expert_module(self, e: int) -> nn.Module:
         """Modules layout: expert ``e`` as a module."""

@@ -33,6 +33,15 @@ def _combine_nllb(experts: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.
     return hidden, combine
 
 
+def _routing_llama4(router: nn.Module, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama-4: the router returns ``(scores[T, E], logits)``, scores the sigmoid of the top-k logits and 0
+    elsewhere; the block multiplies each expert's input by its score. The same top-k of the same logits
+    gives the router's own choice."""
+    scores, logits = output[0], output[1]
+    top_k_index = logits.topk(router.top_k, dim=-1).indices
+    return top_k_index, scores.gather(-1, top_k_index)
+
+
 #: model_type -> Family fields the structure cannot tell (applied over what discovery found).
 QUIRKS: dict[str, dict[str, Any]] = {
     "deepseek_v2": dict(
@@ -54,8 +63,14 @@ QUIRKS: dict[str, dict[str, Any]] = {
         expert_down="fc2.weight",
         notes="top-2 with capacity; experts are modules expert_{i}; moe_slim runs the experts with "
         "fairseq's dispatch (transformers 5.x's NllbMoeExperts.forward only ever runs experts 0 and 1)"),
+    "llama4_text": dict(
+        scoring="sigmoid", logits_output=1, routing=_routing_llama4,
+        expert_neurons=(("gate_up_proj", NeuronAxis(1, "halves")), ("down_proj", NeuronAxis(0))),
+        notes="sigmoid top-k router beside a shared expert; the experts take router-scaled inputs (f(w x)), "
+        "so routing is read from the router and norms are of f(x) on the unscaled token; gate_up_proj [E, H, 2I]"),
 }
 QUIRKS["nllb_moe"] = QUIRKS["nllb-moe"]
+QUIRKS["llama4"] = QUIRKS["llama4_text"]
 
 #: model_type -> why moe_slim refuses it (one line, names what is missing).
 _VLM = ("image-text model whose language model has no causal-LM class in transformers (moe_slim loads the "
@@ -67,8 +82,6 @@ REFUSED: dict[str, str] = {
                    "removing one strands its tokens, and keeping those layers whole leaves no single expert count "
                    "for the config",
     "dbrx": "experts are stored as [E*I, H] matrices (experts.mlp.w1, v1, w2), not along a leading expert dimension",
-    "llama4": "Llama4TextExperts.forward takes router-scaled inputs (hidden_states), not (hidden, top_k_index, "
-              "top_k_weights), so routing cannot be recorded",
     "jetmoe": "experts are split over two modules (input_linear, output_linear) and attention is MoE too",
     "longcat_flash": "the router scores zero-computation experts too (router rows != experts), which a plan cannot slice",
     "zaya": "the router is an MLP with balancing biases, not a weight[E, H]",

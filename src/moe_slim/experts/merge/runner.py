@@ -6,8 +6,6 @@ projection for a 0/1 selector. Module experts get a pre-hook on their down proje
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
@@ -29,22 +27,16 @@ class ExpertRunner:
 
     def _probe(self, e: int, selector_start: int | None = None) -> nn.Module:
         """A one-expert view of fused experts; with a selector, the down projection copies neurons out."""
-        experts = self.layer.experts
-        probe = copy.copy(experts)
-        probe._parameters = dict(experts._parameters)
+        replace = {}
         axes = self.family.neuron_axes()
         for name, p in self.layer.expert_params().items():
             t = p.detach()[e : e + 1]
             if selector_start is not None:
                 if name == self.family.expert_down:
-                    t = self._selector(t[0], axes[name], selector_start).unsqueeze(0)
+                    replace[name] = self._selector(t[0], axes[name], selector_start).unsqueeze(0)
                 elif name not in axes:  # output-side bias: added after the down projection
-                    t = torch.zeros_like(t)
-            probe._parameters[name] = t
-        for attr in ("num_experts", "num_local_experts", "n_routed_experts"):
-            if isinstance(getattr(probe, attr, None), int):
-                setattr(probe, attr, 1)
-        return probe
+                    replace[name] = torch.zeros_like(t)
+        return self.layer.one_expert(e, replace)
 
     def _selector(self, down: torch.Tensor, ax: NeuronAxis, start: int) -> torch.Tensor:
         sel = torch.zeros_like(down)
@@ -59,9 +51,7 @@ class ExpertRunner:
         return sel
 
     def _call_fused(self, probe: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        idx = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
-        w = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
-        return type(self.layer.experts).forward(probe, x, idx, w)
+        return self.layer.expert_output(probe, x)
 
     @torch.no_grad()
     def output(self, e: int, x: torch.Tensor) -> torch.Tensor:
