@@ -132,7 +132,7 @@ def merge_model(
             sample = stats.samples.take(li, mix, opts.max_tokens, opts.seed)
         sample_tokens.append(int(sample["x"].shape[0]))
         runner = ExpertRunner(layer)
-        bar = _bar(progress, layer.name, E, opts)
+        bar = _bar(progress, layer.name, E)
         need_outputs = opts.grouping in ("ream", "hc") or opts.weighting not in ("frequency", "uniform")
         feats = layer_features(layer, runner, sample, outputs=need_outputs, tick=bar.update)
         if opts.sequential:  # the routed sums describe the unmerged model: score on the re-gathered sample
@@ -247,6 +247,8 @@ def _alignments(layer: Any, runner: ExpertRunner, sample: dict[str, torch.Tensor
     if not any(len(g) > 1 for g in groups):
         return None
     n, E = runner.n, layer.num_experts
+    bar.total = bar.n + sum(len(g) - 1 for g in groups)  # one alignment per merged member
+    bar.refresh()
     perms = torch.arange(n).repeat(E, 1)
     x_align = sample["x"][align_rows(sample["x"].shape[0], opts.align_tokens, opts.seed)]
     projected = None
@@ -270,12 +272,11 @@ def _alignments(layer: Any, runner: ExpertRunner, sample: dict[str, torch.Tensor
     return perms
 
 
-def _bar(progress: bool, name: str, n_experts: int, opts: MergeOptions) -> Any:
+def _bar(progress: bool, name: str, n_experts: int) -> Any:
     """A tqdm bar over the layer's expert passes (outputs, then one alignment per merged member)."""
     from tqdm.auto import tqdm
 
-    aligns = n_experts if opts.align != "none" else 0
-    return tqdm(total=n_experts + aligns, desc=name, unit="expert", leave=False, disable=not progress)
+    return tqdm(total=n_experts, desc=name, unit="expert", leave=False, disable=not progress)
 
 
 def _global_counts(scores: torch.Tensor, k: int) -> list[int]:
