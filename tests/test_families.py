@@ -128,3 +128,15 @@ def test_llama4_observation_reads_routing_at_the_router_and_norms_of_unscaled_to
         assert torch.equal(acc["count"][li].float(), count)
         torch.testing.assert_close(acc["weight_sum"][li].float(), wsum, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(acc["norm_sum"][li].float(), nsum, rtol=1e-5, atol=1e-6)
+
+
+def test_mone_is_refused_for_experts_that_take_router_scaled_inputs(tmp_path) -> None:
+    """A novice returns ``w * c``; Llama-4's layer adds ``f(w x)``: refused in one line, nothing written."""
+    from moe_slim.api.mone import mone_checkpoint
+    from moe_slim.errors import MoeSlimError
+    from moe_slim.modeling.tiny import save_tiny
+
+    src = save_tiny("llama4", tmp_path / "src")
+    with pytest.raises(MoeSlimError, match="MoNE is not supported for llama4_text: .*router-scaled inputs"):
+        mone_checkpoint(src, tmp_path / "no-stats", tmp_path / "out", ratio=0.5)
+    assert not (tmp_path / "out").exists()

@@ -10,7 +10,7 @@ import torch
 from ..errors import MoeSlimError
 from ..checkpoint.cards import prune_card
 from ..checkpoint.substitution import SUBSTITUTION_NOTE, write_mone_checkpoint
-from ..experts.mone import NovicePlan, novice_plan
+from ..experts.mone import NovicePlan, check_novices, novice_plan
 from ..experts.prune import count_parameters
 from ..experts.stats import RouterStats
 from ..families import family_of, moe_layers
@@ -38,7 +38,7 @@ def mone_checkpoint(
     their mean outputs (novices) and write the checkpoint (see :mod:`moe_slim.checkpoint.substitution`)."""
     model_path = resolve_model(model_path)
     check_output(out, overwrite, inputs=[model_path, stats_path], kind="checkpoint")
-    family_of(load_config(model_path))
+    check_novices(family_of(load_config(model_path)))
     stats = RouterStats.load(stats_path)
     save_dtype = output_dtype(dtype, model_path)
     model, tok = load_model(model_path, dtype=torch.float32)

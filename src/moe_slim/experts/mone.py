@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import MoeSlimError
-from ..families import MoeLayer, moe_layers
+from ..families import Family, MoeLayer, moe_layers
 from ..modeling.dispatch import prepare_model
 from .criteria import novice_means
 from .plan import ExpertPlan
@@ -79,12 +79,18 @@ def install_novices(model: nn.Module, nplan: NovicePlan) -> nn.Module:
     return model
 
 
+def check_novices(family: Family) -> None:
+    """Refuse families whose experts take router-scaled inputs: a novice returns ``w * c``, which
+    cannot stand for ``f(w x)`` (Llama-4)."""
+    if family.routing is not None:
+        raise MoeSlimError(f"MoNE is not supported for {family.name}: its experts take router-scaled inputs "
+                           "(f(w x)), so a novice's weighted mean output cannot stand for one")
+
+
 def set_novices(layer: MoeLayer, novice: torch.Tensor, values: torch.Tensor) -> None:
     """Make experts ``novice`` (bool ``[E]``) of one layer return ``values[e]`` (``[E, hidden]``) times their weight."""
     experts = layer.experts
-    if layer.family.routing is not None:
-        raise MoeSlimError(f"novice experts are not supported for {layer.family.name}: its experts take "
-                           "router-scaled inputs, so a novice's constant cannot replace f(w x)")
+    check_novices(layer.family)
     if layer.family.layout == "modules":  # module_experts_forward reads these
         experts._moe_slim_novices = (novice, values)
         return

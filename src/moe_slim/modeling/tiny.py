@@ -145,7 +145,8 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"], num_dense_layers=1),
     "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"] * 2, mamba_n_heads=8, mamba_d_head=8,
                              mamba_d_state=8),
-    **dict.fromkeys(("llama4", "llama4_text"), dict(intermediate_size_mlp=48)),
+    # moe_layers lists layer indices (not a per-layer pattern): three MoE layers around a dense one
+    **dict.fromkeys(("llama4", "llama4_text"), dict(intermediate_size_mlp=48, moe_layers=[0, 2, 3])),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
 }
 
