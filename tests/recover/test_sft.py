@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -174,11 +175,18 @@ def test_cli_rejects_non_model_and_writes_checkpoint(tok, data_dir, tmp_path, ca
 
     ckpt = save_fixture(tiny_moe(tok), tok, tmp_path / "ckpt")
     assert main(["sft", str(ckpt), "--data", "translation=0.8,general=0.2", "--data-dir", str(data_dir),
-                 "--steps", "3", "--batch-size", "2", "--chrf-limit", "1", "--out", str(out), "--quiet"]) == 0
+                 "--steps", "3", "--batch-size", "2", "--chrf-limit", "1", "--out", str(out)]) == 0
+    # chrF is printed with its paired-bootstrap difference and n (1 sentence per pair, 3 pairs)
+    said = capsys.readouterr().out
+    assert re.search(r"chrF \d+\.\d\d -> \d+\.\d\d \([+-]\d+\.\d\d \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\], "
+                     r"paired bootstrap, n = 3 sentences\)", said), said
     card = (out / "README.md").read_text()
     assert "Mode: `experts`" in card and "translation=0.8,general=0.2" in card and "| chrf |" in card
     log = json.loads((out / "sft.json").read_text())
     assert log["steps"] == 3 and "val_loss" in log["metrics_after"]
+    a, b = log["metrics_after"], log["metrics_before"]
+    assert a["chrf_n"] == b["chrf_n"] == 3 and a["chrf_delta"] == pytest.approx(a["chrf"] - b["chrf"], abs=1e-9)
+    assert a["chrf_delta_lo"] <= a["chrf_delta"] <= a["chrf_delta_hi"]
     reloaded, _ = load_model(out)
     assert reloaded.config.num_experts == 4
 

@@ -60,7 +60,9 @@ def cmd_sft(args: argparse.Namespace) -> int:
     if "val_kd" in a:
         parts.append(f"val KL to teacher {b['val_kd']:.4f} -> {a['val_kd']:.4f}")
     if "chrf" in a:
-        parts.append(f"chrF {b['chrf']:.2f} -> {a['chrf']:.2f}")
+        parts.append(f"chrF {b['chrf']:.2f} -> {a['chrf']:.2f}" + (
+            f" ({a['chrf_delta']:+.2f} [{a['chrf_delta_lo']:+.2f}, {a['chrf_delta_hi']:+.2f}], paired bootstrap, "
+            f"n = {int(a['chrf_n'])} sentences)" if "chrf_delta" in a else ""))
     what = "LoRA adapter" if result.mode == "lora" and not result.merged else "checkpoint"
     emit(args, {"out": args.out, "mode": result.mode, "loss": result.loss, "steps": result.steps, "best_step": result.best_step,
                 "before": result.metrics_before, "after": result.metrics_after},

@@ -103,12 +103,20 @@ class SftResult:
         return out
 
 
-def _chrf(model: nn.Module, tok: Any, data_dir: Any, limit: int) -> float:
+def _chrf(model: nn.Module, tok: Any, data_dir: Any, limit: int,
+          before: dict[str, Any] | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+    """chrF on the test split with its n; given the results before SFT, also the paired-bootstrap difference
+    (after - before, 95% interval) on the same sentences. Returns the figures and the whole results."""
     from ..evals.run import evaluate
 
-    res = evaluate(model, tok, "quick", data_dir=data_dir, tasks=["translation"], limit=limit, bootstrap_samples=0,
-                   hash_weights=False)
-    return float(res["metrics"]["translation/chrf"])
+    res = evaluate(model, tok, "quick", data_dir=data_dir, tasks=["translation"], limit=limit,
+                   bootstrap_samples=0 if before is None else 1000, baseline=before, hash_weights=False)
+    m = res["metrics"]
+    out = {"chrf": float(m["translation/chrf"]), "chrf_n": float(m["translation/n"])}
+    if before is not None:
+        out.update(chrf_delta=float(m["translation/chrf_delta_vs_baseline"]),
+                   chrf_delta_lo=float(m["translation/chrf_delta_lo"]), chrf_delta_hi=float(m["translation/chrf_delta_hi"]))
+    return out, res
 
 
 def sft(
@@ -214,7 +222,8 @@ def sft(
     before: dict[str, float] = {}
     if want_chrf:
         say(f"chrF before SFT ({chrf_limit} sentences per pair)")
-        before["chrf"] = _chrf(model, tok, data_dir, chrf_limit)
+        chrf_before, chrf_results = _chrf(model, tok, data_dir, chrf_limit)
+        before.update(chrf_before)
 
     lora_info = None
     if mode == "lora":
@@ -344,7 +353,7 @@ def sft(
     after: dict[str, float] = {}
     if want_chrf:
         say(f"chrF after SFT ({chrf_limit} sentences per pair)")
-        after["chrf"] = _chrf(model, tok, data_dir, chrf_limit)
+        after.update(_chrf(model, tok, data_dir, chrf_limit, before=chrf_results)[0])
     after.update({k: v for k, v in best_val.items() if k != "val_objective"})
     settings = {"lr": lr, "batch_size": batch_size, "grad_accum": grad_accum, "seq_len": seq_len, "warmup": warm,
                 "scheduler": scheduler, "weight_decay": weight_decay, "max_grad_norm": max_grad_norm,
