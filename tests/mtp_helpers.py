@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from moe_slim.modeling.tiny import save_tiny
+from moe_slim.modeling.tiny import save_tiny, tiny_config
 
 
 def _extras(sd: dict[str, torch.Tensor], p: str, H: int, g: torch.Generator, names: tuple[str, ...],
@@ -25,6 +25,9 @@ def save_tiny_layer_mtp(model_type: str, path: Path, seed: int = 0, depths: int 
     enorm/hnorm/eh_proj/shared_head and embedding copy, as DeepSeek-V3 stores ``model.layers.61.*`` and
     GLM-4.5 ``model.layers.92.*``; routers and correction biases made decisive."""
     n = 3
+    types = getattr(tiny_config(model_type, num_hidden_layers=n + depths, **overrides), "mlp_layer_types", None)
+    if types and "sparse" in types and "sparse" not in types[:n]:  # the shrink left the main layers dense
+        overrides = {"mlp_layer_types": ["dense"] + ["sparse"] * (n + depths - 1), **overrides}
     save_tiny(model_type, path, seed=seed, num_hidden_layers=n + depths, **overrides)
     sd = load_file(str(path / "model.safetensors"))
     g = torch.Generator().manual_seed(seed + 1)
@@ -44,6 +47,9 @@ def save_tiny_layer_mtp(model_type: str, path: Path, seed: int = 0, depths: int 
     save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((path / "config.json").read_text())
     cfg.update(num_hidden_layers=n, num_nextn_predict_layers=depths)
+    for key, value in list(cfg.items()):  # per-layer lists (layer_types, mlp_layer_types, indexer_types) describe n layers
+        if key.endswith("_types") and isinstance(value, list) and len(value) == n + depths:
+            cfg[key] = value[:n]
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     return path
 

@@ -58,7 +58,11 @@ def _masks(config: Any, layer_type: str | None, x: torch.Tensor, attention_mask:
     fns = LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING.get(layer_type) if layer_type else None
     fns = fns if isinstance(fns, dict) else {layer_type if fns else "full_attention": fns or create_causal_mask}
     names = {"full_attention": "attention_mask", "sliding_attention": "attention_mask", "linear_attention": "conv_mask"}
-    return {names.get(t, "attention_mask"): fn(**kwargs) for t, fn in fns.items()}
+    # a materialised mask where the function can skip it: indexed (DSA) attention's indexer reads the mask itself,
+    # as the model's own forward forces it (allow_is_causal_skip=False); for the others it is the same mask
+    return {names.get(t, "attention_mask"): fn(**kwargs, **({"allow_is_causal_skip": False} if "allow_is_causal_skip"
+                                                           in inspect.signature(fn).parameters else {}))
+            for t, fn in fns.items()}
 
 
 def shifted(ids: torch.Tensor, mask: torch.Tensor, by: int) -> tuple[torch.Tensor, torch.Tensor]:
