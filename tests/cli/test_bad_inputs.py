@@ -267,8 +267,9 @@ ARGS += [(f"{BASES[c]} {opt} nonsense", f"argument {opt}: invalid choice") for c
 ARGS += [(line, "required") for line in (
     "observe {model} --out {out}", "prune {model} --ratio 0.5 --out {out}", "apply {model} --out {out}",
     "mone {model} --stats {stats} --out {out}", "run {recipe_yaml}", "report", "stats", "data", "eval",
-    "probe {dense} --budget 0.5 --out {out}", "slim-dense {dense} --out {out}", "sft {model} --steps 2 --data x=1",
+    "probe {dense} --budget 0.5 --out {out}", "sft {model} --steps 2 --data x=1",
     "merge --out {out}", "sweep")]
+ARGS += [("slim-dense {dense} --out {out}", "give --plan (a probe plan.json) or --task")]  # one of the two is needed
 ARGS += [("reference-card {mine}", "not a checkpoint moe_slim wrote"), ("reference-card {afile}", "does not exist"),
          ("families --colour", "unrecognized arguments: --colour"), ("stats {afile}", "is not a stats directory"),
          ("data info --data-dir {root}/nodata", "manifest.json not found"), ("data frob", "invalid choice: 'frob'"),
