@@ -142,7 +142,6 @@ def _tiny_gguf(path, file_type: int = 3):
 
 
 def test_gguf_source_is_written_as_bfloat16_and_says_so(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("gguf")
     src = _tiny_gguf(tmp_path / "m.Q4_1.gguf")
     assert gguf_source(src) == "GGUF MOSTLY_Q4_1"
     assert gguf_source(tmp_path) == "GGUF MOSTLY_Q4_1"  # a folder holding one .gguf
