@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification
 
 from moe_slim.cli import main
 from moe_slim.dense.baselines import evenly_spaced_selection, keep_last_selection
-from moe_slim.dense.classify import FinetuneConfig, set_trainable, to_classifier
+from moe_slim.dense.classify import set_trainable, to_classifier
 from moe_slim.dense.slim import gguf_source, make_plan, output_dtype, slim_copy
 from moe_slim.dense.taskslim import (
     plans_for_task,

@@ -148,3 +148,24 @@ def test_a_ratio_that_rounds_to_no_novice_is_refused_in_one_line(tmp_path: Path,
         check_substitution(substitution_config(["a", "b"], nplan))
     with pytest.raises(MoeSlimError, match="replacements must not be empty"):
         check_substitution({**block, "targets": {"a": {**block["targets"]["a"], "replacements": {}}}})
+
+
+@pytest.mark.parametrize("standard", [False, True], ids=["substitution", "standard"])
+def test_mone_writes_every_tensor_in_its_own_source_dtype(tmp_path: Path, standard: bool) -> None:
+    """A source with F32 routers beside bf16 weights (as DeepSeek-V3 stores them): MoNE keeps both dtypes, and
+    novices are written as their experts are (before, every tensor took the most common dtype)."""
+    src, model, stats = _saved_with_stats(tmp_path)
+    sd = {k: (v if k.endswith("mlp.gate.weight") else v.to(torch.bfloat16)) for k, v in model.state_dict().items()
+          if k != "lm_head.weight" or not model.config.tie_word_embeddings}
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(src / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "mone"
+    args = ["mone", str(src), "--stats", str(tmp_path / "stats"), "--ratio", "0.5", "--out", str(out)]
+    assert main(args + (["--standard"] if standard else [])) == 0
+    written: dict[str, torch.Tensor] = {}
+    for f in sorted(out.glob("*.safetensors")):
+        written.update(load_file(str(f)))
+    routers = [k for k in written if k.endswith("mlp.gate.weight")]
+    assert routers and all(written[k].dtype == torch.float32 for k in routers)
+    assert {v.dtype for k, v in written.items() if k not in routers} == {torch.bfloat16}

@@ -15,7 +15,7 @@ from ..experts.prune import count_parameters
 from ..experts.stats import RouterStats
 from ..families import family_of, moe_layers
 from ..modeling.hub import resolve_model
-from ..modeling.loading import load_config, load_model, output_dtype
+from ..modeling.loading import load_config, load_model, parse_dtype
 from ..modeling.mtp import check_mtp_writable
 from ..outputs import check_output
 from .plans import plan_for
@@ -40,7 +40,7 @@ def mone_checkpoint(
     check_output(out, overwrite, inputs=[model_path, stats_path], kind="checkpoint")
     check_novices(family_of(load_config(model_path)))
     stats = RouterStats.load(stats_path)
-    save_dtype = output_dtype(dtype, model_path)
+    save_dtype = parse_dtype(dtype)  # None: each tensor written in its own source dtype
     model, tok = load_model(model_path, dtype=torch.float32)
     check_mtp_writable(model, model_path, drop=drop_mtp)
     plan = plan_for(model, stats, criterion="mone", ratio=ratio, mix=mix, protect_super=protect_super)
@@ -59,6 +59,6 @@ def mone_checkpoint(
     if not standard:
         card += "\n## Format\n\n" + SUBSTITUTION_NOTE + "\n"
     write_mone_checkpoint(model, tok, out, nplan, card=card, standard=standard, dtype=save_dtype, overwrite=overwrite,
-                          drop_mtp=drop_mtp)
+                          drop_mtp=drop_mtp, source=model_path)
     return nplan
 

@@ -52,6 +52,15 @@ def _token_id(tokenizer_json: Path, token: str) -> int | None:
     return next((int(t["id"]) for t in added if t.get("content") == token), None)
 
 
+def cast_for_output(model: nn.Module, dtype: torch.dtype | None, source: str | os.PathLike | None) -> None:
+    """The dtypes a derived checkpoint is written in: ``dtype`` for every floating weight when asked, else each
+    tensor's own dtype in the ``source`` checkpoint (F32 routers beside bf16 experts stay F32)."""
+    if dtype is not None:
+        model.to(dtype)
+    elif source is not None and has_safetensors(source):
+        cast_like_source(model, source)
+
+
 def save_checkpoint(
     model: nn.Module,
     tokenizer: Any,
@@ -75,10 +84,7 @@ def save_checkpoint(
     """
     if plan is not None:
         plan.check_writable()
-    if dtype is not None:
-        model.to(dtype)
-    elif source is not None and has_safetensors(source):
-        cast_like_source(model, source)
+    cast_for_output(model, dtype, source)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(str(tmp), **({"max_shard_size": max_shard_bytes} if max_shard_bytes else {}))
         pause_point("after-first-file")

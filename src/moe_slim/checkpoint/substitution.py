@@ -40,7 +40,7 @@ from ..experts.prune import apply_plan
 from ..families import moe_layers
 from ..modeling.mtp import drop_mtp as drop_mtp_layers
 from ..outputs import atomic_dir
-from .save import save_checkpoint, tidy_checkpoint_files
+from .save import cast_for_output, save_checkpoint, tidy_checkpoint_files
 
 NOVICES_FILE = "novices.safetensors"
 SUBSTITUTION_NOTE = ("This checkpoint uses vLLM's expert-substitution format (MoNE novices): plain transformers "
@@ -134,14 +134,16 @@ def _logical_ids(directory: Path, renames: dict[str, list[int]]) -> None:
 
 def write_mone_checkpoint(model: nn.Module, tokenizer: Any, out: str | os.PathLike, nplan: NovicePlan, *, card: str,
                           standard: bool = False, dtype: torch.dtype | None = None, overwrite: bool = False,
-                          drop_mtp: bool = False) -> Path:
+                          drop_mtp: bool = False, source: str | os.PathLike | None = None) -> Path:
     """Write ``model`` (the original, changed in place) with ``nplan``'s novices as a checkpoint (see the module);
-    ``drop_mtp`` leaves its MTP layers (the plan's last layers) out and sets the config's MTP count to 0."""
+    ``drop_mtp`` leaves its MTP layers (the plan's last layers) out and sets the config's MTP count to 0; without
+    ``dtype``, every tensor is written in its dtype in the ``source`` checkpoint and each novice in its experts'."""
     if standard:
         apply_plan(model, nplan.plan)
         if drop_mtp:
             drop_mtp_layers(model)
-        return save_checkpoint(model, tokenizer, out, card=card, plan=nplan.plan, dtype=dtype, overwrite=overwrite)
+        return save_checkpoint(model, tokenizer, out, card=card, plan=nplan.plan, dtype=dtype, source=source,
+                               overwrite=overwrite)
     if drop_mtp:
         drop_mtp_layers(model)  # the MTP layers come last: the plan's layers still line up with the model's
     layers = moe_layers(model)
@@ -152,9 +154,8 @@ def write_mone_checkpoint(model: nn.Module, tokenizer: Any, out: str | os.PathLi
                            "expert-substitution block needs at least one; use a larger --ratio")
     block = substitution_config(paths, nplan)
     check_substitution(block)
-    if dtype is not None:
-        model.to(dtype)
-    vdtype = dtype or next(model.parameters()).dtype
+    cast_for_output(model, dtype, source)
+    vdtype = [next(layer.experts.parameters()).dtype for layer in layers]  # a novice is written as its experts are
     renames = {}
     for li, layer in enumerate(layers):
         keep = sorted(nplan.plan.layers[li].keep)
@@ -162,7 +163,7 @@ def write_mone_checkpoint(model: nn.Module, tokenizer: Any, out: str | os.PathLi
         if layer.family.layout == "fused":
             renames[paths[li]] = keep
     model.config.compression_config = {"transform_config": {"expert_substitution": block}}
-    values = {value_name(p, e): nplan.values[li][e].to(vdtype).contiguous()
+    values = {value_name(p, e): nplan.values[li][e].to(vdtype[li]).contiguous()
               for li, p in enumerate(paths) for e in nplan.novices(li)}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(str(tmp))

@@ -55,13 +55,6 @@ def parse_dtype(text: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[t]
 
 
-def output_dtype(requested: str | torch.dtype | None, source: str | os.PathLike) -> torch.dtype | None:
-    """The dtype a checkpoint derived from ``source`` is written in: the one asked for, else the source's."""
-    from .shards import source_dtype
-
-    return parse_dtype(requested) or source_dtype(source)
-
-
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
