@@ -3,7 +3,7 @@
 Pruning is slicing. Every tensor of the source is either copied as it is, dropped (a per-expert
 tensor of a removed expert), renamed (a kept per-expert tensor gets its new number), or sliced
 along its first dimension (fused ``[E, ...]`` expert tensors, router rows, router biases, DeepSeek's
-correction bias). Slicing the first dimension of a stored tensor is copying byte ranges, so the
+correction bias; DBRX's flat ``[E*I, H]`` experts in blocks of I rows). Slicing the first dimension of a stored tensor is copying byte ranges, so the
 output keeps every tensor's dtype exactly, and quantized experts (GPT-OSS MXFP4 blocks and scales,
 FP8 weights with their block scales) are sliced without dequantizing. Which tensor is what comes
 from :class:`moe_slim.modeling.ondisk.DiskLayout` (transformers' conversion tables on a meta-device
@@ -118,9 +118,10 @@ def check_expert_layout(ckpt: ShardedCheckpoint, layout: DiskLayout, n_experts: 
         for d in experts:
             if d.expert is None:
                 shape = ckpt.entry(d.key).shape
-                if not shape or shape[0] != n_experts:
+                if not shape or layout.family.expert_rows(shape[0], n_experts, [0]) is None:
                     raise MoeSlimError(f"tensor {d.key} has shape {list(shape)}; expected the {n_experts} experts "
-                                       "along its first dimension")
+                                       "along its first dimension" + (" (flat: in blocks of rows)"
+                                                                      if layout.family.flat_experts else ""))
             else:
                 per.setdefault(d.renumbered(0), set()).add(d.expert)
         for name, seen in per.items():
@@ -168,7 +169,8 @@ def pruned_tensors(ckpt: ShardedCheckpoint, layout: DiskLayout, plan: ExpertPlan
             out.append(_columns(ckpt, d, list(kept), dtype))
             layer_of.append(d.layer)
             continue
-        add(d, key, list(kept) if shape and shape[0] == E else None)
+        rows = layout.family.expert_rows(shape[0], E, kept) if d.role == "expert" and shape else None
+        add(d, key, rows if rows is not None else (list(kept) if shape and shape[0] == E else None))
     if merged is not None:  # a merged layer's tensors together (where its first one stood): each layer merged once
         first = {li: i for i, li in reversed(list(enumerate(layer_of))) if li is not None}
         order = sorted(range(len(out)), key=lambda i: (first[layer_of[i]] if layer_of[i] is not None else i, i))

@@ -20,6 +20,7 @@ from ..families import (
     moe_layers,
     set_config_counts,
     set_expert_count,
+    take_experts,
 )
 from ..modeling.dispatch import prepare_model
 from .plan import ExpertPlan
@@ -43,9 +44,10 @@ def slice_layer(layer: MoeLayer, keep: list[int]) -> None:
     """Keep only experts ``keep`` (original indices, in this order) in one MoE layer.
 
     Slices every tensor of the block that runs over the experts (:meth:`MoeLayer.per_expert`): fused
-    expert parameters, router rows and bias, selection biases wherever they sit."""
+    expert parameters (flat ones in blocks of rows), router rows and bias, selection biases wherever they sit."""
     fam = layer.family
     idx = torch.tensor(keep, dtype=torch.long)
+    n = layer.num_experts  # read before the router rows are sliced
     if fam.layout == "modules":
         experts = layer.experts
         old = {k: experts[k] for k in list(experts.keys())}
@@ -55,7 +57,7 @@ def slice_layer(layer: MoeLayer, keep: list[int]) -> None:
             experts[f"expert_{j}"] = old[f"expert_{e}"]
     for path, axis in layer.per_expert().items():
         t = get_path(layer.block, path)
-        _set_path(layer.block, path, t.data.index_select(axis, idx.to(t.device)))
+        _set_path(layer.block, path, take_experts(t.data, axis, idx, n))
     set_expert_count(layer, len(keep))
 
 

@@ -192,16 +192,17 @@ def _fused_observing_forward(layer: MoeLayer, recorder: Recorder, inner: Any) ->
     """An experts forward that records norms and routing, then combines exactly as the module would."""
 
     def forward(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *a: Any, **k: Any):
+        shape = hidden.shape  # [T, H], or [B, S, H] (DBRX hands its experts the unflattened states)
         n_tokens, top_k = top_k_index.shape
-        rows = hidden.repeat_interleave(top_k, dim=0)
+        rows = hidden.reshape(n_tokens, -1).repeat_interleave(top_k, dim=0)
         unit = torch.ones(n_tokens * top_k, 1, dtype=top_k_weights.dtype, device=top_k_weights.device)
-        out = inner(rows, top_k_index.reshape(-1, 1), unit, *a, **k)  # [T*K, H], unweighted
+        out = inner(rows, top_k_index.reshape(-1, 1), unit, *a, **k).reshape(n_tokens * top_k, -1)  # unweighted
         norms = out.detach().float().norm(dim=-1)
         tok = torch.arange(n_tokens, device=top_k_index.device).repeat_interleave(top_k)
         recorder.record_pairs(layer, tok, top_k_index.reshape(-1), top_k_weights.detach().reshape(-1).float(),
                               norms, n_tokens, out.detach())
         combined = (out.view(n_tokens, top_k, -1) * top_k_weights.unsqueeze(-1).to(out.dtype)).sum(1)
-        return combined.to(hidden.dtype)
+        return combined.to(hidden.dtype).reshape(shape)
 
     return forward
 

@@ -14,6 +14,7 @@ from .family import (
     group_size_ok,
     set_config_counts,
     set_expert_count,
+    take_experts,
 )
 from .skeleton import skeleton
 from .table import QUIRKS, REFUSED, SLICEABLE_QUANTIZATION
@@ -21,5 +22,5 @@ from .table import QUIRKS, REFUSED, SLICEABLE_QUANTIZATION
 __all__ = [
     "QUIRKS", "REFUSED", "SLICEABLE_QUANTIZATION", "SWIGLU_NEURONS", "Family", "MoeLayer", "NeuronAxis",
     "check_uniform", "expert_axis", "family_of", "find_blocks", "get_path", "group_size_ok", "moe_layers",
-    "set_config_counts", "set_expert_count", "skeleton",
+    "set_config_counts", "set_expert_count", "skeleton", "take_experts",
 ]

@@ -39,6 +39,23 @@ def _fused_count(module: nn.Module) -> int | None:
     return counts.pop() if len(counts) == 1 and next(iter(counts)) >= 2 else None
 
 
+def _flat_count(module: nn.Module, block: nn.Module) -> int | None:
+    """Flat experts (family table ``flat_experts``, DBRX): E when every parameter under the module is a 2-D
+    ``[E*I, H]`` matrix, E the rows of the one matrix of a sibling (the router); never a torch layer."""
+    if type(module).__module__.startswith("torch."):
+        return None
+    params = list(module.parameters())
+    rows = {p.shape[0] for p in params}
+    if not params or any(p.dim() != 2 for p in params) or len(rows) != 1:
+        return None
+    total = rows.pop()
+    for child in block.children():
+        mats = [p for p in child.parameters() if p.dim() == 2]
+        if child is not module and len(mats) == 1 and 2 <= mats[0].shape[0] < total and total % mats[0].shape[0] == 0:
+            return int(mats[0].shape[0])
+    return None
+
+
 def _module_count(module: nn.Module) -> int | None:
     """E when the module is a ``ModuleDict`` of E identical expert modules (beside parameterless ones)."""
     if not isinstance(module, nn.ModuleDict):
@@ -57,9 +74,13 @@ def _router_weight(module: nn.Module, n: int) -> str | None:
 
 
 def _first_key(config: Any, keys: tuple[str, ...], value: int) -> str | None:
-    for key in keys:
-        if isinstance(getattr(config, key, None), int) and getattr(config, key) == value:
-            return key
+    """The first of ``keys`` holding ``value`` in the config, else in a sub-config (as a dotted key: DBRX's
+    ``ffn_config.moe_num_experts``)."""
+    subs = [(f"{name}.", sub) for name in getattr(config, "sub_configs", {}) if (sub := getattr(config, name, None))]
+    for prefix, cfg in [("", config), *subs]:
+        for key in keys:
+            if isinstance(getattr(cfg, key, None), int) and getattr(cfg, key) == value:
+                return prefix + key
     return None
 
 
@@ -76,10 +97,10 @@ def _neurons(experts: nn.Module) -> tuple[tuple[str, NeuronAxis], ...]:
     return tuple(out)
 
 
-def _expert_children(block: nn.Module) -> list[tuple[str, int, str]]:
+def _expert_children(block: nn.Module, flat: bool = False) -> list[tuple[str, int, str]]:
     found = []
     for name, child in block.named_children():
-        n = _fused_count(child)
+        n = _flat_count(child, block) if flat else _fused_count(child)
         if n is not None:
             found.append((name, n, "fused"))
         elif (n := _module_count(child)) is not None:
@@ -100,8 +121,9 @@ def _stack_of(model: nn.Module, name: str) -> str | None:
 def find_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module, str, str, str]], list[str]]:
     """``[(name, block, experts_attr, router_attr, router_weight)]`` and why candidate blocks failed."""
     blocks, problems = [], []
+    flat = bool(QUIRKS.get(str(getattr(model.config, "model_type", None)), {}).get("flat_experts"))
     for name, block in model.named_modules():
-        experts = _expert_children(block)
+        experts = _expert_children(block, flat)
         if not experts:
             continue
         if len(experts) > 1:
@@ -151,7 +173,8 @@ def discover(model: nn.Module) -> tuple[Family, list[tuple[str, nn.Module]]]:
         raise MoeSlimError(f"model type '{mt}': MoE blocks name their parts differently ({blocks[0][0]} vs others)")
     experts, router = getattr(block, e_attr), getattr(block, r_attr)
     n = int(get_path(router, r_weight).shape[0])
-    layout = "fused" if _fused_count(experts) is not None else "modules"
+    flat = bool(QUIRKS.get(mt, {}).get("flat_experts"))
+    layout = "fused" if flat or _fused_count(experts) is not None else "modules"
     why = _call_problem(experts, layout, mt)
     if why:
         raise MoeSlimError(f"model type '{mt}' is not supported: {why}")
@@ -177,7 +200,7 @@ def discover(model: nn.Module) -> tuple[Family, list[tuple[str, nn.Module]]]:
         fixed_top_k=fixed, experts_attr=e_attr, layout=layout, shared_attrs=shared, router_weight=r_weight,
         router_bias=router_bias, selection_biases=selection, scoring=scoring,
         group_keys=("n_group", "topk_group") if grouped else None, group_min_experts=2 if selection else 1,
-        expert_neurons=_neurons(experts) if layout == "fused" else (), layer_stacks=stacks or ("model.layers",),
+        expert_neurons=_neurons(experts) if layout == "fused" and not flat else (), layer_stacks=stacks or ("model.layers",),
     )
     family = dataclasses.replace(family, **QUIRKS.get(mt, {}))
     return family, [(b[0], b[1]) for b in blocks]

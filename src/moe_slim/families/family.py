@@ -6,6 +6,9 @@ Two expert layouts exist in transformers 5:
 * ``fused``: one module holds every expert as 3-D parameters (``gate_up_proj[E, ...]``,
   ``down_proj[E, ...]``, optional biases) and is called as ``experts(hidden, top_k_index,
   top_k_weights)``. Slicing dim 0 of those parameters removes experts.
+  With :attr:`Family.flat_experts` (DBRX), the experts' parameters are 2-D ``[E*I, H]`` matrices,
+  expert ``e`` in rows ``e*I .. (e+1)*I - 1``: moe_slim views them as ``[E, I, H]``
+  (:meth:`MoeLayer.expert_params`) and slices them in blocks of rows (:func:`take_experts`).
 * ``modules``: a ``ModuleDict`` of ``expert_{i}`` sub-modules (Switch Transformers, NLLB-MoE),
   called with a dense dispatch; :attr:`Family.combine` turns that call's arguments into a dense
   ``[tokens, experts]`` matrix of combine weights.
@@ -97,6 +100,9 @@ class Family:
     # The ModuleLists of transformer layers, in the order a forward runs them (encoder first): what
     # layer-wise observation walks, one layer's weights in memory at a time.
     layer_stacks: tuple[str, ...] = ("model.layers",)
+    # The experts' parameters (anywhere under the experts module) are flat 2-D [E*I, ...] matrices, expert e
+    # in rows e*I .. (e+1)*I - 1 (DBRX ``experts.mlp.w1``): viewed as [E, I, ...], sliced in blocks of rows.
+    flat_experts: bool = False
     notes: str = ""
 
     def neuron_axes(self) -> dict[str, NeuronAxis]:
@@ -105,10 +111,20 @@ class Family:
     def top_k(self, config: Any) -> int:
         if self.fixed_top_k is not None:
             return self.fixed_top_k
-        return int(getattr(config, self.top_k_key))
+        return int(config_value(config, self.top_k_key))
 
     def num_experts(self, config: Any) -> int:
-        return int(getattr(config, self._count_key()))
+        return int(config_value(config, self._count_key()))
+
+    def expert_rows(self, rows: int, n: int, keep: list[int]) -> list[int] | None:
+        """The first-dimension rows of a tensor with ``rows`` rows that hold experts ``keep`` of ``n``: ``keep``
+        itself for ``[E, ...]``, blocks of ``rows // n`` rows for flat experts; None when it runs over no experts."""
+        if rows == n:
+            return list(keep)
+        if self.flat_experts and rows > n and rows % n == 0:
+            size = rows // n
+            return [e * size + j for e in keep for j in range(size)]
+        return None
 
     def _count_key(self) -> str:
         if self.n_experts_key is None:
@@ -135,6 +151,29 @@ def get_path(module: nn.Module, path: str) -> Any:
     return obj
 
 
+def config_value(config: Any, key: str | None) -> Any:
+    """``config.a.b`` for a dotted key ``a.b`` (a count in a sub-config: DBRX ``ffn_config.moe_num_experts``)."""
+    obj: Any = config
+    for part in str(key).split("."):
+        obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part)
+    return obj
+
+
+def set_config_value(config: Any, key: str, value: Any) -> None:
+    owner_key, _, leaf = key.rpartition(".")
+    owner = config_value(config, owner_key) if owner_key else config
+    if isinstance(owner, dict):
+        owner[leaf] = value
+    else:
+        setattr(owner, leaf, value)
+
+
+def take_experts(t: torch.Tensor, axis: int, keep: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` with only experts ``keep`` (in that order) along ``axis``, which holds ``n`` experts: one
+    position each, or (flat experts) ``axis`` length // n consecutive positions each."""
+    return t.unflatten(axis, (n, -1)).index_select(axis, keep.to(t.device)).flatten(axis, axis + 1)
+
+
 def expert_axis(shape: tuple[int, ...], n: int) -> int | None:
     """The axis of a tensor that runs over ``n`` experts: 0 for ``[E, ...]``, 1 for a ``[1, E]`` row."""
     if len(shape) >= 1 and shape[0] == n:
@@ -142,6 +181,18 @@ def expert_axis(shape: tuple[int, ...], n: int) -> int | None:
     if len(shape) == 2 and shape[0] == 1 and shape[1] == n:
         return 1
     return None
+
+
+def _probe_owner(owners: dict[str, nn.Module], path: str) -> nn.Module:
+    """The copy of the sub-module at ``path`` inside a probe (``owners[""]``), with its own parameter dict."""
+    if path not in owners:
+        parent_path, _, attr = path.rpartition(".")
+        parent = _probe_owner(owners, parent_path)
+        parent._modules = dict(parent._modules)
+        child = copy.copy(parent._modules[attr])
+        child._parameters = dict(child._parameters)
+        parent._modules[attr] = owners[path] = child
+    return owners[path]
 
 
 @dataclass
@@ -192,29 +243,41 @@ class MoeLayer:
         skip = tuple(f"{a}." for a in self.family.shared_attrs)
         if self.family.layout == "modules":
             skip += (f"{self.family.experts_attr}.",)
+        flat = f"{self.family.experts_attr}." if self.family.flat_experts else None
         out: dict[str, int] = {}
         for path, t in [*self.block.named_parameters(), *self.block.named_buffers()]:
             if path.startswith(skip):
                 continue
-            axis = expert_axis(tuple(t.shape), n)
+            axis = 0 if flat and path.startswith(flat) and t.dim() == 2 and t.shape[0] % n == 0 \
+                else expert_axis(tuple(t.shape), n)
             if axis is not None:
                 out[path] = axis
         return out
 
     def expert_params(self) -> dict[str, torch.Tensor]:
-        """Fused layout: the experts module's parameters with a leading expert dimension."""
+        """Fused layout: the experts module's parameters with a leading expert dimension ``[E, ...]``
+        (flat experts: ``[E, I, ...]`` views of the ``[E*I, ...]`` parameters, named by their path under
+        the experts module; writing into a view writes into the parameter)."""
         if self.family.layout != "fused":
             raise TypeError("expert_params() is for fused experts")
         n = self.num_experts
+        if self.family.flat_experts:
+            return {k: p.unflatten(0, (n, -1)) for k, p in self.experts.named_parameters()
+                    if p.dim() == 2 and p.shape[0] % n == 0}
         return {k: p for k, p in self.experts.named_parameters(recurse=False) if p.dim() >= 1 and p.shape[0] == n}
 
     def one_expert(self, e: int, replace: dict[str, torch.Tensor] | None = None) -> nn.Module:
-        """Fused experts as a view holding expert ``e`` alone (parameters in ``replace`` swapped in), to run
-        through the experts' own forward code (:meth:`expert_output`)."""
+        """Fused experts as a view holding expert ``e`` alone (parameters in ``replace`` swapped in, shaped
+        ``[1, ...]`` as :meth:`expert_params` slices are), to run through the experts' own forward code
+        (:meth:`expert_output`). Sub-modules holding parameters are copied too: the original is never touched."""
         probe = copy.copy(self.experts)
         probe._parameters = dict(self.experts._parameters)
+        owners: dict[str, nn.Module] = {"": probe}
         for name, p in self.expert_params().items():
-            probe._parameters[name] = (replace or {}).get(name, p.detach()[e : e + 1])
+            path, _, leaf = name.rpartition(".")
+            owner = _probe_owner(owners, path)
+            one = (replace or {}).get(name, p.detach()[e : e + 1])
+            owner._parameters[leaf] = one.flatten(0, 1) if self.family.flat_experts else one
         for attr in ("num_experts", "num_local_experts", "n_routed_experts"):
             if isinstance(getattr(probe, attr, None), int):
                 setattr(probe, attr, 1)
@@ -227,7 +290,8 @@ class MoeLayer:
         if self.family.routing is not None:  # router-scaled inputs: an unscaled row is weight 1
             return forward(probe, x)
         idx = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
-        return forward(probe, x, idx, torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device))
+        out = forward(probe, x, idx, torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device))
+        return out.reshape(x.shape[0], -1)  # DBRX answers [n, 1, H]
 
     def expert_module(self, e: int) -> nn.Module:
         """Modules layout: expert ``e`` as a module."""
@@ -262,10 +326,10 @@ def set_expert_count(layer: MoeLayer, n: int) -> None:
 
 
 def set_config_counts(config: Any, family: Family, n: int) -> None:
-    """Write the new expert count (and a top-k that fits) into the config."""
-    setattr(config, family._count_key(), n)
-    if family.top_k_key is not None and int(getattr(config, family.top_k_key)) > n:
-        setattr(config, family.top_k_key, n)
+    """Write the new expert count (and a top-k that fits) into the config (dotted keys: into a sub-config)."""
+    set_config_value(config, family._count_key(), n)
+    if family.top_k_key is not None and int(config_value(config, family.top_k_key)) > n:
+        set_config_value(config, family.top_k_key, n)
 
 
 def group_size_ok(family: Family, config: Any, n_keep: int) -> str | None:

@@ -68,6 +68,11 @@ QUIRKS: dict[str, dict[str, Any]] = {
         expert_neurons=(("gate_up_proj", NeuronAxis(1, "halves")), ("down_proj", NeuronAxis(0))),
         notes="sigmoid top-k router beside a shared expert; the experts take router-scaled inputs (f(w x)), "
         "so routing is read from the router and norms are of f(x) on the unscaled token; gate_up_proj [E, H, 2I]"),
+    "dbrx": dict(
+        flat_experts=True, expert_neurons=(("mlp.w1", NeuronAxis(0)), ("mlp.v1", NeuronAxis(0)), ("mlp.w2", NeuronAxis(0))),
+        expert_down="mlp.w2",
+        notes="experts stored flat as [E*I, H] matrices (experts.mlp.w1, v1, w2): viewed as [E, I, H], pruned in "
+        "blocks of I rows; counts in the nested ffn_config (moe_num_experts, moe_top_k)"),
 }
 QUIRKS["nllb_moe"] = QUIRKS["nllb-moe"]
 QUIRKS["llama4"] = QUIRKS["llama4_text"]
@@ -81,8 +86,9 @@ REFUSED: dict[str, str] = {
     "deepseek_v4": "hash-routed layers (gate.tid2eid: token id -> experts) send tokens to fixed experts, so "
                    "removing one strands its tokens, and keeping those layers whole leaves no single expert count "
                    "for the config",
-    "dbrx": "experts are stored as [E*I, H] matrices (experts.mlp.w1, v1, w2), not along a leading expert dimension",
-    "jetmoe": "experts are split over two modules (input_linear, output_linear) and attention is MoE too",
+    "jetmoe": "its attention experts (MoA) share the MLP experts' config keys (num_local_experts, "
+              "num_experts_per_tok), so pruning MLP experts alone cannot write a config that loads, and moe_slim "
+              "neither observes nor prunes attention experts (nor experts split over input_linear/output_linear)",
     "longcat_flash": "the router scores zero-computation experts too (router rows != experts), which a plan cannot slice",
     "zaya": "the router is an MLP with balancing biases, not a weight[E, H]",
     "gemma4": ("the router returns probabilities, not logits, and scales each expert's weight "

@@ -66,7 +66,14 @@ class TensorEntry:
         """The file byte ranges of the whole tensor, or of the given first-dimension ``rows`` in that order."""
         if rows is None:
             return [(self.start, self.end)]
-        return [(self.start + r * self.row_bytes, self.start + (r + 1) * self.row_bytes) for r in rows]
+        out: list[tuple[int, int]] = []
+        for r in rows:  # consecutive rows read as one range (a flat expert's block of rows: one seek)
+            a = self.start + r * self.row_bytes
+            if out and out[-1][1] == a:
+                out[-1] = (out[-1][0], a + self.row_bytes)
+            else:
+                out.append((a, a + self.row_bytes))
+        return out
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
