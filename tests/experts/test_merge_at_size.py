@@ -57,7 +57,7 @@ def test_sequential_merge_at_size_equals_in_memory(model_type: str, tmp_path: Pa
     _same(tmp_path / "at_size", tmp_path / "memory")
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3", "nllb-moe"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3", "nllb-moe", "dbrx"])
 @pytest.mark.parametrize("method", ["hc-smoe", "m-smoe"])
 def test_merge_at_size_from_observed_samples_equals_in_memory(model_type: str, method: str, tmp_path: Path) -> None:
     src = _source(model_type, tmp_path / "src")

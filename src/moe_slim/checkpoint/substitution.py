@@ -36,7 +36,7 @@ from torch import nn
 
 from ..errors import MoeSlimError
 from ..experts.mone import NovicePlan
-from ..experts.prune import apply_plan
+from ..experts.prune import apply_plan, slice_layer
 from ..families import moe_layers
 from ..modeling.mtp import drop_mtp as drop_mtp_layers
 from ..outputs import atomic_dir
@@ -101,9 +101,7 @@ def value_name(path: str, e: int) -> str:
 def _drop_novice_weights(layer: Any, keep: list[int]) -> None:
     """Keep only the kept experts' weights (router and config counts untouched)."""
     if layer.family.layout == "fused":
-        idx = torch.tensor(keep, dtype=torch.long)
-        for name, p in layer.expert_params().items():
-            setattr(layer.experts, name, nn.Parameter(p.data[idx.to(p.device)].clone(), requires_grad=False))
+        slice_layer(layer, keep, experts_only=True)
     else:
         for k in [k for k in layer.experts.keys() if int(k.rsplit("_", 1)[1]) not in keep]:
             del layer.experts[k]

@@ -60,7 +60,7 @@ def _fused_forward(layer: MoeLayer, inner: Any, novice: torch.Tensor, values: to
         w_nov = top_k_weights * is_nov.to(top_k_weights.dtype)
         out = inner(hidden, top_k_index, top_k_weights - w_nov, *a, **k)
         const = values.to(hidden.device)[top_k_index]  # [T, K, H]
-        return out + (w_nov.float().unsqueeze(-1) * const).sum(1).to(out.dtype)
+        return out + (w_nov.float().unsqueeze(-1) * const).sum(1).to(out.dtype).reshape(out.shape)  # DBRX: [B, S, H]
 
     return forward
 

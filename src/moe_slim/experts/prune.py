@@ -40,14 +40,22 @@ def _set_path(root: nn.Module, path: str, value: torch.Tensor) -> None:
         owner.out_features = value.shape[0]
 
 
-def slice_layer(layer: MoeLayer, keep: list[int]) -> None:
+def slice_layer(layer: MoeLayer, keep: list[int], experts_only: bool = False) -> None:
     """Keep only experts ``keep`` (original indices, in this order) in one MoE layer.
 
     Slices every tensor of the block that runs over the experts (:meth:`MoeLayer.per_expert`): fused
-    expert parameters (flat ones in blocks of rows), router rows and bias, selection biases wherever they sit."""
+    expert parameters (flat ones in blocks of rows), router rows and bias, selection biases wherever they sit.
+    ``experts_only`` (fused experts): the experts' weights alone, router and counts untouched (MoNE's
+    compact layout, whose router keeps every logical expert)."""
     fam = layer.family
     idx = torch.tensor(keep, dtype=torch.long)
     n = layer.num_experts  # read before the router rows are sliced
+    if experts_only:
+        for path, axis in layer.per_expert().items():
+            if path.startswith(f"{fam.experts_attr}."):
+                t = get_path(layer.block, path)
+                _set_path(layer.block, path, take_experts(t.data, axis, idx, n))
+        return
     if fam.layout == "modules":
         experts = layer.experts
         old = {k: experts[k] for k in list(experts.keys())}

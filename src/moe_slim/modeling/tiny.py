@@ -51,6 +51,11 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
                      encoder_sparse_step=1, decoder_sparse_step=1, expert_capacity=64, max_position_embeddings=128,
                      decoder_start_token_id=2, pad_token_id=1, bos_token_id=0, eos_token_id=2,
                      moe_token_dropout=0.2),
+    # experts flat as [E*I, H] matrices, counts in ffn_config; transformers 5.24's default attn_config lacks the
+    # rope_theta its attention reads, and its clip_qkv=None fails (real checkpoints state both)
+    "dbrx": dict(vocab_size=128, d_model=32, n_heads=4, n_layers=2, max_seq_len=128, tie_word_embeddings=False,
+                 attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                 ffn_config=dict(ffn_hidden_size=16, moe_num_experts=8, moe_top_k=2)),
 }
 
 TINY_FAMILIES: tuple[str, ...] = tuple(TINY_CONFIGS)
@@ -148,10 +153,6 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     # moe_layers lists layer indices (not a per-layer pattern): three MoE layers around a dense one
     **dict.fromkeys(("llama4", "llama4_text"), dict(intermediate_size_mlp=48, moe_layers=[0, 2, 3])),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
-    # sizes and counts in sub-configs (a dict sets keys of the sub-config); transformers 5.24's default
-    # attn_config lacks the rope_theta its attention reads and its clip_qkv=None fails (real checkpoints state both)
-    "dbrx": dict(n_layers=2, ffn_config=dict(hidden_size=32, ffn_hidden_size=12, moe_num_experts=8, moe_top_k=2),
-                 attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0)),
 }
 
 
@@ -189,10 +190,5 @@ def shrunk_config(model_type: str, layers: int = 4, **overrides: Any) -> Any:
             if isinstance(value, list) and len(value) == old and key != "rope_parameters":
                 setattr(config, key, _keep_every_kind(value, config.num_hidden_layers))
     for key, value in {**TINY_OVERRIDES.get(model_type, {}), **overrides}.items():
-        sub = getattr(config, key, None)
-        if isinstance(value, dict) and hasattr(sub, "to_dict"):  # a sub-config object: set its keys
-            for k, v in value.items():
-                setattr(sub, k, v)
-        else:
-            setattr(config, key, value)
+        setattr(config, key, value)
     return config
