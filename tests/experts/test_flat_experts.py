@@ -74,3 +74,12 @@ def test_counts_are_written_into_ffn_config(tmp_path: Path) -> None:
     ffn = json.loads((tmp_path / "config.json").read_text())["ffn_config"]
     assert (ffn["moe_num_experts"], ffn["moe_top_k"]) == (1, 1)
     assert "moe_num_experts" not in json.loads((tmp_path / "config.json").read_text())
+
+
+def test_mone_compact_layout_keeps_the_kept_blocks_and_the_whole_router() -> None:
+    layer = moe_layers(tiny_model("dbrx", seed=1))[0]
+    before = {n: [_block(layer, n, e).clone() for e in range(8)] for n in NAMES}
+    router = layer.router_weight.detach().clone()
+    slice_layer(layer, [1, 3, 4], experts_only=True)
+    assert all(torch.equal(_flat(layer, n), torch.cat([before[n][e] for e in (1, 3, 4)])) for n in NAMES)
+    assert torch.equal(layer.router_weight, router) and layer.experts.num_experts == 8
