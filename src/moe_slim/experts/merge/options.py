@@ -88,8 +88,8 @@ def _pca(x: torch.Tensor, dims: int, *, scale: bool, dtype: torch.dtype = torch.
     float64 start, computed in ``dtype``. ``pca_lowrank`` itself draws its start in the input's dtype, and
     with no oversampling (q = dims) the last axes depend on that start: a float32 input changed a third
     of the alignments. The float64 start rounded to float32 keeps every alignment of the float64
-    computation (costs within ~1e-6) at a quarter of its time; ``dtype=torch.float64`` is
-    ``pca_lowrank`` exactly."""
+    computation (costs within ~1e-6) at a quarter of its time; ``dtype=torch.float64`` gives
+    ``pca_lowrank``'s projection (to rounding)."""
     centred = x.to(dtype)
     centred = centred - centred.mean(0, keepdim=True)
     q = min(dims, x.shape[0], x.shape[1])
@@ -101,9 +101,14 @@ def _pca(x: torch.Tensor, dims: int, *, scale: bool, dtype: torch.dtype = torch.
     for _ in range(4):
         basis = torch.linalg.qr(tall.mT @ basis).Q
         basis = torch.linalg.qr(tall @ basis).Q
-    u, s, vh = torch.linalg.svd(basis.mT @ tall, full_matrices=False)
-    v = vh.mT if tall is centred else basis @ u  # the right singular vectors of ``centred``
-    return centred @ (v * s.unsqueeze(0) if scale else v)
+    small = basis.mT @ tall
+    u, s, vh = torch.linalg.svd(small, full_matrices=False)
+    if tall is centred:
+        return centred @ (vh.mT * s.unsqueeze(0) if scale else vh.mT)
+    # wide: the axes are ``basis @ u`` and ``small`` is ``(centred @ basis).T``, so the projection
+    # ``centred @ basis @ u`` needs no product with ``centred`` again
+    proj = small.mT @ u
+    return proj * s.unsqueeze(0) if scale else proj
 
 
 def group_weights(groups: list[list[int]], weighting: str, frequency: torch.Tensor, saliency: torch.Tensor
