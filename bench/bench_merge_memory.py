@@ -12,16 +12,22 @@ merging one layer has to hold) and to the in-memory peak.
 Goal (issue #14 item 4, #15 item 2): peak at size <= one layer's experts in float32 + the largest
 tensor + 1 GB of interpreter and libraries, far below the in-memory peak.
 
-``--profile``: time per MoE layer of REAM against HC-SMoE, both at size from the same statistics (equal
-samples: ``--tokens`` per layer), read from the per-layer lines ``merge`` prints; the ratio of the medians.
+``--profile``: time per MoE layer of REAM against HC-SMoE, both ``merge --plan-only`` at size from the same
+statistics (equal samples: ``--tokens`` per layer), read from the per-layer lines ``merge`` prints. On a
+shared machine the load changes by the minute, so the methods run alternately, ``--reps`` rounds in
+alternating order (ABBA...), each the real command in a subprocess (peak RSS, wall and CPU time); printed:
+the median per-layer time of each, the ratio of the medians, the per-layer ratios of the same layer in the
+same round (median and range) and the load average after each run.
 Goal (issue #30 item 12): REAM <= 2x HC-SMoE per layer.
 
-    python bench/bench_merge_memory.py [--work /tmp/moe_slim_bench_merge] [--tokens 2k] [--keep] [--profile]
+    python bench/bench_merge_memory.py [--work /tmp/moe_slim_bench_merge] [--tokens 2k] [--keep]
+        [--profile [--reps 3] [--threads 1] [--layers 2]]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -43,6 +49,8 @@ def main() -> int:
     ap.add_argument("--cases", default="hc-smoe from stats,ream sequential", help="comma-separated cases to run")
     ap.add_argument("--profile", action="store_true", help="only the per-layer time of REAM against HC-SMoE")
     ap.add_argument("--methods", default="hc-smoe,ream", help="with --profile: the methods (or presets) timed")
+    ap.add_argument("--reps", type=int, default=3, help="with --profile: rounds of every method, alternating order")
+    ap.add_argument("--threads", type=int, default=0, help="with --profile: OMP_NUM_THREADS of the commands (0: unset)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     import torch
@@ -110,25 +118,43 @@ LAYER_LINE = re.compile(r"^(\S+): (\d+) -> (\d+) experts \((\d+) sample tokens, 
 
 
 def profile(moe: list[str], src: Path, stats: Path, args: argparse.Namespace, common: list[str]) -> int:
-    """Seconds per MoE layer of each method at size from the same statistics (``merge`` prints one line a layer)."""
+    """Seconds per MoE layer of each method at size from the same statistics (``merge`` prints one line a
+    layer), the methods run alternately (ABBA...) ``--reps`` times so a changing load falls on both."""
     work = Path(args.work)
     quiet = [c for c in common if c != "--quiet"]
-    times: dict[str, list[float]] = {}
-    for method in args.methods.split(","):
-        out = work / f"profile-{method}"
-        shutil.rmtree(out, ignore_errors=True)
-        rss, wall, text = run_with_output([*moe, "merge", str(src), "--ratio", "0.5", "--method", method, "--stats",
-                                           str(stats), "--max-tokens", args.tokens, "--plan-only", "--out", str(out),
-                                           *quiet])
-        rows = LAYER_LINE.findall(text)
-        times[method] = [float(r[4]) for r in rows]
-        print(f"{method:10s} {len(rows)} layers, {rows[0][3] if rows else '?'} sample tokens each: per layer "
-              f"{' '.join(f'{t:.1f}' for t in times[method])} s (median {statistics.median(times[method]):.1f}); "
-              f"whole command {wall:.0f}s, peak {rss:.0f} MB")
-    a, *rest = args.methods.split(",")
-    for b in rest:
-        ratio = statistics.median(times[b]) / statistics.median(times[a])
-        print(f"{b} / {a} per layer (median): {ratio:.2f} (goal <= 2)")
+    methods = args.methods.split(",")
+    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+    times: dict[str, list[list[float]]] = {m: [] for m in methods}
+    cpu: dict[str, list[float]] = {m: [] for m in methods}
+    loads = [os.getloadavg()[0]]
+    print(f"{os.cpu_count()} cores; torch threads: {args.threads or 'default'}; {args.reps} rounds, order alternating")
+    for r in range(args.reps):
+        for method in methods if r % 2 == 0 else methods[::-1]:
+            out = work / f"profile-{method}"
+            shutil.rmtree(out, ignore_errors=True)
+            m = run_with_output([*moe, "merge", str(src), "--ratio", "0.5", "--method", method, "--stats", str(stats),
+                                 "--max-tokens", args.tokens, "--plan-only", "--out", str(out), *quiet], env)
+            loads.append(os.getloadavg()[0])
+            rows = LAYER_LINE.findall(m.stdout)
+            times[method].append([float(row[4]) for row in rows])
+            cpu[method].append(m.cpu)
+            print(f"round {r + 1} {method:10s} {len(rows)} layers, {rows[0][3] if rows else '?'} sample tokens each: "
+                  f"per layer {' '.join(f'{t:.1f}' for t in times[method][-1])} s; whole command {m.wall:.0f}s wall, "
+                  f"{m.cpu:.0f}s CPU, peak {m.rss:.0f} MB; load {loads[-1]:.1f}", flush=True)
+    print(f"load average (1 min) at the start and after each run: {' '.join(f'{x:.1f}' for x in loads)}")
+    flat = {m: [t for rep in times[m] for t in rep] for m in methods}
+    for m in methods:
+        print(f"{m:10s} per layer: median {statistics.median(flat[m]):.1f} s, range {min(flat[m]):.1f}-"
+              f"{max(flat[m]):.1f} s (n = {len(flat[m])}: {args.reps} runs x {len(times[m][0])} layers)")
+    a = methods[0]
+    for b in methods[1:]:
+        ratio = statistics.median(flat[b]) / statistics.median(flat[a])
+        paired = sorted(tb / ta for ra, rb in zip(times[a], times[b]) for ta, tb in zip(ra, rb))
+        cpu_ratio = sorted(cb / ca for ca, cb in zip(cpu[a], cpu[b]))
+        print(f"{b} / {a} per layer: ratio of medians {ratio:.2f}; same layer, same round: median "
+              f"{statistics.median(paired):.2f}, range {paired[0]:.2f}-{paired[-1]:.2f} (n = {len(paired)}); "
+              f"whole-command CPU time: median {statistics.median(cpu_ratio):.2f}, range {cpu_ratio[0]:.2f}-"
+              f"{cpu_ratio[-1]:.2f}; goal <= 2: {'met' if ratio <= 2 else 'NOT met'}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0

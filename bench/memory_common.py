@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 
 #: what a Qwen3-Next of the same sizes adds: linear-attention heads and a shared expert
@@ -33,21 +34,29 @@ def build_model(path: Path, layers: int = 8, experts: int = 96, family: str = "q
     tiny_tokenizer().save_pretrained(str(path))
 
 
+class Measured(NamedTuple):
+    rss: float  # peak RSS, MB
+    wall: float  # seconds
+    cpu: float  # user + system CPU seconds
+    stdout: str
+
+
 def run(cmd: list[str]) -> tuple[float, float]:
     """Run ``cmd`` under /usr/bin/time; return (peak RSS in MB, wall seconds)."""
-    rss, wall, _ = run_with_output(cmd)
-    return rss, wall
+    m = run_with_output(cmd)
+    return m.rss, m.wall
 
 
-def run_with_output(cmd: list[str]) -> tuple[float, float, str]:
-    """:func:`run`, and the command's standard output."""
+def run_with_output(cmd: list[str], env: dict[str, str] | None = None) -> Measured:
+    """:func:`run`, with the command's CPU time and standard output (``env``: added to the environment)."""
     t0 = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True,
-                          env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", *cmd], capture_output=True, text=True,
+                          env=dict(os.environ, TOKENIZERS_PARALLELISM="false", **(env or {})))
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
-    return int(proc.stderr.strip().splitlines()[-1]) / 1024, wall, proc.stdout
+    rss, user, system = proc.stderr.strip().splitlines()[-1].split()
+    return Measured(int(rss) / 1024, wall, float(user) + float(system), proc.stdout)
 
 
 def source_model(work: Path, layers: int = 8, family: str = "qwen3_moe") -> Path:

@@ -5,6 +5,7 @@ repository variants compute what its code computes."""
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from moe_slim.errors import MoeSlimError
 from moe_slim.experts.merge.config import PRESETS, MergeOptions
 from moe_slim.experts.merge.driver import merge_model
 from moe_slim.experts.merge.features import layer_features
-from moe_slim.experts.merge.options import pca_layer
+from moe_slim.experts.merge import options
+from moe_slim.experts.merge.options import _pca, pca_layer
 from moe_slim.experts.merge.runner import ExpertRunner
 from moe_slim.experts.observe import observe
 from moe_slim.families import moe_layers
@@ -118,3 +120,30 @@ def test_the_ream_repo_preset_merges_sequentially_with_a_progress_bar(capsys) ->
     assert all(len(lp.groups) == 4 for lp in plan.layers)
     err = capsys.readouterr().err
     assert "model.layers.0.mlp" in err and "expert" in err  # tqdm's bar inside each layer
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_pca_in_float64_is_torch_pca_lowrank_and_float32_keeps_it(shape: tuple[int, int]) -> None:
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # full rank: not exact
+    centred = x - x.mean(0, keepdim=True)
+    torch.manual_seed(0)
+    _, s, v = torch.pca_lowrank(centred, q=6, center=False, niter=4)
+    for scale in (False, True):
+        expected = centred @ (v * s if scale else v)
+        # float64: pca_lowrank's numbers (the wide case projects through the small product: rounding apart)
+        torch.testing.assert_close(_pca(x, 6, scale=scale, dtype=torch.float64), expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(_pca(x, 6, scale=scale).double(), expected, rtol=1e-3, atol=2e-4)
+
+
+@pytest.mark.parametrize("pca", ["pair", "layer"])
+def test_float32_pca_gives_the_merge_of_the_float64_pca(pca: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = prepare_model(tiny_model("qwen3_moe", seed=1))
+    stats = observe(model, tiny_tokenizer(), TEXTS, seq_len=48, batch_size=2, samples=96)
+    got = merge_model(copy.deepcopy(model), stats, "ream", 0.5, pca=pca, pca_dims=3)
+    monkeypatch.setattr(options, "_pca", functools.partial(_pca, dtype=torch.float64))
+    before = merge_model(copy.deepcopy(model), stats, "ream", 0.5, pca=pca, pca_dims=3)
+    assert [lp.groups for lp in got.layers] == [lp.groups for lp in before.layers]
+    assert set(got.permutations) == set(before.permutations) and got.permutations
+    for li, perm in got.permutations.items():
+        assert torch.equal(perm, before.permutations[li])
+        assert not torch.equal(perm, torch.arange(perm.shape[1]).repeat(perm.shape[0], 1))  # something aligned
