@@ -185,7 +185,8 @@ def test_a_dtype_the_device_cannot_run_is_one_line(monkeypatch) -> None:
 
 
 #: hybrid stacks: linear attention (Gated DeltaNet), Mamba and other recurrent layers between MoE layers
-HYBRID = ("qwen3_next", "qwen3_5_moe", "jamba", "nemotron_h", "lara_mini", "lfm2_moe", "kimi_linear", "granitemoehybrid")
+HYBRID = ("qwen3_next", "qwen3_5_moe", "jamba", "nemotron_h", "lara_mini", "lfm2_moe", "kimi_linear", "granitemoehybrid",
+          "bailing_hybrid", "qwen4_exp")
 
 
 @pytest.mark.parametrize("model_type", HYBRID)
