@@ -48,18 +48,22 @@ def _declared_mtp() -> dict[str, list]:
     """model type -> its MTP patterns, for every MoE family moe_slim supports and tests, from the patterns its
     transformers causal-LM class lists in ``_keys_to_ignore_on_load_unexpected``."""
     import transformers
+    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from moe_slim.families import REFUSED
     from moe_slim.families.catalog import moe_model_types, text_model_type
     from moe_slim.families.table import UNTESTED
     from moe_slim.modeling.mtp import mtp_regexes
+    from moe_slim.modeling.tiny import tiny_model
 
     out = {}
     for mt in moe_model_types():
         name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(text_model_type(mt) or "")
         cls = getattr(transformers, name, None) if name and mt not in REFUSED and mt not in UNTESTED else None
         pats = mtp_regexes(list(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []), 0)
+        if cls is not None and not pats and getattr(AutoConfig.for_model(text_model_type(mt)), "num_mtp_layers", None):
+            pats = mtp_patterns(tiny_model(mt))  # the model sets its patterns per instance (Bailing-hybrid)
         if pats:
             out[mt] = pats
     return out
@@ -76,6 +80,16 @@ MTP_LAYOUT_UNTESTED = ("ernie4_5_moe", "exaone_moe", "mimo_v2_flash", "minimax_m
                        # mask (TypeError), so there is no reference forward to test against (moe_slim's step
                        # materialises the mask, as the model's forward does)
                        "deepseek_v32", "glm_moe_dsa",
+                       # Qwen4-Exp: its layers run on hc_count hyper-connection streams; transformers 5.24 has no
+                       # Qwen4-Exp MTP forward, so how its mtp.* layer is fed (one stream of H) is not known to us
+                       "qwen4_exp",
+                       # dots3: its config has no MTP fields, so transformers' defaults give the MTP layer full
+                       # attention, for which its config has no rope parameters (its layers are indexed or sliding)
+                       "dots3_note",
+                       # Bailing-hybrid: MTP layers model.layers.N after the last, stored in Bailing's own names
+                       # (word_embeddings, attention.dense, per-expert modules); transformers 5.24 converts the main
+                       # layers but names no MTP part (enorm, hnorm, eh_proj), so their inner layout is not known
+                       "bailing_hybrid",
                        "mellum")  # Mellum: stored as Qwen3-Next's, but its MTP layer's sliding attention needs rope
                                   # parameters for that layer type, which a shrunk config has not
 #: every supported family whose transformers class names numbered MTP layers (DeepSeek-V3 ``model.layers.61``,

@@ -184,11 +184,15 @@ def test_a_dtype_the_device_cannot_run_is_one_line(monkeypatch) -> None:
         devices.check_runs(torch.device("cpu"), torch.float16)
 
 
-#: hybrid stacks: linear attention (Gated DeltaNet), Mamba and other recurrent layers between MoE layers
-HYBRID = ("qwen3_next", "qwen3_5_moe", "jamba", "nemotron_h", "lara_mini", "lfm2_moe", "kimi_linear", "granitemoehybrid")
+#: hybrid stacks: linear attention (Gated DeltaNet, KDA), Mamba, short convolutions and other recurrent layers
+#: between MoE layers
+HYBRID = ("qwen3_next", "qwen3_5_moe", "jamba", "nemotron_h", "lara_mini", "lfm2_moe", "kimi_linear", "granitemoehybrid",
+          "bailing_hybrid", "qwen4_exp", "inkling2")
+#: per-layer configs: each layer is built from its own config (dots3's sliding layers have their own head counts)
+PER_LAYER = ("dots3_note",)
 
 
-@pytest.mark.parametrize("model_type", HYBRID)
+@pytest.mark.parametrize("model_type", HYBRID + PER_LAYER)
 def test_layerwise_equals_whole_model_on_hybrid_stacks(model_type: str, tmp_path: Path, one_torch_thread) -> None:
     """Each layer runs on its own with the conv and recurrent states it builds itself (no cache is
     carried between layers during observation), so the per-layer path matches the whole model."""

@@ -97,11 +97,7 @@ REFUSED: dict[str, str] = {
 
 #: model_type -> why no tiny model of it is tested yet (its default config does not shrink to one that
 #: runs). Discovery still applies to real checkpoints; the enumerating test fails once a tiny model runs.
-_SHRINK = "its default config shrunk to a tiny model does not run a forward"
-UNTESTED: dict[str, str] = {mt: _SHRINK for mt in (
-    "bailing_hybrid", "dots1", "dots3_note", "hunyuan_v1_moe", "qwen4_exp")}
-UNTESTED.update(dict.fromkeys(("inkling2", "inkling2_loop"), "a tiny checkpoint of it does not reload (negative "
-                                                             "embedding size from its default config)"))
+UNTESTED: dict[str, str] = {}
 
 
 #: Quantization formats (``config.quantization_config.quant_method``) whose expert tensors a rewrite

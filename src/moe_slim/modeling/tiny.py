@@ -142,6 +142,7 @@ SHRINK: dict[str, Any] = dict(
     shared_intermediate_size=16, moe_shared_expert_intermediate_size=16, swa_head_dim=8, swa_num_attention_heads=4,
     swa_num_key_value_heads=2, global_head_dim=8, num_global_key_value_heads=2, shared_experts_intermediate_size=16,
     ffn_hidden_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    unpadded_vocab_size=120,  # Inkling-2's head: checkpoints pad it to vocab_size
 )
 #: Per model type: what the generic shrink cannot guess (layer patterns, switches that turn MoE on).
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -153,42 +154,72 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     # moe_layers lists layer indices (not a per-layer pattern): three MoE layers around a dense one
     **dict.fromkeys(("llama4", "llama4_text"), dict(intermediate_size_mlp=48, moe_layers=[0, 2, 3])),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
+    "zaya": dict(num_experts_per_tok=1),  # its config accepts top-1 only
+    # per-layer overrides, keyed by layer type: dots3 requires its sliding layers' head_dim to be
+    # qk_nope + qk_rope, and their shrunk qk_nope (16) stays wider than the global one, as released
+    "dots3_note": dict(per_layer_config={"sliding_attention": dict(head_dim=24)}),
 }
 
 
-def _keep_every_kind(pattern: list[Any], n: int) -> list[Any]:
-    """The first ``n`` entries of a per-layer pattern, with its last entries replaced by kinds that would
-    otherwise be lost (a hybrid stack keeps a full-attention layer, a dense-then-MoE stack a MoE layer)."""
-    head = list(pattern[:n])
-    missing = [k for k in dict.fromkeys(map(str, pattern)) if k not in map(str, head)]
-    kinds = {str(k): k for k in pattern}
-    for i, k in enumerate(missing[: n - 1]):
-        head[n - 1 - i] = kinds[k]
-    return head
+#: Fields a default config may leave unset although its layers need them (dots1 has no expert count,
+#: Hunyuan no head_dim, Qwen4-Exp's indexed layers no indexer sizes): set even where the default is None.
+NEEDED: dict[str, Any] = dict(
+    head_dim=8, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, indexer_n_heads=2, indexer_kv_heads=1,
+    indexer_head_dim=8, indexer_budget=4, indexer_compress_ratio=2,
+)
+
+
+def _shrunk(config: Any, values: dict[str, Any], reference: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The sizes of ``values`` (a config's dict, or one layer's overrides) made tiny. A per-layer value
+    that differs from the global one in ``reference`` stays different, on the same side (x2 or /2)."""
+    amap = getattr(config, "attribute_map", {})
+    out: dict[str, Any] = {}
+    for key, value in {**SHRINK, **NEEDED}.items():
+        name = amap.get(key, key)
+        if name not in values or isinstance(values[name], (dict, list)):
+            continue
+        if values[name] is None and key not in NEEDED:
+            continue
+        g = (reference or {}).get(name)
+        if reference is not None and isinstance(g, int) and isinstance(values[name], int) and values[name] != g:
+            value = value * 2 if values[name] > g else max(1, value // 2)
+        out[name] = value
+    merged = {**(reference or {}), **values, **out}
+    heads = {"num_attention_heads", "num_key_value_heads"} & values.keys()
+    if merged.get("kv_lora_rank") and "num_key_value_heads" in merged and heads:  # latent attention: every head
+        out["num_key_value_heads"] = out.get("num_attention_heads", SHRINK["num_attention_heads"])  # has its keys
+    return out
 
 
 def shrunk_config(model_type: str, layers: int = 4, **overrides: Any) -> Any:
     """The default config of any transformers ``model_type`` (its language model for image-text
-    models) with every size shrunk, ``layers`` layers, and per-layer lists cut to match."""
-    from ..families.catalog import text_model_type
+    models) with every size shrunk and ``layers`` layers of every kind it has (:mod:`.per_layer`).
 
+    The result is rebuilt from its dict, as a saved checkpoint's config is on loading, so that what
+    the class derives from the sizes (rotary fractions, head widths) is derived from the tiny ones."""
+    from ..families.catalog import text_model_type
+    from .per_layer import config_dict, cut_layers, per_layer_lists
+
+    asked = overrides.pop("num_hidden_layers", None)  # a depth asked for cuts the per-layer fields to it
     text = text_model_type(model_type) or model_type
     config = AutoConfig.for_model(text)
-    d = config.to_dict()
-    for key, value in SHRINK.items():
-        current = d.get(key, getattr(config, key, None) if key in getattr(config, "attribute_map", {}) else None)
-        if current is not None and not isinstance(current, (dict, list)):
-            setattr(config, key, value)
-    if d.get("kv_lora_rank") and "num_key_value_heads" in d:  # latent attention: every head has its keys
-        config.num_key_value_heads = config.num_attention_heads
-    if (d.get("n_group") or 1) > 1:
-        config.n_group, config.topk_group = 2, 1
-    old = d.get("num_hidden_layers")
-    if isinstance(old, int):
-        config.num_hidden_layers = min(layers, old)
-        for key, value in d.items():
-            if isinstance(value, list) and len(value) == old and key != "rope_parameters":
-                setattr(config, key, _keep_every_kind(value, config.num_hidden_layers))
-    for key, value in {**TINY_OVERRIDES.get(model_type, {}), **overrides}.items():
-        setattr(config, key, value)
-    return config
+    default = config_dict(config)
+    d = {**default, **_shrunk(config, default)}
+    group = config.attribute_map.get("n_group", "n_group")
+    if (d.get(group) or 1) > 1:
+        d[group], d["topk_group"] = 2, 1
+    depth = d.get("num_hidden_layers")
+    if isinstance(depth, int):
+        d["num_hidden_layers"] = n = min(asked or layers, depth)
+        cut, per_layer = cut_layers(default, per_layer_lists(text, default, depth), depth, n)
+        d.update(cut)
+        if "per_layer_config" in d:
+            d["per_layer_config"] = {i: {**o, **_shrunk(config, o, default)} for i, o in per_layer.items()}
+    elif asked is not None:
+        overrides["num_hidden_layers"] = asked
+    changes = {**TINY_OVERRIDES.get(model_type, {}), **overrides}
+    for key, value in changes.pop("per_layer_config", {}).items():  # keyed by layer index or by layer type
+        for i, kind in enumerate(d.get("layer_types") or [None] * d["num_hidden_layers"]):
+            if key in (i, kind):
+                d.setdefault("per_layer_config", {}).setdefault(i, {}).update(value)
+    return type(config).from_dict({**d, **changes})
