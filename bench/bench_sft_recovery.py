@@ -20,6 +20,14 @@ Target: chrF after recovery at 75% removed >= the unpruned model's, met only whe
 difference lies at or above 0. Rows are written to ``--json`` after every model, so a run cut short keeps
 what finished.
 
+Learning rate per ratio, chosen without the test split: with ``--lr-probe 3e-4,1e-3,3e-3,1e-2`` each
+ratio first runs CE-SFT (``experts`` mode) for ``--probe-steps`` steps at every rate of the grid on the same
+batches, and the rate with the lowest validation loss at the probe's end wins; every method's rate is then
+the table's rate times (winner / CE's table rate), so router and LoRA keep their ratio to the experts rate.
+``--base-cache FILE`` keeps the observed statistics and the unpruned scores (pickle), so runs split by ratio
+over several processes score the unpruned model once. ``--table A.json B.json ...`` prints the merged tables
+of finished runs (same unpruned model) without running anything.
+
     OMP_NUM_THREADS=1 python bench/bench_sft_recovery.py [--ratios 0.75,0.5,0.875] [--methods ce,kd,kd+ce,router-kd,lora-kd]
         [--steps 300] [--mc-limit 300] [--ppl-docs 100] [--json runs/bench_sft_recovery.json]
 """
@@ -31,6 +39,7 @@ import copy
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -139,8 +148,54 @@ def rounded(d: dict) -> dict:
     return {k: {"delta": round(v["delta"], 4), "ci95": [round(x, 4) for x in v["ci95"]]} for k, v in d.items()}
 
 
+def probe_lr(pruned, tok, args, grid: list[float]) -> tuple[float, dict[str, float]]:
+    """The CE-SFT learning rate of ``grid`` with the lowest validation loss after ``--probe-steps`` steps."""
+    losses = {}
+    for lr in grid:
+        res = sft(copy.deepcopy(pruned), tok, args.mix, data_dir=args.data, steps=args.probe_steps, mode="experts",
+                  loss="ce", lr=lr, batch_size=args.batch_size, eval_every=args.probe_steps, patience=None,
+                  seed=args.seed, progress=False)
+        losses[f"{lr:g}"] = round(float(res.history[-1]["val_loss"]), 5)
+        print(f"  lr probe {lr:g}: validation loss {losses[f'{lr:g}']:.4f} after {args.probe_steps} steps "
+              f"(before {res.metrics_before['val_loss']:.4f})", flush=True)
+    best = min(grid, key=lambda lr: losses[f"{lr:g}"])
+    return best, losses
+
+
+def unpruned_scores(teacher, tok, args):
+    """Observed statistics and unpruned scores, from ``--base-cache`` when it exists (written when not)."""
+    cache = Path(args.base_cache) if args.base_cache else None
+    if cache is not None and cache.is_file():
+        with cache.open("rb") as f:
+            return pickle.load(f)
+    stats = observe(teacher, tok, calibration_texts(args.data, args.calib_per_domain), seq_len=256)
+    base = score(teacher, tok, args)
+    if cache is not None:
+        tmp = cache.with_suffix(".tmp")
+        with tmp.open("wb") as f:
+            pickle.dump((stats, base), f)
+        tmp.replace(cache)
+    return stats, base
+
+
+def merged(paths: list[str]) -> dict:
+    """The runs of ``paths`` as one (rows in ratio order); they must share the unpruned model's figures."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    for p, r in zip(paths[1:], runs[1:]):
+        if r["unpruned"] != runs[0]["unpruned"]:
+            raise SystemExit(f"bench_sft_recovery: {p} scored another unpruned model than {paths[0]}")
+    out = dict(runs[0])
+    order = {0.75: 0, 0.5: 1, 0.875: 2}
+    out["rows"] = sorted((row for r in runs for row in r["rows"]), key=lambda row: order.get(row["ratio"], 9))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--table", nargs="+", metavar="JSON", help="print the merged tables of these runs and stop")
+    ap.add_argument("--lr-probe", default="", help="comma-separated CE-SFT learning rates probed per ratio")
+    ap.add_argument("--probe-steps", type=int, default=30)
+    ap.add_argument("--base-cache", default=None, help="pickle of the observed statistics and unpruned scores")
     ap.add_argument("--model", default=str(REFERENCE_DIR))
     ap.add_argument("--data", default=str(ROOT / "data"))
     ap.add_argument("--ratios", default="0.75,0.5,0.875")
@@ -159,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=str(ROOT / "runs" / "bench_sft_recovery.json"))
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(merged(args.table)))
+        return 0
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
@@ -176,8 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     teacher, tok = load_model(args.model, dtype=torch.float32)
     teacher.eval()
-    stats = observe(teacher, tok, calibration_texts(args.data, args.calib_per_domain), seq_len=256)
-    base = score(teacher, tok, args)
+    stats, base = unpruned_scores(teacher, tok, args)
     out = {"model": str(args.model), "split": SPLIT, "mix": args.mix, "steps": args.steps, "batch_size": args.batch_size,
            "mc_limit": args.mc_limit, "ppl_docs": args.ppl_docs, "threads": args.threads, "unpruned": summary(base),
            "rows": []}
@@ -198,9 +255,14 @@ def main(argv: list[str] | None = None) -> int:
         pruned_scores = score(pruned, tok, args, base)
         record({"ratio": ratio, "method": "pruned", **summary(pruned_scores),
                 "vs_unpruned": rounded(compare(pruned_scores, base, args))})
-        ce_scores = None
+        ce_scores, scale = None, 1.0
+        if args.lr_probe:
+            best, losses = probe_lr(pruned, tok, args, [float(x) for x in args.lr_probe.split(",")])
+            scale = best / METHODS["ce"][2]
+            out.setdefault("lr_probe", {})[f"{ratio:g}"] = {"steps": args.probe_steps, "val_loss": losses, "chosen": best}
         for method in methods:
             mode, loss, lr, extra = METHODS[method]
+            lr = lr * scale
             student = copy.deepcopy(pruned)
             res = sft(student, tok, args.mix, data_dir=args.data, steps=args.steps, mode=mode, loss=loss,
                       teacher=teacher if loss != "ce" else None, lr=lr, batch_size=args.batch_size,
@@ -228,13 +290,13 @@ def table(out: dict) -> str:
     """The README's tables: chrF per method and ratio with both paired intervals; MC and perplexity per domain."""
     u = out["unpruned"]
     lines = [f"| experts removed | method | chrF ({out['split']}, n={u['n_chrf']}) | − unpruned (95% CI) | − CE-SFT (95% CI) "
-             "| steps (best) | min |", "|---|---|---|---|---|---|---|",
-             f"| 0% | unpruned | {u['chrf']:.2f} | — | — | — | — |"]
+             "| lr | steps (best) | min |", "|---|---|---|---|---|---|---|---|",
+             f"| 0% | unpruned | {u['chrf']:.2f} | — | — | — | — | — |"]
     for r in out["rows"]:
         vs_ce = difference_text(**r["vs_ce"]["chrf"]) if "vs_ce" in r else "—"
         steps = f"{r['steps']} ({r['best_step']})" if "steps" in r else "—"
         lines.append(f"| {r['ratio']:.1%} | {r['method']} | {r['chrf']:.2f} | {difference_text(**r['vs_unpruned']['chrf'])} "
-                     f"| {vs_ce} | {steps} | {r.get('minutes', '—')} |")
+                     f"| {vs_ce} | {format(r['lr'], 'g') if 'lr' in r else '—'} | {steps} | {r.get('minutes', '—')} |")
     keys = [k for k in u if k.startswith(("mc/", "ppl/"))]
     lines += ["", "| experts removed | method | " + " | ".join(f"{k} (n={u['n_' + k]})" for k in keys) + " |",
               "|---|---|" + "---|" * len(keys),
