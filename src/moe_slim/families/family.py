@@ -291,7 +291,7 @@ class MoeLayer:
             return forward(probe, x)
         idx = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
         out = forward(probe, x, idx, torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device))
-        return out.reshape(x.shape[0], -1)  # DBRX answers [n, 1, H]
+        return out.reshape(x.shape[0], out.shape[-1])  # DBRX answers [n, 1, H]
 
     def expert_module(self, e: int) -> nn.Module:
         """Modules layout: expert ``e`` as a module."""
