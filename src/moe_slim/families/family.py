@@ -160,6 +160,7 @@ def config_value(config: Any, key: str | None) -> Any:
 
 
 def set_config_value(config: Any, key: str, value: Any) -> None:
+    """Set ``config.a.b`` for a dotted key ``a.b`` (the sub-config object itself, so it is saved with it)."""
     owner_key, _, leaf = key.rpartition(".")
     owner = config_value(config, owner_key) if owner_key else config
     if isinstance(owner, dict):
