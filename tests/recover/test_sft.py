@@ -19,7 +19,7 @@ from moe_slim.errors import MoeSlimError
 from moe_slim.recover.data import IGNORE, collate, encode_record
 from moe_slim.recover.loop import sft
 from moe_slim.recover.loss import batch_loss, masked_lm_loss
-from moe_slim.recover.modes import lora_target_modules
+from moe_slim.recover.modes import lora_expert_parameters, lora_target_modules
 from moe_slim.recover.stage import recover
 
 SPLITS = ("train", "validation", "test")
@@ -247,3 +247,11 @@ def test_lora_on_fused_experts_merges_exactly(model_type):
         a = res.model(input_ids=ids).logits
         m = res.model.merge_and_unload()(input_ids=ids).logits
     torch.testing.assert_close(m, a, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_on_flat_experts_is_refused_in_one_line():
+    """peft wraps the module holding DBRX's flat expert matrices, whose forward reads them as attributes."""
+    from moe_slim.modeling.tiny import tiny_model
+
+    with pytest.raises(MoeSlimError, match="dbrx.+flat.+--mode experts"):
+        lora_expert_parameters(tiny_model("dbrx"))

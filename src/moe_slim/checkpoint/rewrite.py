@@ -3,9 +3,10 @@
 Pruning is slicing. Every tensor of the source is either copied as it is, dropped (a per-expert
 tensor of a removed expert), renamed (a kept per-expert tensor gets its new number), or sliced
 along its first dimension (fused ``[E, ...]`` expert tensors, router rows, router biases, DeepSeek's
-correction bias; DBRX's flat ``[E*I, H]`` experts in blocks of I rows). Slicing the first dimension of a stored tensor is copying byte ranges, so the
-output keeps every tensor's dtype exactly, and quantized experts (GPT-OSS MXFP4 blocks and scales,
-FP8 weights with their block scales) are sliced without dequantizing. Which tensor is what comes
+correction bias; DBRX's flat ``[E*I, H]`` experts in blocks of I rows). Slicing the first dimension
+of a stored tensor is copying byte ranges, so the output keeps every tensor's dtype exactly, and
+quantized experts (GPT-OSS MXFP4 blocks and scales, FP8 weights with their block scales) are sliced
+without dequantizing. Which tensor is what comes
 from :class:`moe_slim.modeling.ondisk.DiskLayout` (transformers' conversion tables on a meta-device
 skeleton). Resident memory is one read chunk plus the interpreter: not a tensor, not a shard.
 

@@ -196,7 +196,8 @@ def _fused_observing_forward(layer: MoeLayer, recorder: Recorder, inner: Any) ->
         n_tokens, top_k = top_k_index.shape
         rows = hidden.reshape(n_tokens, -1).repeat_interleave(top_k, dim=0)
         unit = torch.ones(n_tokens * top_k, 1, dtype=top_k_weights.dtype, device=top_k_weights.device)
-        out = inner(rows, top_k_index.reshape(-1, 1), unit, *a, **k).reshape(n_tokens * top_k, -1)  # unweighted
+        out = inner(rows, top_k_index.reshape(-1, 1), unit, *a, **k)
+        out = out.reshape(n_tokens * top_k, out.shape[-1])  # unweighted
         norms = out.detach().float().norm(dim=-1)
         tok = torch.arange(n_tokens, device=top_k_index.device).repeat_interleave(top_k)
         recorder.record_pairs(layer, tok, top_k_index.reshape(-1), top_k_weights.detach().reshape(-1).float(),

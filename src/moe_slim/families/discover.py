@@ -200,7 +200,8 @@ def discover(model: nn.Module) -> tuple[Family, list[tuple[str, nn.Module]]]:
         fixed_top_k=fixed, experts_attr=e_attr, layout=layout, shared_attrs=shared, router_weight=r_weight,
         router_bias=router_bias, selection_biases=selection, scoring=scoring,
         group_keys=("n_group", "topk_group") if grouped else None, group_min_experts=2 if selection else 1,
-        expert_neurons=_neurons(experts) if layout == "fused" and not flat else (), layer_stacks=stacks or ("model.layers",),
+        expert_neurons=_neurons(experts) if layout == "fused" and not flat else (),
+        layer_stacks=stacks or ("model.layers",),
     )
     family = dataclasses.replace(family, **QUIRKS.get(mt, {}))
     return family, [(b[0], b[1]) for b in blocks]

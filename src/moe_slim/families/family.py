@@ -160,6 +160,7 @@ def config_value(config: Any, key: str | None) -> Any:
 
 
 def set_config_value(config: Any, key: str, value: Any) -> None:
+    """Set ``config.a.b`` for a dotted key ``a.b`` (the sub-config object itself, so it is saved with it)."""
     owner_key, _, leaf = key.rpartition(".")
     owner = config_value(config, owner_key) if owner_key else config
     if isinstance(owner, dict):
@@ -291,7 +292,7 @@ class MoeLayer:
             return forward(probe, x)
         idx = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
         out = forward(probe, x, idx, torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device))
-        return out.reshape(x.shape[0], -1)  # DBRX answers [n, 1, H]
+        return out.reshape(x.shape[0], out.shape[-1])  # DBRX answers [n, 1, H]
 
     def expert_module(self, e: int) -> nn.Module:
         """Modules layout: expert ``e`` as a module."""

@@ -69,8 +69,8 @@ QUIRKS: dict[str, dict[str, Any]] = {
         notes="sigmoid top-k router beside a shared expert; the experts take router-scaled inputs (f(w x)), "
         "so routing is read from the router and norms are of f(x) on the unscaled token; gate_up_proj [E, H, 2I]"),
     "dbrx": dict(
-        flat_experts=True, expert_neurons=(("mlp.w1", NeuronAxis(0)), ("mlp.v1", NeuronAxis(0)), ("mlp.w2", NeuronAxis(0))),
-        expert_down="mlp.w2",
+        flat_experts=True, expert_down="mlp.w2",
+        expert_neurons=(("mlp.w1", NeuronAxis(0)), ("mlp.v1", NeuronAxis(0)), ("mlp.w2", NeuronAxis(0))),
         notes="experts stored flat as [E*I, H] matrices (experts.mlp.w1, v1, w2): viewed as [E, I, H], pruned in "
         "blocks of I rows; counts in the nested ffn_config (moe_num_experts, moe_top_k)"),
 }

@@ -54,6 +54,10 @@ def lora_expert_parameters(model: nn.Module) -> list[str]:
     for layer in moe_layers(model):
         if layer.family.layout != "fused":
             continue
+        if layer.family.flat_experts:
+            raise MoeSlimError(f"LoRA on {layer.family.name}'s flat expert matrices is not supported (peft wraps the "
+                               "module holding them, and the experts' forward reads them as its attributes); use "
+                               "--mode experts, or LoRA without --lora-experts")
         for pname, p in layer.expert_params().items():
             if p.dim() == 3:
                 names.append(f"{layer.name}.{layer.family.experts_attr}.{pname}")
