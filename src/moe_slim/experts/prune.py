@@ -15,6 +15,7 @@ from torch import nn
 from ..errors import MoeSlimError
 from ..families import (
     MoeLayer,
+    expert_rows,
     family_of,
     get_path,
     moe_layers,
@@ -23,6 +24,7 @@ from ..families import (
 )
 from ..modeling.dispatch import prepare_model
 from .plan import ExpertPlan
+from .token_table import remapped_table, resolve_remap
 
 
 def _set_path(root: nn.Module, path: str, value: torch.Tensor) -> None:
@@ -39,13 +41,17 @@ def _set_path(root: nn.Module, path: str, value: torch.Tensor) -> None:
         owner.out_features = value.shape[0]
 
 
-def slice_layer(layer: MoeLayer, keep: list[int]) -> None:
+def slice_layer(layer: MoeLayer, keep: list[int], remap: dict[int, int] | None = None) -> None:
     """Keep only experts ``keep`` (original indices, in this order) in one MoE layer.
 
     Slices every tensor of the block that runs over the experts (:meth:`MoeLayer.per_expert`): fused
-    expert parameters, router rows and bias, selection biases wherever they sit."""
+    expert parameters, router rows and bias, selection biases wherever they sit. A token-routed layer's
+    table sends each removed expert's tokens to ``remap[removed]`` and is renumbered to ``keep``."""
+    table = layer.token_table
+    if table is not None:
+        _set_path(layer.block, layer.family.token_table, remapped_table(table, keep, remap or {}))
     fam = layer.family
-    idx = torch.tensor(keep, dtype=torch.long)
+    n, fixed = layer.num_experts, layer.num_fixed  # before the router's rows are sliced
     if fam.layout == "modules":
         experts = layer.experts
         old = {k: experts[k] for k in list(experts.keys())}
@@ -55,7 +61,8 @@ def slice_layer(layer: MoeLayer, keep: list[int]) -> None:
             experts[f"expert_{j}"] = old[f"expert_{e}"]
     for path, axis in layer.per_expert().items():
         t = get_path(layer.block, path)
-        _set_path(layer.block, path, t.data.index_select(axis, idx.to(t.device)))
+        rows = torch.tensor(expert_rows(keep, n, fixed, t.shape[axis]), dtype=torch.long)  # fixed experts' rows stay
+        _set_path(layer.block, path, t.data.index_select(axis, rows.to(t.device)))
     set_expert_count(layer, len(keep))
 
 
@@ -73,7 +80,7 @@ def apply_plan(model: nn.Module, plan: ExpertPlan) -> nn.Module:
         )
     plan.validate(family, model.config, [l.name for l in layers])
     for layer, lp in zip(layers, plan.layers):
-        slice_layer(layer, lp.keep)
+        slice_layer(layer, lp.keep, resolve_remap(lp, plan.num_experts) if layer.token_table is not None else None)
     counts = set(plan.kept_counts)
     if len(counts) == 1:
         set_config_counts(model.config, family, counts.pop())

@@ -10,6 +10,7 @@ from .family import (
     NeuronAxis,
     check_uniform,
     expert_axis,
+    expert_rows,
     get_path,
     group_size_ok,
     set_config_counts,
@@ -20,6 +21,6 @@ from .table import QUIRKS, REFUSED, SLICEABLE_QUANTIZATION
 
 __all__ = [
     "QUIRKS", "REFUSED", "SLICEABLE_QUANTIZATION", "SWIGLU_NEURONS", "Family", "MoeLayer", "NeuronAxis",
-    "check_uniform", "expert_axis", "family_of", "find_blocks", "get_path", "group_size_ok", "moe_layers",
+    "check_uniform", "expert_axis", "expert_rows", "family_of", "find_blocks", "get_path", "group_size_ok", "moe_layers",
     "set_config_counts", "set_expert_count", "skeleton",
 ]

@@ -146,9 +146,10 @@ class DiskLayout:
         return revert_weight_conversion(self.model, dict(tensors))
 
 
-def source_dtypes(model: nn.Module, path: Any) -> dict[str, torch.dtype]:
+def source_dtypes(model: nn.Module, path: Any, floating: bool = True) -> dict[str, torch.dtype]:
     """The dtype each in-memory tensor of ``model`` has in the checkpoint at ``path`` (its state-dict
-    names; the on-disk tensors that feed one fused tensor give the widest of their dtypes)."""
+    names; the on-disk tensors that feed one fused tensor give the widest of their dtypes); with
+    ``floating=False`` the same for the integer tensors (DeepSeek-V4's token tables)."""
     from transformers.core_model_loading import rename_source_key
 
     from .shards import FLOATING, TORCH_DTYPES, ShardedCheckpoint
@@ -159,7 +160,7 @@ def source_dtypes(model: nn.Module, path: Any) -> dict[str, torch.dtype]:
     out: dict[str, torch.dtype] = {}
     for key in ckpt.keys:
         stored = ckpt.entry(key).dtype
-        if stored not in FLOATING:
+        if (stored in FLOATING) != floating or stored not in TORCH_DTYPES:
             continue
         mkey, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
         dtype = TORCH_DTYPES[stored]
@@ -182,4 +183,9 @@ def cast_like_source(model: nn.Module, path: Any) -> None:
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         dtype = wanted.get(name, dominant)
         if name in saved and t.is_floating_point() and t.dtype.itemsize > 1 and t.dtype != dtype:
+            t.data = t.data.to(dtype)
+    buffers = dict(model.named_buffers())
+    for name, dtype in source_dtypes(model, path, floating=False).items():  # index tables: int64 loaded, int32 stored
+        t = buffers.get(name)
+        if t is not None and not t.is_floating_point() and not dtype.is_floating_point and t.dtype != dtype:
             t.data = t.data.to(dtype)
