@@ -143,3 +143,14 @@ def test_streamed_and_in_memory_write_the_remapped_table_in_its_disk_dtype(tmp_p
         assert torch.equal(streamed[key], remapped_table(source[key], lp.keep, resolve_remap(lp, 8)))
     torch.testing.assert_close(forward_logits(load(tmp_path / "streamed"), IDS), forward_logits(
         apply_plan(copy.deepcopy(model), plan), IDS), rtol=1e-4, atol=1e-4)
+
+
+def test_per_expert_tensors_of_hash_and_learned_layers() -> None:
+    """A hash router holds its weight[E, H] (the scores that weight the table's experts) and the table; the
+    learned router also a float32 correction bias[E], which pruning slices and masking covers."""
+    layers = moe_layers(tiny_model("deepseek_v4", seed=1))
+    assert [layer.token_table is not None for layer in layers] == [True, True, True, False]
+    fused = {"gate.weight", "experts.gate_up_proj", "experts.down_proj"}
+    assert [set(layer.per_expert()) for layer in layers] == [fused] * 3 + [fused | {"gate.e_score_correction_bias"}]
+    assert layers[0].family.selection_biases == ("gate.e_score_correction_bias",)
+    assert layers[0].family.scoring == "sqrtsoftplus" and layers[3].correction_bias.dtype == torch.float32

@@ -72,12 +72,23 @@ def _transforms(model: nn.Module) -> tuple[list[Any], list[Any]]:
             [t for t in transforms if isinstance(t, WeightConverter)])
 
 
+def _memory_key(key: str, renamings: list[Any], converters: list[Any], model: nn.Module,
+                state: dict[str, Any]) -> tuple[str, str | None]:
+    """The in-memory name of on-disk ``key`` and the converter pattern that matched, as ``from_pretrained``
+    decides it: a renaming that leads to no parameter is not applied where the key itself is one
+    (DeepSeek-V4's ``\\.norm\\.`` -> ``.kv_norm.`` would otherwise take ``model.norm.weight``)."""
+    from transformers.core_model_loading import rename_source_key
+
+    mkey, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
+    if mkey not in state and key in state:
+        return rename_source_key(key, [], [], model.base_model_prefix, state)
+    return mkey, pattern
+
+
 class DiskLayout:
     """The on-disk tensors of a checkpoint, each mapped to the model part it belongs to."""
 
     def __init__(self, model: nn.Module, keys: list[str]) -> None:
-        from transformers.core_model_loading import rename_source_key
-
         self.model = model
         self.layers: list[MoeLayer] = moe_layers(model)
         self.family = self.layers[0].family
@@ -92,7 +103,7 @@ class DiskLayout:
                   if not path.startswith(f"{self.family.experts_attr}.")}
         self.tensors: dict[str, DiskTensor] = {}
         for key in keys:
-            mkey, pattern = rename_source_key(key, self._renamings, self._converters, model.base_model_prefix, state)
+            mkey, pattern = _memory_key(key, self._renamings, self._converters, model, state)
             layer, role, expert, span = None, "other", None, None
             for prefix, li in experts_at.items():
                 if mkey.startswith(prefix):
@@ -150,8 +161,6 @@ def source_dtypes(model: nn.Module, path: Any, floating: bool = True) -> dict[st
     """The dtype each in-memory tensor of ``model`` has in the checkpoint at ``path`` (its state-dict
     names; the on-disk tensors that feed one fused tensor give the widest of their dtypes); with
     ``floating=False`` the same for the integer tensors (DeepSeek-V4's token tables)."""
-    from transformers.core_model_loading import rename_source_key
-
     from .shards import FLOATING, TORCH_DTYPES, ShardedCheckpoint
 
     ckpt = ShardedCheckpoint(path)
@@ -162,7 +171,7 @@ def source_dtypes(model: nn.Module, path: Any, floating: bool = True) -> dict[st
         stored = ckpt.entry(key).dtype
         if (stored in FLOATING) != floating or stored not in TORCH_DTYPES:
             continue
-        mkey, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
+        mkey, _ = _memory_key(key, renamings, converters, model, state)
         dtype = TORCH_DTYPES[stored]
         if mkey not in out or dtype.itemsize > out[mkey].itemsize:
             out[mkey] = dtype
