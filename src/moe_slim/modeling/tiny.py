@@ -152,6 +152,7 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
                              mamba_d_state=8),
     # moe_layers lists layer indices (not a per-layer pattern): three MoE layers around a dense one
     **dict.fromkeys(("llama4", "llama4_text"), dict(intermediate_size_mlp=48, moe_layers=[0, 2, 3])),
+    "deepseek_v4": dict(o_lora_rank=8),  # its grouped output projection is o_groups x o_lora_rank wide (8 x 1024)
     "longcat_flash": dict(num_layers=2, zero_expert_num=3, qk_head_dim=16),  # derived keys: set, not shrunk
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
 }
