@@ -19,6 +19,7 @@ from test_rewrite import load  # noqa: E402
 from test_rewrite_merge import merge_plan_for  # noqa: E402
 
 from moe_slim.api import apply_checkpoint  # noqa: E402
+from moe_slim.errors import MoeSlimError  # noqa: E402
 from moe_slim.api.plans import plan_for  # noqa: E402
 from moe_slim.experts.merge.apply import apply_merge_plan  # noqa: E402
 from moe_slim.experts.observe import observe  # noqa: E402
@@ -154,3 +155,11 @@ def test_per_expert_tensors_of_hash_and_learned_layers() -> None:
     assert [set(layer.per_expert()) for layer in layers] == [fused] * 3 + [fused | {"gate.e_score_correction_bias"}]
     assert layers[0].family.selection_biases == ("gate.e_score_correction_bias",)
     assert layers[0].family.scoring == "sqrtsoftplus" and layers[3].correction_bias.dtype == torch.float32
+
+
+def test_a_remap_to_a_removed_expert_is_refused_in_one_line() -> None:
+    model = _hash_model()
+    layers = moe_layers(model)
+    bad = ExpertPlan("deepseek_v4", 8, 2, [LayerPlan(l.name, [0, 1, 2, 3], remap={4: 5}) for l in layers])
+    with pytest.raises(MoeSlimError, match=r"remaps model.layers.0.mlp's expert 4 to 5; a remap sends a removed"):
+        apply_plan(copy.deepcopy(model), bad)
