@@ -40,6 +40,15 @@ def _hash_model() -> torch.nn.Module:
     return tiny_model("deepseek_v4", seed=1, mlp_layer_types=["hash_moe"] * 4)
 
 
+@pytest.fixture(scope="module")
+def observed() -> tuple[torch.nn.Module, object, ExpertPlan]:
+    """The hash model, its statistics and a frequency plan removing half the experts (shared: observing is slow)."""
+    torch.set_num_threads(1)
+    model = _hash_model()
+    stats = observe(model, tiny_tokenizer(), TEXTS, seq_len=16, batch_size=2)
+    return model, stats, plan_for(model, stats, criterion="frequency", ratio=0.5)
+
+
 def _with_tables(model: torch.nn.Module, tables: list[torch.Tensor]) -> torch.nn.Module:
     for layer, t in zip(moe_layers(model), tables):
         layer.token_table.copy_(t)
@@ -61,10 +70,8 @@ def test_a_removed_expert_without_a_target_goes_to_the_best_scored_kept_one() ->
     assert merge_remap([[3, 0], [1, 2]]) == {0: 3, 2: 1}
 
 
-def test_plan_targets_are_the_nearest_kept_expert_by_mean_output() -> None:
-    model = _hash_model()
-    stats = observe(model, tiny_tokenizer(), TEXTS, seq_len=16, batch_size=2)
-    plan = plan_for(model, stats, criterion="frequency", ratio=0.5)
+def test_plan_targets_are_the_nearest_kept_expert_by_mean_output(observed) -> None:
+    _, stats, plan = observed
     s = stats.mix(None)
     for li, lp in enumerate(plan.layers):
         removed = sorted(set(range(8)) - set(lp.keep))
@@ -77,10 +84,9 @@ def test_plan_targets_are_the_nearest_kept_expert_by_mean_output() -> None:
     assert ExpertPlan.from_dict(__import__("json").loads(plan.to_json())).layers[0].remap == plan.layers[0].remap
 
 
-def test_pruned_model_is_the_original_with_its_table_remapped() -> None:
-    model = _hash_model()
-    plan = plan_for(model, observe(model, tiny_tokenizer(), TEXTS, seq_len=16, batch_size=2), criterion="frequency",
-                    ratio=0.5)
+def test_pruned_model_is_the_original_with_its_table_remapped(observed) -> None:
+    model, _, plan = observed
+    model = copy.deepcopy(model)
     originals = [layer.token_table.clone() for layer in moe_layers(model)]
     pruned = apply_plan(copy.deepcopy(model), plan)
     for layer, lp, t in zip(moe_layers(pruned), plan.layers, originals):
@@ -117,17 +123,15 @@ def test_a_merge_sends_each_member_to_its_group() -> None:
     assert torch.isfinite(forward_logits(merged, IDS)).all()
 
 
-def test_streamed_and_in_memory_write_the_remapped_table_in_its_disk_dtype(tmp_path: Path) -> None:
+def test_streamed_and_in_memory_write_the_remapped_table_in_its_disk_dtype(observed, tmp_path: Path) -> None:
     """DeepSeek's release stores tid2eid as int32 (transformers loads it into an int64 buffer)."""
-    model = _hash_model()
+    model, _, plan = observed
     src = tmp_path / "src"
     model.save_pretrained(str(src), max_shard_size="60KB")
     tiny_tokenizer().save_pretrained(str(src))
     for f in src.glob("*.safetensors"):
         t = load_file(f)
         save_file({k: v.to(torch.int32) if k.endswith("tid2eid") else v for k, v in t.items()}, f, {"format": "pt"})
-    plan = plan_for(model, observe(model, tiny_tokenizer(), TEXTS, seq_len=16, batch_size=2), criterion="frequency",
-                    ratio=0.5)
     plan.save(tmp_path / "plan.json")
     apply_checkpoint(src, tmp_path / "plan.json", tmp_path / "streamed", max_shard_size="30KB", progress=False)
     apply_checkpoint(src, tmp_path / "plan.json", tmp_path / "memory", in_memory=True)
