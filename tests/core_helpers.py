@@ -8,7 +8,9 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from moe_slim.experts.merge.plan import MergeLayerPlan
 from moe_slim.experts.plan import ExpertPlan
+from moe_slim.experts.token_table import merge_remap, remapped_table, resolve_remap
 from moe_slim.families import moe_layers
 
 MASK = -1e9  # finite: softmax gives exactly 0, sigmoid exactly 0, and no inf-inf NaNs in sparsemixer
@@ -19,13 +21,21 @@ def experts_masked(model: torch.nn.Module, plan: ExpertPlan) -> Iterator[None]:
     """Route ``model`` as if the plan's removed experts did not exist, without removing them.
 
     Adds a large negative number to the router logits of removed experts (and to DeepSeek-V3's
-    correction bias, which selection adds to the scores), by intercepting the router's linear.
+    correction bias, which selection adds to the scores), by intercepting the router's linear. A
+    token-routed layer's table sends the removed experts' tokens to the plan's targets instead (what
+    pruning does, without renumbering).
     """
     layers = moe_layers(model)
     masks: dict[int, torch.Tensor] = {}
     saved = []
     for layer, lp in zip(layers, plan.layers):
-        m = torch.full((layer.num_experts,), MASK)
+        table = layer.token_table
+        if table is not None:
+            saved.append((table, table.detach().clone()))
+            remap = merge_remap(lp.groups) if isinstance(lp, MergeLayerPlan) else resolve_remap(lp, plan.num_experts)
+            table.data.copy_(remapped_table(table, list(range(layer.num_experts)), remap, renumber=False))
+        m = torch.zeros(layer.router_weight.shape[0])  # LongCat's zero-computation experts stay unmasked
+        m[: layer.num_experts] = MASK
         m[lp.keep] = 0.0
         masks[layer.router_weight.data_ptr()] = m
         cb = layer.correction_bias

@@ -201,3 +201,13 @@ def test_layerwise_equals_whole_model_on_hybrid_stacks(model_type: str, tmp_path
     whole = observe(model, tok, TEXTS, **SETTINGS)
     layerwise = observe_layerwise(path, tok, TEXTS, **SETTINGS)
     assert_same_stats(whole, layerwise)
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v4", "longcat_flash"])
+def test_layerwise_equals_whole_model_on_token_routed_and_zero_expert_layers(model_type: str, tmp_path: Path,
+                                                                            one_torch_thread) -> None:
+    """DeepSeek-V4's hash layers read the token ids inside each layer (and its on-disk ``model.norm`` is not
+    renamed to a ``kv_norm``); LongCat routes to zero-computation experts beside the real ones."""
+    path = save_tiny(model_type, tmp_path / model_type)
+    model, tok = load_model(path)
+    assert_same_stats(observe(model, tok, TEXTS, **SETTINGS), observe_layerwise(path, tok, TEXTS, **SETTINGS))

@@ -43,10 +43,11 @@ def _same(a: Path, b: Path) -> None:
     ta, tb = _tensors(a), _tensors(b)
     assert ta.keys() == tb.keys()
     for k in ta:
-        assert ta[k].dtype == tb[k].dtype == torch.bfloat16 and torch.equal(ta[k], tb[k]), k
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
+        assert ta[k].dtype == torch.bfloat16 or not ta[k].is_floating_point(), k  # V4's token tables: int64
 
 
-@pytest.mark.parametrize("model_type", TINY_FAMILIES)
+@pytest.mark.parametrize("model_type", [*TINY_FAMILIES, "deepseek_v4", "longcat_flash"])
 def test_sequential_merge_at_size_equals_in_memory(model_type: str, tmp_path: Path) -> None:
     src = _source(model_type, tmp_path / "src")
     kw = dict(method="ream", ratio=0.5, calib=TEXTS, sequential=True, seq_len=32, batch_size=2, max_tokens=256,

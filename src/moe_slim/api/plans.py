@@ -18,6 +18,7 @@ from ..experts.mtp_plan import cover_mtp, follow_last_layer, unobserved_mtp
 from ..experts.plan import ExpertPlan, LayerPlan, check_ratio, make_plan
 from ..experts.prune import apply_plan, count_parameters
 from ..experts.stats import RouterStats
+from ..experts.token_table import add_remaps
 from ..families import moe_layers
 from ..modeling.ondisk import meta_model
 from ..outputs import atomic_dir
@@ -55,6 +56,9 @@ def plan_for(
     names = [l.name for l in layers]
     plan = make_plan(scores, family=layers[0].family, config=model.config, layer_names=names,
                      ratio=ratio, budget=budget, floor=floor, info=info)
+    tabled = [layer.index for layer in layers if layer.token_table is not None]
+    if tabled:  # where a token-routed layer's removed experts send their tokens
+        add_remaps(plan, stats.mix(mix), tabled)
     unseen = unobserved_mtp(model, stats)
     return follow_last_layer(plan, names, unseen, "no statistics of the MTP layers") if unseen else plan
 

@@ -29,7 +29,8 @@ import torch
 from ..errors import MoeSlimError
 from ..experts.merge.at_size import MergedLayers, check_layers_merged_once
 from ..experts.merge.plan import MergePlan
-from ..experts.plan import ExpertPlan
+from ..experts.plan import ExpertPlan, LayerPlan
+from ..experts.token_table import remapped_table, resolve_remap
 from ..experts.prune import count_parameters
 from ..families import (
     SLICEABLE_QUANTIZATION,
@@ -108,9 +109,20 @@ def _columns(ckpt: ShardedCheckpoint, d: DiskTensor, cols: list[int], dtype: tor
                      _convert(lambda: ckpt.tensor(d.key)[:, cols], to))
 
 
+def _remapped_table(ckpt: ShardedCheckpoint, d: DiskTensor, lp: LayerPlan, n_experts: int) -> OutTensor:
+    e = ckpt.entry(d.key)
+
+    def chunks() -> Iterator[bytes]:
+        t = remapped_table(ckpt.tensor(d.key), lp.keep, resolve_remap(lp, n_experts)).contiguous()
+        yield t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+    return OutTensor(d.key, e.dtype, e.shape, chunks)
+
+
 def check_expert_layout(ckpt: ShardedCheckpoint, layout: DiskLayout, n_experts: int) -> None:
     """One-line errors when a MoE layer's experts on disk are not what the plan expects."""
     for layer in layout.layers:
+        sizes = (n_experts, n_experts + layer.num_fixed)  # LongCat stores gate/up for its zero experts too
         tensors = layout.of_layer(layer.index)
         experts = [d for d in tensors if d.role == "expert"]
         if not experts:
@@ -119,14 +131,14 @@ def check_expert_layout(ckpt: ShardedCheckpoint, layout: DiskLayout, n_experts: 
         for d in experts:
             if d.expert is None:
                 shape = ckpt.entry(d.key).shape
-                if not shape or layout.family.expert_rows(shape[0], n_experts, [0]) is None:
+                if not shape or layout.family.expert_rows(shape[0], n_experts, [0], layer.num_fixed) is None:
                     raise MoeSlimError(f"tensor {d.key} has shape {list(shape)}; expected the {n_experts} experts "
                                        "along its first dimension" + (" (flat: in blocks of rows)"
                                                                       if layout.family.flat_experts else ""))
             else:
                 per.setdefault(d.renumbered(0), set()).add(d.expert)
         for name, seen in per.items():
-            if seen != set(range(n_experts)):
+            if seen not in (set(range(sizes[0])), set(range(sizes[1]))):
                 missing = sorted(set(range(n_experts)) - seen)[:3]
                 raise MoeSlimError(f"{ckpt.path} lacks per-expert tensors of {layer.name} for experts {missing} "
                                    f"(like {name.replace('.0.', f'.{missing[0]}.', 1) if missing else name})")
@@ -140,6 +152,7 @@ def pruned_tensors(ckpt: ShardedCheckpoint, layout: DiskLayout, plan: ExpertPlan
     With ``merged`` (a merge plan), each MoE layer's expert and router tensors come from merging that
     layer; names and shapes are those of keeping the groups' representatives."""
     E = plan.num_experts
+    fixed = layout.layers[0].num_fixed if layout.layers else 0  # experts after the E real ones, always kept
     keep = {i: lp.keep for i, lp in enumerate(plan.layers)}
     out: list[OutTensor] = []
 
@@ -153,25 +166,32 @@ def pruned_tensors(ckpt: ShardedCheckpoint, layout: DiskLayout, plan: ExpertPlan
         out.append(t)
         layer_of.append(d.layer if d.role != "other" else None)
 
+    tables = {f"{layer.name}.{layer.family.token_table}": layer.index for layer in layout.layers
+              if merged is None and layer.token_table is not None}
     for key in ckpt.keys:
         if key in skip:
             continue
         d = layout.tensors[key]
+        if d.memory_key in tables:  # a token-routed layer's table: remapped and renumbered, in its on-disk dtype
+            out.append(_remapped_table(ckpt, d, plan.layers[d.layer], E))
+            layer_of.append(d.layer)
+            continue
         if d.role == "other" or d.layer is None:
             add(d, key, None)
             continue
         kept = keep[d.layer]
         if d.role == "expert" and d.expert is not None:
-            if d.expert in kept:
-                add(d, d.renumbered(kept.index(d.expert)), None)
+            if d.expert in kept or d.expert >= E:
+                add(d, d.renumbered(kept.index(d.expert) if d.expert < E else len(kept) + d.expert - E), None)
             continue
         shape = tuple(ckpt.entry(key).shape)
         if expert_axis(shape, E) == 1 and E > 1:  # a [1, E] row (ERNIE-4.5's moe_statics): small, sliced in memory
             out.append(_columns(ckpt, d, list(kept), dtype))
             layer_of.append(d.layer)
             continue
-        rows = layout.family.expert_rows(shape[0], E, kept) if d.role == "expert" and shape else None
-        add(d, key, rows if rows is not None else (list(kept) if shape and shape[0] == E else None))
+        rows = (layout.family.expert_rows(shape[0], E, kept, fixed)
+                if shape and (d.role == "expert" or shape[0] in (E, E + fixed)) else None)
+        add(d, key, rows)
     if merged is not None:  # a merged layer's tensors together (where its first one stood): each layer merged once
         first = {li: i for i, li in reversed(list(enumerate(layer_of))) if li is not None}
         order = sorted(range(len(out)), key=lambda i: (first[layer_of[i]] if layer_of[i] is not None else i, i))

@@ -91,6 +91,9 @@ def set_novices(layer: MoeLayer, novice: torch.Tensor, values: torch.Tensor) -> 
     """Make experts ``novice`` (bool ``[E]``) of one layer return ``values[e]`` (``[E, hidden]``) times their weight."""
     experts = layer.experts
     check_novices(layer.family)
+    if layer.num_fixed:  # LongCat's zero-computation experts (ids after the real ones) are never novices
+        novice = torch.cat([novice, novice.new_zeros(layer.num_fixed)])
+        values = torch.cat([values, values.new_zeros(layer.num_fixed, values.shape[-1])])
     if layer.family.layout == "modules":  # module_experts_forward reads these
         experts._moe_slim_novices = (novice, values)
         return

@@ -33,6 +33,9 @@ class LayerPlan:
     name: str
     keep: list[int]  # original expert indices kept, ascending
     scores: list[float] = field(default_factory=list)  # score of every original expert (may be empty)
+    # token-routed (hash) layers only: removed expert -> the kept expert its table entries go to
+    # (:mod:`moe_slim.experts.token_table`); absent from the JSON of every other layer
+    remap: dict[int, int] = field(default_factory=dict, kw_only=True)
 
 
 @dataclass
@@ -55,8 +58,15 @@ class ExpertPlan:
     def kept_counts(self) -> list[int]:
         return [len(l.keep) for l in self.layers]
 
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for layer in d["layers"]:
+            if not layer["remap"]:
+                del layer["remap"]
+        return d
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        return json.dumps(self.as_dict(), indent=2)
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(self.to_json())
@@ -74,8 +84,8 @@ class ExpertPlan:
         if d.get("format") != PLAN_FORMAT:
             raise MoeSlimError(f"not a moe_slim expert plan (format {d.get('format')!r}, expected {PLAN_FORMAT!r})")
         try:
-            layers = [LayerPlan(l["name"], [int(i) for i in l["keep"]], [float(s) for s in l.get("scores", [])])
-                      for l in d["layers"]]
+            layers = [LayerPlan(l["name"], [int(i) for i in l["keep"]], [float(s) for s in l.get("scores", [])],
+                                remap={int(e): int(t) for e, t in l.get("remap", {}).items()}) for l in d["layers"]]
             return cls(d["family"], int(d["num_experts"]), int(d["top_k"]), layers, d.get("kind", "prune"),
                        d.get("info", {}))
         except (KeyError, TypeError, ValueError) as exc:
@@ -97,6 +107,10 @@ class ExpertPlan:
                 raise MoeSlimError(f"plan for {l.name} keeps invalid or repeated experts {l.keep}")
             if len(l.keep) < top_k:
                 raise MoeSlimError(f"plan keeps {len(l.keep)} experts in {l.name}, fewer than top-k={top_k}")
+            bad = [(e, t) for e, t in l.remap.items() if e in l.keep or not 0 <= e < self.num_experts or t not in l.keep]
+            if bad:
+                raise MoeSlimError(f"plan remaps {l.name}'s expert {bad[0][0]} to {bad[0][1]}; a remap sends a removed "
+                                   "expert to a kept one")
 
 
 def require_writable(plan: ExpertPlan) -> None:

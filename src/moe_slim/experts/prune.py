@@ -24,6 +24,7 @@ from ..families import (
 )
 from ..modeling.dispatch import prepare_model
 from .plan import ExpertPlan
+from .token_table import remapped_table, resolve_remap
 
 
 def _set_path(root: nn.Module, path: str, value: torch.Tensor) -> None:
@@ -40,22 +41,27 @@ def _set_path(root: nn.Module, path: str, value: torch.Tensor) -> None:
         owner.out_features = value.shape[0]
 
 
-def slice_layer(layer: MoeLayer, keep: list[int], experts_only: bool = False) -> None:
+def slice_layer(layer: MoeLayer, keep: list[int], remap: dict[int, int] | None = None,
+                experts_only: bool = False) -> None:
     """Keep only experts ``keep`` (original indices, in this order) in one MoE layer.
 
     Slices every tensor of the block that runs over the experts (:meth:`MoeLayer.per_expert`): fused
-    expert parameters (flat ones in blocks of rows), router rows and bias, selection biases wherever they sit.
-    ``experts_only`` (fused experts): the experts' weights alone, router and counts untouched (MoNE's
-    compact layout, whose router keeps every logical expert)."""
+    expert parameters (flat ones in blocks of rows; fixed experts' rows kept last), router rows and bias,
+    selection biases wherever they sit. A token-routed layer's table sends each removed expert's tokens to
+    ``remap[removed]`` and is renumbered to ``keep``. ``experts_only`` (fused experts): the experts' weights
+    alone, router and counts untouched (MoNE's compact layout, whose router keeps every logical expert)."""
     fam = layer.family
     idx = torch.tensor(keep, dtype=torch.long)
-    n = layer.num_experts  # read before the router rows are sliced
+    n, fixed = layer.num_experts, layer.num_fixed  # before the router's rows are sliced
     if experts_only:
         for path, axis in layer.per_expert().items():
             if path.startswith(f"{fam.experts_attr}."):
                 t = get_path(layer.block, path)
-                _set_path(layer.block, path, take_experts(t.data, axis, idx, n))
+                _set_path(layer.block, path, take_experts(t.data, axis, idx, n, fixed))
         return
+    table = layer.token_table
+    if table is not None:
+        _set_path(layer.block, fam.token_table, remapped_table(table, keep, remap or {}))
     if fam.layout == "modules":
         experts = layer.experts
         old = {k: experts[k] for k in list(experts.keys())}
@@ -65,7 +71,7 @@ def slice_layer(layer: MoeLayer, keep: list[int], experts_only: bool = False) ->
             experts[f"expert_{j}"] = old[f"expert_{e}"]
     for path, axis in layer.per_expert().items():
         t = get_path(layer.block, path)
-        _set_path(layer.block, path, take_experts(t.data, axis, idx, n))
+        _set_path(layer.block, path, take_experts(t.data, axis, idx, n, fixed))
     set_expert_count(layer, len(keep))
 
 
@@ -83,7 +89,7 @@ def apply_plan(model: nn.Module, plan: ExpertPlan) -> nn.Module:
         )
     plan.validate(family, model.config, [l.name for l in layers])
     for layer, lp in zip(layers, plan.layers):
-        slice_layer(layer, lp.keep)
+        slice_layer(layer, lp.keep, resolve_remap(lp, plan.num_experts) if layer.token_table is not None else None)
     counts = set(plan.kept_counts)
     if len(counts) == 1:
         set_config_counts(model.config, family, counts.pop())

@@ -129,7 +129,7 @@ class Recorder:
             return
         if self.samples and inputs is not None:
             self._sample_inputs(layer, inputs, logits)
-        scores = layer.router_scores(logits.detach())
+        scores = layer.router_scores(logits.detach())[:, : self.n_experts]  # the real experts' mass
         valid = self._valid(layer, scores.shape[0], scores.device)
         if valid is not None:
             scores = scores[valid]
@@ -196,7 +196,7 @@ def _fused_observing_forward(layer: MoeLayer, recorder: Recorder, inner: Any) ->
         n_tokens, top_k = top_k_index.shape
         rows = hidden.reshape(n_tokens, -1).repeat_interleave(top_k, dim=0)
         unit = torch.ones(n_tokens * top_k, 1, dtype=top_k_weights.dtype, device=top_k_weights.device)
-        out = inner(rows, top_k_index.reshape(-1, 1), unit, *a, **k)
+        out = inner(rows, *layer.one_per_row(top_k_index.reshape(-1, 1), unit, recorder.n_experts), *a, **k)
         out = out.reshape(n_tokens * top_k, out.shape[-1])  # unweighted
         norms = out.detach().float().norm(dim=-1)
         tok = torch.arange(n_tokens, device=top_k_index.device).repeat_interleave(top_k)

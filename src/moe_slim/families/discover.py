@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import MoeSlimError
-from .family import Family, MoeLayer, NeuronAxis, expert_axis, get_path
+from .family import POSITIVE_SCORES, Family, MoeLayer, NeuronAxis, expert_axis, get_path
 from .table import QUIRKS, REFUSED
 
 #: config attribute names that hold the routed expert count / top-k (aliases across families)
@@ -28,14 +28,17 @@ EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "mo
 TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "moe_k", "top_k_experts", "moe_top_k", "num_selected_experts")
 
 
-def _fused_count(module: nn.Module) -> int | None:
-    """E when the module's own parameters are experts stacked along a leading dimension E."""
+def _fused_count(module: nn.Module, fixed: int = 0) -> int | None:
+    """E when the module's own parameters are experts stacked along a leading dimension E (some along
+    E + ``fixed``: LongCat's gate_up_proj has rows for its zero-computation experts too)."""
     if type(module).__module__.startswith("torch."):  # Conv1d of a mamba mixer, Linear, Embedding: never experts
         return None
     params = [p for _, p in module.named_parameters(recurse=False)]
     if not any(p.dim() == 3 for p in params):
         return None
     counts = {p.shape[0] for p in params if p.dim() >= 2}
+    if fixed and len(counts) == 2 and max(counts) - min(counts) == fixed:
+        counts = {min(counts)}
     return counts.pop() if len(counts) == 1 and next(iter(counts)) >= 2 else None
 
 
@@ -97,10 +100,10 @@ def _neurons(experts: nn.Module) -> tuple[tuple[str, NeuronAxis], ...]:
     return tuple(out)
 
 
-def _expert_children(block: nn.Module, flat: bool = False) -> list[tuple[str, int, str]]:
+def _expert_children(block: nn.Module, flat: bool = False, fixed: int = 0) -> list[tuple[str, int, str]]:
     found = []
     for name, child in block.named_children():
-        n = _flat_count(child, block) if flat else _fused_count(child)
+        n = _flat_count(child, block) if flat else _fused_count(child, fixed)
         if n is not None:
             found.append((name, n, "fused"))
         elif (n := _module_count(child)) is not None:
@@ -122,8 +125,9 @@ def find_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module, str, str, 
     """``[(name, block, experts_attr, router_attr, router_weight)]`` and why candidate blocks failed."""
     blocks, problems = [], []
     flat = bool(QUIRKS.get(str(getattr(model.config, "model_type", None)), {}).get("flat_experts"))
+    fixed = _fixed_count(model.config)
     for name, block in model.named_modules():
-        experts = _expert_children(block, flat)
+        experts = _expert_children(block, flat, fixed)
         if not experts:
             continue
         if len(experts) > 1:
@@ -131,13 +135,19 @@ def find_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module, str, str, 
             continue
         e_attr, n, _ = experts[0]
         routers = [(cname, w) for cname, child in block.named_children() if cname != e_attr
-                   and (w := _router_weight(child, n)) is not None]
+                   and (w := _router_weight(child, n + fixed)) is not None]
         if len(routers) != 1:
             problems.append(f"{name}.{e_attr} holds {n} experts but {'no' if not routers else 'more than one'} "
                             f"sibling module holds a router weight[{n}, H]")
             continue
         blocks.append((name, block, e_attr, routers[0][0], routers[0][1]))
     return blocks, problems
+
+
+def _fixed_count(config: Any) -> int:
+    """Experts the family routes beside the real ones and never removes (:attr:`Family.fixed_experts`)."""
+    key = QUIRKS.get(str(getattr(config, "model_type", None)), {}).get("fixed_experts")
+    return int(getattr(config, key, 0) or 0) if key else 0
 
 
 def _call_problem(experts: nn.Module, layout: str, mt: str) -> str | None:
@@ -172,23 +182,25 @@ def discover(model: nn.Module) -> tuple[Family, list[tuple[str, nn.Module]]]:
     if len({(b[2], b[3], b[4]) for b in blocks}) != 1:
         raise MoeSlimError(f"model type '{mt}': MoE blocks name their parts differently ({blocks[0][0]} vs others)")
     experts, router = getattr(block, e_attr), getattr(block, r_attr)
-    n = int(get_path(router, r_weight).shape[0])
+    fixed = _fixed_count(config)
+    n = int(get_path(router, r_weight).shape[0]) - fixed
     flat = bool(QUIRKS.get(mt, {}).get("flat_experts"))
-    layout = "fused" if flat or _fused_count(experts) is not None else "modules"
+    layout = "fused" if flat or _fused_count(experts, fixed) is not None else "modules"
     why = _call_problem(experts, layout, mt)
     if why:
         raise MoeSlimError(f"model type '{mt}' is not supported: {why}")
     bias_path = r_weight[: -len("weight")] + "bias"
     bias = get_path(router, bias_path)
-    router_bias = bias_path if bias is not None and tuple(bias.shape) == (n,) else None
+    router_bias = bias_path if bias is not None and tuple(bias.shape) == (n + fixed,) else None
     shared = tuple(c for c, child in block.named_children() if c not in (e_attr, r_attr)
                    and any(True for _ in child.parameters()))
     own = {f"{r_attr}.{r_weight}"} | ({f"{r_attr}.{router_bias}"} if router_bias else set())
-    selection = tuple(path for path, t in [*block.named_parameters(), *block.named_buffers()]
-                      if not path.startswith((f"{e_attr}.", *(f"{s}." for s in shared))) and path not in own
-                      and expert_axis(tuple(t.shape), n) is not None)
+    # over every block: DeepSeek-V4's hash layers have no correction bias, its learned ones do
+    selection = tuple(dict.fromkeys(path for b in blocks for path, t in [*b[1].named_parameters(), *b[1].named_buffers()]
+                                    if not path.startswith((f"{e_attr}.", *(f"{s}." for s in shared)))
+                                    and path not in own and expert_axis(tuple(t.shape), n + fixed) is not None))
     scoring = str(getattr(config, "scoring_func", "") or "")
-    scoring = scoring if scoring in ("softmax", "sigmoid") else ("sigmoid" if selection else "softmax")
+    scoring = scoring if scoring in ("softmax", *POSITIVE_SCORES) else ("sigmoid" if selection else "softmax")
     top_k_key = _first_key(config, TOP_K_KEYS, int(getattr(router, "top_k", getattr(block, "top_k", -1))))
     top_k_key = top_k_key or next((k for k in TOP_K_KEYS if isinstance(getattr(config, k, None), int)), None)
     fixed = None if top_k_key else getattr(router, "top_k", getattr(block, "top_k", None))

@@ -36,6 +36,12 @@ CombineFn = Callable[[nn.Module, tuple, dict], tuple[torch.Tensor, torch.Tensor]
 RoutingFn = Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]]
 
 
+#: Routers that score each expert on its own (a positive function of its logit), normalised over the
+#: chosen ones: DeepSeek-V3's sigmoid, DeepSeek-V4's ``sqrt(softplus)``.
+POSITIVE_SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "sigmoid": torch.sigmoid, "sqrtsoftplus": lambda x: torch.nn.functional.softplus(x).sqrt()}
+
+
 @dataclass(frozen=True)
 class NeuronAxis:
     """Where an expert parameter keeps its intermediate neurons (for merging and alignment).
@@ -78,7 +84,7 @@ class Family:
     # ``gate.moe_statics.e_score_correction_bias``)
     selection_biases: tuple[str, ...] = ()
     logits_output: int = 0  # which router output holds the logits
-    scoring: str = "softmax"  # "softmax" | "sigmoid": the router's normalised score
+    scoring: str = "softmax"  # "softmax" or a key of POSITIVE_SCORES: the router's normalised score
     exact_scores: bool = True  # whether routing weights are ``scoring`` scores of the chosen experts (up to a factor)
     group_keys: tuple[str, str] | None = None  # (n_group key, topk_group key) for group-limited top-k
     group_min_experts: int = 1  # experts a group must keep for the router to stay valid
@@ -103,6 +109,14 @@ class Family:
     # The experts' parameters (anywhere under the experts module) are flat 2-D [E*I, ...] matrices, expert e
     # in rows e*I .. (e+1)*I - 1 (DBRX ``experts.mlp.w1``): viewed as [E, I, ...], sliced in blocks of rows.
     flat_experts: bool = False
+    # Path inside the block of a token id -> experts table ``[vocab, top_k]`` that replaces learned selection
+    # in the layers that have it (DeepSeek-V4's hash layers: ``gate.tid2eid``); pruning remaps its entries.
+    token_table: str | None = None
+    # Experts routed beside the real ones but never removed, after them in the router's rows (LongCat-Flash's
+    # zero-computation experts): the name of their count, both a config key and an attribute of the experts
+    # module. Tensors with E + that many rows keep their last rows; the family's ``set_count`` renames the count.
+    fixed_experts: str | None = None
+    set_count: Callable[[nn.Module, int], None] | None = None  # (block, n) when the attributes need more than n
     notes: str = ""
 
     def neuron_axes(self) -> dict[str, NeuronAxis]:
@@ -116,11 +130,15 @@ class Family:
     def num_experts(self, config: Any) -> int:
         return int(config_value(config, self._count_key()))
 
-    def expert_rows(self, rows: int, n: int, keep: list[int]) -> list[int] | None:
+    def expert_rows(self, rows: int, n: int, keep: list[int], fixed: int = 0) -> list[int] | None:
         """The first-dimension rows of a tensor with ``rows`` rows that hold experts ``keep`` of ``n``: ``keep``
-        itself for ``[E, ...]``, blocks of ``rows // n`` rows for flat experts; None when it runs over no experts."""
+        itself for ``[E, ...]``, blocks of ``rows // n`` rows for flat experts, and ``keep`` then the ``fixed``
+        experts' rows for a tensor that has them too (LongCat's zero-computation experts, kept last); None when
+        it runs over no experts."""
         if rows == n:
             return list(keep)
+        if fixed and rows == n + fixed:
+            return list(keep) + list(range(n, rows))
         if self.flat_experts and rows > n and rows % n == 0:
             size = rows // n
             return [e * size + j for e in keep for j in range(size)]
@@ -169,9 +187,13 @@ def set_config_value(config: Any, key: str, value: Any) -> None:
         setattr(owner, leaf, value)
 
 
-def take_experts(t: torch.Tensor, axis: int, keep: torch.Tensor, n: int) -> torch.Tensor:
+def take_experts(t: torch.Tensor, axis: int, keep: torch.Tensor, n: int, fixed: int = 0) -> torch.Tensor:
     """``t`` with only experts ``keep`` (in that order) along ``axis``, which holds ``n`` experts: one
-    position each, or (flat experts) ``axis`` length // n consecutive positions each."""
+    position each, or (flat experts) ``axis`` length // n consecutive positions each. An axis of ``n + fixed``
+    positions (LongCat's zero-computation experts after the real ones) keeps the fixed ones last."""
+    if fixed and t.shape[axis] == n + fixed:
+        rows = torch.cat([keep, torch.arange(n, n + fixed, dtype=keep.dtype)])
+        return t.index_select(axis, rows.to(t.device))
     return t.unflatten(axis, (n, -1)).index_select(axis, keep.to(t.device)).flatten(axis, axis + 1)
 
 
@@ -232,8 +254,18 @@ class MoeLayer:
         return None
 
     @property
+    def token_table(self) -> torch.Tensor | None:
+        """The layer's token id -> experts table (None where selection is learned)."""
+        return get_path(self.block, self.family.token_table) if self.family.token_table else None
+
+    @property
+    def num_fixed(self) -> int:
+        """Experts after the real ones that every plan keeps (LongCat's zero-computation experts)."""
+        return int(getattr(self.experts, self.family.fixed_experts, 0) or 0) if self.family.fixed_experts else 0
+
+    @property
     def num_experts(self) -> int:
-        return int(self.router_weight.shape[0])
+        return int(self.router_weight.shape[0]) - self.num_fixed
 
     def per_expert(self) -> dict[str, int]:
         """Every tensor of the block that runs over the experts: block-relative path -> expert axis.
@@ -247,10 +279,14 @@ class MoeLayer:
         flat = f"{self.family.experts_attr}." if self.family.flat_experts else None
         out: dict[str, int] = {}
         for path, t in [*self.block.named_parameters(), *self.block.named_buffers()]:
-            if path.startswith(skip):
+            if path.startswith(skip) or path == self.family.token_table:  # a table holds expert ids, not rows
                 continue
-            axis = 0 if flat and path.startswith(flat) and t.dim() == 2 and t.shape[0] % n == 0 \
-                else expert_axis(tuple(t.shape), n)
+            if flat and path.startswith(flat) and t.dim() == 2 and t.shape[0] % n == 0:
+                axis = 0  # flat experts [E*I, ...]
+            elif self.num_fixed and t.shape[0] == n + self.num_fixed:
+                axis = 0  # real experts, then the fixed ones
+            else:
+                axis = expert_axis(tuple(t.shape), n)
             if axis is not None:
                 out[path] = axis
         return out
@@ -265,7 +301,8 @@ class MoeLayer:
         if self.family.flat_experts:
             return {k: p.unflatten(0, (n, -1)) for k, p in self.experts.named_parameters()
                     if p.dim() == 2 and p.shape[0] % n == 0}
-        return {k: p for k, p in self.experts.named_parameters(recurse=False) if p.dim() >= 1 and p.shape[0] == n}
+        return {k: p for k, p in self.experts.named_parameters(recurse=False)
+                if p.dim() >= 1 and p.shape[0] in (n, n + self.num_fixed)}
 
     def one_expert(self, e: int, replace: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """Fused experts as a view holding expert ``e`` alone (parameters in ``replace`` swapped in, shaped
@@ -282,6 +319,8 @@ class MoeLayer:
         for attr in ("num_experts", "num_local_experts", "n_routed_experts"):
             if isinstance(getattr(probe, attr, None), int):
                 setattr(probe, attr, 1)
+        if self.family.set_count is not None:
+            self.family.set_count(probe, 1)
         return probe
 
     def expert_output(self, probe: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -291,18 +330,28 @@ class MoeLayer:
         if self.family.routing is not None:  # router-scaled inputs: an unscaled row is weight 1
             return forward(probe, x)
         idx = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
-        out = forward(probe, x, idx, torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device))
+        ones = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
+        out = forward(probe, x, *self.one_per_row(idx, ones, 1))
         return out.reshape(x.shape[0], out.shape[-1])  # DBRX answers [n, 1, H]
+
+    def one_per_row(self, index: torch.Tensor, weights: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """An experts call with one expert per row (``index`` ``[T, 1]`` of ``n`` real experts). LongCat's experts
+        cannot take top-1 calls (their forward squeezes the top-k axis away), so with fixed experts each row also
+        names the first of them at weight 0: an identity expert that adds nothing."""
+        if not self.num_fixed:
+            return index, weights
+        return (torch.cat([index, torch.full_like(index, n)], 1), torch.cat([weights, torch.zeros_like(weights)], 1))
 
     def expert_module(self, e: int) -> nn.Module:
         """Modules layout: expert ``e`` as a module."""
         return self.experts[f"expert_{e}"]
 
     def router_scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """The router's normalised score of every expert for every token (rows sum to 1)."""
+        """The router's normalised score of every expert for every token (rows sum to 1; LongCat's zero-computation
+        experts are the columns after the :attr:`num_experts` real ones)."""
         logits = logits.float().reshape(-1, logits.shape[-1])
-        if self.family.scoring == "sigmoid":
-            s = logits.sigmoid()
+        if self.family.scoring in POSITIVE_SCORES:
+            s = POSITIVE_SCORES[self.family.scoring](logits)
             return s / s.sum(-1, keepdim=True).clamp_min(1e-20)
         return logits.softmax(-1)
 
@@ -317,6 +366,9 @@ def check_uniform(layers: list[MoeLayer]) -> int:
 
 def set_expert_count(layer: MoeLayer, n: int) -> None:
     """Tell every module of a block (router, experts, block) that it now has ``n`` experts."""
+    if layer.family.set_count is not None:
+        layer.family.set_count(layer.block, n)
+        return
     for module in layer.block.modules():
         for attr in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
             if isinstance(getattr(module, attr, None), int):

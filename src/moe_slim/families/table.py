@@ -42,12 +42,33 @@ def _routing_llama4(router: nn.Module, output: Any) -> tuple[torch.Tensor, torch
     return top_k_index, scores.gather(-1, top_k_index)
 
 
+def _count_longcat(module: nn.Module, n: int) -> None:
+    """LongCat-Flash: the router's ``n_routed_experts`` and the experts' ``total_experts`` count the
+    zero-computation experts too; ``num_experts`` / ``num_routed_experts`` count the real ones."""
+    for m in module.modules():
+        zero = int(getattr(m, "zero_expert_num", 0) or 0) if hasattr(m, "total_experts") else None
+        if zero is not None:
+            m.num_routed_experts, m.total_experts = n, n + zero
+        elif hasattr(m, "classifier") and hasattr(m, "n_routed_experts"):
+            m.n_routed_experts += n - m.num_experts
+            m.num_experts = n
+            m.top_k = min(m.top_k, m.n_routed_experts)
+
+
 #: model_type -> Family fields the structure cannot tell (applied over what discovery found).
 QUIRKS: dict[str, dict[str, Any]] = {
     "deepseek_v2": dict(
         group_applies=lambda c: getattr(c, "topk_method", "greedy") == "group_limited_greedy",
         notes="softmax router; group-limited greedy top-k when topk_method='group_limited_greedy'"),
     "deepseek_v3": dict(group_min_experts=2, notes="sigmoid router with e_score_correction_bias; groups score by their top-2 experts"),
+    "deepseek_v4": dict(
+        token_table="gate.tid2eid",
+        notes="sqrt(softplus) router with correction bias; its first layers are hash-routed (gate.tid2eid: token id "
+        "-> experts): pruning remaps a removed expert's entries to a kept one (the plan's remap), merging to its group"),
+    "longcat_flash": dict(
+        fixed_experts="zero_expert_num", set_count=_count_longcat, scoring="softmax",
+        notes="softmax router over the real and the zero-computation (identity) experts (rows E + zero_expert_num, "
+        "correction bias too); plans slice the real experts' rows and keep the zero experts' after them"),
     "ernie4_5_moe": dict(scoring="softmax", notes="softmax router; correction bias in gate.moe_statics [1, E]"),
     "afmoe": dict(notes="sigmoid router in a sub-module (router.gate); expert_bias on the block; route_scale"),
     "phimoe": dict(exact_scores=False, notes="sparsemixer routing: weights come from masked softmaxes over the logits"),
@@ -83,13 +104,9 @@ _VLM = ("image-text model whose language model has no causal-LM class in transfo
 REFUSED: dict[str, str] = {
     **{mt: _VLM for mt in ("deepseek_ocr2", "diffusion_gemma", "ernie4_5_vl_moe", "glm4v_moe", "glm5_next", "hy_v4_vl",
                            "mistral4", "mistral_large4", "muse_spark", "qwen3_vl_moe", "step3p7", "unlimited_ocr")},
-    "deepseek_v4": "hash-routed layers (gate.tid2eid: token id -> experts) send tokens to fixed experts, so "
-                   "removing one strands its tokens, and keeping those layers whole leaves no single expert count "
-                   "for the config",
     "jetmoe": "its attention experts (MoA) share the MLP experts' config keys (num_local_experts, "
               "num_experts_per_tok), so pruning MLP experts alone cannot write a config that loads, and moe_slim "
               "neither observes nor prunes attention experts (nor experts split over input_linear/output_linear)",
-    "longcat_flash": "the router scores zero-computation experts too (router rows != experts), which a plan cannot slice",
     "zaya": "the router is an MLP with balancing biases, not a weight[E, H]",
     "gemma4": ("the router returns probabilities, not logits, and scales each expert's weight "
                "(per_expert_scale); moe_slim's gate statistics would be wrong"),

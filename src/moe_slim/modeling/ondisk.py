@@ -72,12 +72,23 @@ def _transforms(model: nn.Module) -> tuple[list[Any], list[Any]]:
             [t for t in transforms if isinstance(t, WeightConverter)])
 
 
+def _memory_key(key: str, renamings: list[Any], converters: list[Any], model: nn.Module,
+                state: dict[str, Any]) -> tuple[str, str | None]:
+    """The in-memory name of on-disk ``key`` and the converter pattern that matched, as ``from_pretrained``
+    decides it: a renaming that leads to no parameter is not applied where the key itself is one
+    (DeepSeek-V4's ``\\.norm\\.`` -> ``.kv_norm.`` would otherwise take ``model.norm.weight``)."""
+    from transformers.core_model_loading import rename_source_key
+
+    mkey, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
+    if mkey not in state and key in state:
+        return rename_source_key(key, [], [], model.base_model_prefix, state)
+    return mkey, pattern
+
+
 class DiskLayout:
     """The on-disk tensors of a checkpoint, each mapped to the model part it belongs to."""
 
     def __init__(self, model: nn.Module, keys: list[str]) -> None:
-        from transformers.core_model_loading import rename_source_key
-
         self.model = model
         self.layers: list[MoeLayer] = moe_layers(model)
         self.family = self.layers[0].family
@@ -92,7 +103,7 @@ class DiskLayout:
                   if not path.startswith(f"{self.family.experts_attr}.")}
         self.tensors: dict[str, DiskTensor] = {}
         for key in keys:
-            mkey, pattern = rename_source_key(key, self._renamings, self._converters, model.base_model_prefix, state)
+            mkey, pattern = _memory_key(key, self._renamings, self._converters, model, state)
             layer, role, expert, span = None, "other", None, None
             for prefix, li in experts_at.items():
                 if mkey.startswith(prefix):
@@ -146,11 +157,10 @@ class DiskLayout:
         return revert_weight_conversion(self.model, dict(tensors))
 
 
-def source_dtypes(model: nn.Module, path: Any) -> dict[str, torch.dtype]:
+def source_dtypes(model: nn.Module, path: Any, floating: bool = True) -> dict[str, torch.dtype]:
     """The dtype each in-memory tensor of ``model`` has in the checkpoint at ``path`` (its state-dict
-    names; the on-disk tensors that feed one fused tensor give the widest of their dtypes)."""
-    from transformers.core_model_loading import rename_source_key
-
+    names; the on-disk tensors that feed one fused tensor give the widest of their dtypes); with
+    ``floating=False`` the same for the integer tensors (DeepSeek-V4's token tables)."""
     from .shards import FLOATING, TORCH_DTYPES, ShardedCheckpoint
 
     ckpt = ShardedCheckpoint(path)
@@ -159,9 +169,9 @@ def source_dtypes(model: nn.Module, path: Any) -> dict[str, torch.dtype]:
     out: dict[str, torch.dtype] = {}
     for key in ckpt.keys:
         stored = ckpt.entry(key).dtype
-        if stored not in FLOATING:
+        if (stored in FLOATING) != floating or stored not in TORCH_DTYPES:
             continue
-        mkey, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
+        mkey, _ = _memory_key(key, renamings, converters, model, state)
         dtype = TORCH_DTYPES[stored]
         if mkey not in out or dtype.itemsize > out[mkey].itemsize:
             out[mkey] = dtype
@@ -182,4 +192,9 @@ def cast_like_source(model: nn.Module, path: Any) -> None:
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         dtype = wanted.get(name, dominant)
         if name in saved and t.is_floating_point() and t.dtype.itemsize > 1 and t.dtype != dtype:
+            t.data = t.data.to(dtype)
+    buffers = dict(model.named_buffers())
+    for name, dtype in source_dtypes(model, path, floating=False).items():  # index tables: int64 loaded, int32 stored
+        t = buffers.get(name)
+        if t is not None and not t.is_floating_point() and not dtype.is_floating_point and t.dtype != dtype:
             t.data = t.data.to(dtype)

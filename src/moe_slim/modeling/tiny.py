@@ -87,7 +87,8 @@ def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> PreTrainedMo
 
 def _spread_constant_routers(model: PreTrainedModel) -> None:
     """Some families initialise router weights to zeros (AFMoE): every token then ties every expert and
-    top-k picks by index. Give such routers random rows so that routing depends on the token."""
+    top-k picks by index. Give such routers random rows so that routing depends on the token, and a
+    constant token -> experts table random distinct experts per token."""
     from ..errors import MoeSlimError
     from ..families import moe_layers
 
@@ -99,6 +100,10 @@ def _spread_constant_routers(model: PreTrainedModel) -> None:
         w = layer.router_weight
         if w is not None and w.numel() and bool((w == w.reshape(-1)[0]).all()):
             w.normal_(0.0, 0.5)
+        table = layer.token_table  # DeepSeek-V4's hash layers start with every token sent to expert 0
+        if table is not None and table.numel() and bool((table == table.reshape(-1)[0]).all()):
+            rows = torch.rand(table.shape[0], layer.num_experts).argsort(-1)[:, : table.shape[1]]
+            table.copy_(rows.to(table.dtype))
 
 
 def tiny_tokenizer() -> Any:
@@ -153,6 +158,8 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
                              mamba_d_state=8),
     # moe_layers lists layer indices (not a per-layer pattern): three MoE layers around a dense one
     **dict.fromkeys(("llama4", "llama4_text"), dict(intermediate_size_mlp=48, moe_layers=[0, 2, 3])),
+    "deepseek_v4": dict(o_lora_rank=8),  # its grouped output projection is o_groups x o_lora_rank wide (8 x 1024)
+    "longcat_flash": dict(num_layers=2, zero_expert_num=3, qk_head_dim=16),  # derived keys: set, not shrunk
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
     "zaya": dict(num_experts_per_tok=1),  # its config accepts top-1 only
     # per-layer overrides, keyed by layer type: dots3 requires its sliding layers' head_dim to be

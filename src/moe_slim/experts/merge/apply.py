@@ -15,6 +15,7 @@ from ...families import (
 )
 from ...modeling.dispatch import prepare_model
 from ..prune import slice_layer
+from ..token_table import merge_remap
 from .plan import MergePlan, validate_merge_plan
 from .tensors import expert_tensors, permute_neurons
 
@@ -48,7 +49,7 @@ def merge_layer(layer: MoeLayer, groups: list[list[int]], weights: list[list[flo
             for name, t in expert_tensors(layer, m).items():
                 t.data.copy_(acc[name].to(t.dtype))
     if not tied:
-        slice_layer(layer, [g[0] for g in groups])
+        slice_layer(layer, [g[0] for g in groups], merge_remap(groups))
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ class MergePlan(ExpertPlan):
             super().check_writable()
 
     def to_json(self) -> str:
-        d = asdict(self)
+        d = self.as_dict()
         d.pop("permutations", None)
         return json.dumps(d, indent=2)
 
