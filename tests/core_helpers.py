@@ -25,7 +25,8 @@ def experts_masked(model: torch.nn.Module, plan: ExpertPlan) -> Iterator[None]:
     masks: dict[int, torch.Tensor] = {}
     saved = []
     for layer, lp in zip(layers, plan.layers):
-        m = torch.full((layer.num_experts,), MASK)
+        m = torch.zeros(layer.router_weight.shape[0])  # router classes beyond the experts (Zaya's skip) stay
+        m[: layer.num_experts] = MASK
         m[lp.keep] = 0.0
         masks[layer.router_weight.data_ptr()] = m
         cb = layer.correction_bias

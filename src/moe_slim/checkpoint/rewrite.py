@@ -35,6 +35,7 @@ from ..families import (
     expert_axis,
     family_of,
     group_size_ok,
+    kept_rows,
     set_config_counts,
 )
 from ..modeling.loading import load_config
@@ -168,7 +169,8 @@ def pruned_tensors(ckpt: ShardedCheckpoint, layout: DiskLayout, plan: ExpertPlan
             out.append(_columns(ckpt, d, list(kept), dtype))
             layer_of.append(d.layer)
             continue
-        add(d, key, list(kept) if shape and shape[0] == E else None)
+        rows = shape[0] if shape else 0
+        add(d, key, kept_rows(kept, rows, E) if rows in (E, E + layout.family.router_extra_rows) else None)
     if merged is not None:  # a merged layer's tensors together (where its first one stood): each layer merged once
         first = {li: i for i, li in reversed(list(enumerate(layer_of))) if li is not None}
         order = sorted(range(len(out)), key=lambda i: (first[layer_of[i]] if layer_of[i] is not None else i, i))

@@ -17,6 +17,7 @@ from ..families import (
     MoeLayer,
     family_of,
     get_path,
+    kept_rows,
     moe_layers,
     set_config_counts,
     set_expert_count,
@@ -45,7 +46,7 @@ def slice_layer(layer: MoeLayer, keep: list[int]) -> None:
     Slices every tensor of the block that runs over the experts (:meth:`MoeLayer.per_expert`): fused
     expert parameters, router rows and bias, selection biases wherever they sit."""
     fam = layer.family
-    idx = torch.tensor(keep, dtype=torch.long)
+    n = layer.num_experts
     if fam.layout == "modules":
         experts = layer.experts
         old = {k: experts[k] for k in list(experts.keys())}
@@ -55,7 +56,8 @@ def slice_layer(layer: MoeLayer, keep: list[int]) -> None:
             experts[f"expert_{j}"] = old[f"expert_{e}"]
     for path, axis in layer.per_expert().items():
         t = get_path(layer.block, path)
-        _set_path(layer.block, path, t.data.index_select(axis, idx.to(t.device)))
+        idx = torch.tensor(kept_rows(keep, t.shape[axis], n), dtype=torch.long, device=t.device)
+        _set_path(layer.block, path, t.data.index_select(axis, idx))
     set_expert_count(layer, len(keep))
 
 

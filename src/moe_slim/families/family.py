@@ -85,6 +85,15 @@ class Family:
     # token's output is ``sum_k f_k(w_k x)``): the router's (module, output) -> (top_k_index, top_k_weights).
     # moe_slim then records routing at the router and runs the experts' own code on the unscaled token.
     routing: RoutingFn | None = None
+    # The router's output at ``logits_output`` holds softmax probabilities, not logits (Gemma-4): their log is
+    # taken as the logits (softmax gives the probabilities back exactly; each token's row shifts by a constant).
+    router_probabilities: bool = False
+    # Path inside the block of a ``[E]`` tensor that multiplies each expert's combine weight after the router
+    # normalised it (Gemma-4 ``router.per_expert_scale``): part of every gate statistic, sliced with the experts.
+    expert_scale: str | None = None
+    # Router classes after the E experts that no expert holds (Zaya's skip expert: selecting it computes
+    # nothing). Router rows and biases of length E + extra keep those last entries when experts are sliced.
+    router_extra_rows: int = 0
     # Per-expert parameter name -> where its intermediate neurons lie. Parameters not listed have no
     # neuron axis (output-side biases) and are averaged as they are when experts merge.
     expert_neurons: tuple[tuple[str, NeuronAxis], ...] = SWIGLU_NEURONS
@@ -180,16 +189,32 @@ class MoeLayer:
         return None
 
     @property
+    def expert_scale(self) -> torch.Tensor | None:
+        return get_path(self.block, self.family.expert_scale) if self.family.expert_scale else None
+
+    @property
     def num_experts(self) -> int:
-        return int(self.router_weight.shape[0])
+        return int(self.router_weight.shape[0]) - self.family.router_extra_rows
+
+    def router_logits(self, output: Any) -> torch.Tensor:
+        """The logits in a router's forward output (log-probabilities where it returns probabilities)."""
+        logits = output[self.family.logits_output] if isinstance(output, (tuple, list)) else output
+        if self.family.router_probabilities:
+            return logits.float().clamp_min(torch.finfo(torch.float32).tiny).log()
+        return logits
 
     def per_expert(self) -> dict[str, int]:
         """Every tensor of the block that runs over the experts: block-relative path -> expert axis.
 
-        Fused expert parameters, router rows and bias, and selection biases wherever they sit; shared
-        experts are not the routed experts, and a modules-layout block's experts are whole modules."""
-        n = self.num_experts
-        skip = tuple(f"{a}." for a in self.family.shared_attrs)
+        Fused expert parameters, router rows and bias, and selection biases, in the router, the experts
+        or elsewhere on the block; children with parameters of their own (shared experts, and attention
+        where the block is the decoder layer) are not the routed experts, and a modules-layout block's
+        experts are whole modules. Router rows of length E + :attr:`Family.router_extra_rows` count too
+        (see :func:`kept_rows`)."""
+        n, extra = self.num_experts, self.family.router_extra_rows
+        skip = tuple(f"{c}." for c, child in self.block.named_children()
+                     if c not in (self.family.router_attr, self.family.experts_attr)
+                     and (c in self.family.shared_attrs or any(True for _ in child.parameters())))
         if self.family.layout == "modules":
             skip += (f"{self.family.experts_attr}.",)
         out: dict[str, int] = {}
@@ -197,6 +222,8 @@ class MoeLayer:
             if path.startswith(skip):
                 continue
             axis = expert_axis(tuple(t.shape), n)
+            if axis is None and extra and t.dim() >= 1 and t.shape[0] == n + extra:
+                axis = 0
             if axis is not None:
                 out[path] = axis
         return out
@@ -234,12 +261,23 @@ class MoeLayer:
         return self.experts[f"expert_{e}"]
 
     def router_scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """The router's normalised score of every expert for every token (rows sum to 1)."""
+        """The router's normalised score of every expert for every token ``[T, E]`` (rows sum to 1, less the
+        share of classes that hold no expert), times the expert's scale where the router applies one."""
         logits = logits.float().reshape(-1, logits.shape[-1])
         if self.family.scoring == "sigmoid":
             s = logits.sigmoid()
-            return s / s.sum(-1, keepdim=True).clamp_min(1e-20)
-        return logits.softmax(-1)
+            s = s / s.sum(-1, keepdim=True).clamp_min(1e-20)
+        else:
+            s = logits.softmax(-1)
+        s = s[:, : self.num_experts]
+        scale = self.expert_scale
+        return s if scale is None else s * scale.detach().float().to(s.device)
+
+
+def kept_rows(keep: list[int], length: int, n: int) -> list[int]:
+    """Indices that keep experts ``keep`` along an axis of ``length`` entries over ``n`` experts: router
+    classes after the experts (:attr:`Family.router_extra_rows`) stay, in their order, after the kept ones."""
+    return list(keep) + list(range(n, length))
 
 
 def check_uniform(layers: list[MoeLayer]) -> int:
@@ -256,6 +294,8 @@ def set_expert_count(layer: MoeLayer, n: int) -> None:
         for attr in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
             if isinstance(getattr(module, attr, None), int):
                 setattr(module, attr, n)
+        if isinstance(getattr(module, "num_router_classes", None), int):  # Zaya: experts + skip expert
+            module.num_router_classes = n + layer.family.router_extra_rows
         for attr in ("top_k", "num_experts_per_tok"):
             if isinstance(getattr(module, attr, None), int) and getattr(module, attr) > n:
                 setattr(module, attr, n)

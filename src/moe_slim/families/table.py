@@ -68,9 +68,21 @@ QUIRKS: dict[str, dict[str, Any]] = {
         expert_neurons=(("gate_up_proj", NeuronAxis(1, "halves")), ("down_proj", NeuronAxis(0))),
         notes="sigmoid top-k router beside a shared expert; the experts take router-scaled inputs (f(w x)), "
         "so routing is read from the router and norms are of f(x) on the unscaled token; gate_up_proj [E, H, 2I]"),
+    "gemma4_text": dict(
+        scoring="softmax", selection_biases=(), group_min_experts=1, router_probabilities=True,
+        expert_scale="router.per_expert_scale", shared_attrs=("mlp",),
+        notes="the decoder layer is the MoE block (a dense MLP beside the experts; attention differs per layer, "
+        "per_layer_config); the router returns softmax probabilities, renormalises the top-k and scales each "
+        "expert's weight by per_expert_scale, which every gate statistic includes and pruning slices"),
+    "zaya": dict(
+        router_weight="router_mlp.out_proj.weight", router_extra_rows=1, selection_biases=("gate.balancing_biases",),
+        scoring="softmax",
+        notes="the router is an MLP whose last linear scores E experts and a skip expert; balancing biases "
+        "[E + 1] steer selection only; pruning keeps the skip row, and a chosen skip counts for no expert"),
 }
 QUIRKS["nllb_moe"] = QUIRKS["nllb-moe"]
 QUIRKS["llama4"] = QUIRKS["llama4_text"]
+QUIRKS["gemma4"] = QUIRKS["gemma4_text"]
 
 #: model_type -> why moe_slim refuses it (one line, names what is missing).
 _VLM = ("image-text model whose language model has no causal-LM class in transformers (moe_slim loads the "
@@ -84,9 +96,6 @@ REFUSED: dict[str, str] = {
     "dbrx": "experts are stored as [E*I, H] matrices (experts.mlp.w1, v1, w2), not along a leading expert dimension",
     "jetmoe": "experts are split over two modules (input_linear, output_linear) and attention is MoE too",
     "longcat_flash": "the router scores zero-computation experts too (router rows != experts), which a plan cannot slice",
-    "zaya": "the router is an MLP with balancing biases, not a weight[E, H]",
-    "gemma4": ("the router returns probabilities, not logits, and scales each expert's weight "
-               "(per_expert_scale); moe_slim's gate statistics would be wrong"),
 }
 
 #: model_type -> why no tiny model of it is tested yet (its default config does not shrink to one that

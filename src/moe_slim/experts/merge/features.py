@@ -33,7 +33,7 @@ def layer_features(layer: MoeLayer, runner: ExpertRunner, sample: dict[str, torc
     REAM's ``saliency.reap(top_k=None)``), and ``p2norm-routed``, its mean over the tokens routed to the expert
     (``top_k`` given: REAM's default; ``ream/saliency.py`` multiplies the gated output ``p·f`` by ``p`` again)."""
     x, logits, route = sample["x"], sample["logits"], sample["route"]
-    n, E = logits.shape
+    n, E = route.shape  # the logits may score classes beyond the experts (Zaya's skip expert)
     feats: dict[str, torch.Tensor] = {
         "frequency": (route > 0).double().sum(0) / max(n, 1),
     }
