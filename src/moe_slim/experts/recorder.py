@@ -3,7 +3,9 @@
 The truth is what the router handed to the experts: the indices and weights the experts module
 was called with (softmax, sigmoid with correction bias, group-limited top-k, renormalisation and
 scaling factors all differ between families, so nothing is re-derived). The router's logits are
-taken from its own output for the soft gate mass.
+taken from its own output for the soft gate mass (the log of its probabilities where it returns those,
+Gemma-4). A per-expert scale the router applies after normalising (Gemma-4) stays on every weight; a
+skip expert (Zaya: handed over as expert 0 with weight 0) counts for no expert.
 
 Each selected expert's output norm is computed inside the experts' own forward: for fused experts
 the module is called once on the ``tokens x top_k`` rows with unit weights (the same work its
