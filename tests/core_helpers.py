@@ -34,7 +34,7 @@ def experts_masked(model: torch.nn.Module, plan: ExpertPlan) -> Iterator[None]:
             saved.append((table, table.detach().clone()))
             remap = merge_remap(lp.groups) if isinstance(lp, MergeLayerPlan) else resolve_remap(lp, plan.num_experts)
             table.data.copy_(remapped_table(table, list(range(layer.num_experts)), remap, renumber=False))
-        m = torch.zeros(layer.router_weight.shape[0])  # LongCat's zero-computation experts stay unmasked
+        m = torch.zeros(layer.router_weight.shape[0])  # classes beyond the experts (LongCat's zero experts, Zaya's skip) stay
         m[: layer.num_experts] = MASK
         m[lp.keep] = 0.0
         masks[layer.router_weight.data_ptr()] = m

@@ -55,7 +55,7 @@ def _routing_matches(model: torch.nn.Module, ids: torch.Tensor) -> None:
     logits: list[torch.Tensor] = []
     hooks = []
     def router_hook(m: torch.nn.Module, a: tuple, o: object, layer=None) -> None:
-        logits.append(o[layer.family.logits_output] if isinstance(o, (tuple, list)) else o)
+        logits.append(layer.router_logits(o))
         if layer.family.routing is not None:  # experts called with router-scaled inputs: routing is the router's
             seen.append((layer, *layer.family.routing(m, o)))
 

@@ -188,14 +188,17 @@ def test_a_dtype_the_device_cannot_run_is_one_line(monkeypatch) -> None:
 #: between MoE layers
 HYBRID = ("qwen3_next", "qwen3_5_moe", "jamba", "nemotron_h", "lara_mini", "lfm2_moe", "kimi_linear", "granitemoehybrid",
           "bailing_hybrid", "qwen4_exp", "inkling2")
-#: per-layer configs: each layer is built from its own config (dots3's sliding layers have their own head counts)
-PER_LAYER = ("dots3_note",)
+#: per-layer configs and layers that pass more than the hidden state on: dots3 (its sliding layers have their own
+#: head counts), Gemma-4 (per-layer attention config, per-layer input embeddings, the MoE block is the decoder
+#: layer), Zaya (each router reads the previous one's state)
+PER_LAYER = ("dots3_note", "gemma4", "zaya")
 
 
 @pytest.mark.parametrize("model_type", HYBRID + PER_LAYER)
 def test_layerwise_equals_whole_model_on_hybrid_stacks(model_type: str, tmp_path: Path, one_torch_thread) -> None:
     """Each layer runs on its own with the conv and recurrent states it builds itself (no cache is
-    carried between layers during observation), so the per-layer path matches the whole model."""
+    carried between layers during observation), and with what its predecessor hands it beside the hidden
+    state, so the per-layer path matches the whole model."""
     path = save_tiny(model_type, tmp_path / model_type)
     model, tok = load_model(path)
     whole = observe(model, tok, TEXTS, **SETTINGS)

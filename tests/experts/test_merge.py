@@ -315,3 +315,20 @@ def test_cli_merge_bad_input(cli_dir: Path, tmp_path: Path, capsys, extra: list[
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("moe-slim: ") and match in err, err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
+
+
+def test_gemma4_members_merge_with_their_per_expert_scale() -> None:
+    """Gemma-4 weighs expert e by ``p * s_e``: a member merges as ``s_e f_e`` (the scale folded into its down
+    projection) and the merged expert's scale is 1, so two copies with different scales average their scales."""
+    model = tiny_model("gemma4", seed=1)
+    duplicate_experts(model, [[0, 1]])  # expert 1 is a copy of expert 0, with its own scale
+    layer = moe_layers(model)[0]
+    s = layer.expert_scale.detach().clone()
+    assert abs(float(s[0] - s[1])) > 0.05
+    x = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    before = [layer.expert_output(layer.one_expert(e), x) for e in (0, 2)]
+    merge_layer(layer, [[0, 1]] + [[e] for e in range(2, 8)], [[0.5, 0.5]] + [[1.0]] * 6)
+    assert layer.num_experts == 7 and torch.equal(layer.expert_scale.detach(), torch.ones(7))
+    merged, alone = (layer.expert_output(layer.one_expert(e), x) for e in (0, 1))
+    torch.testing.assert_close(merged, before[0] * (s[0] + s[1]) / 2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(alone, before[1] * s[2], rtol=1e-5, atol=1e-6)  # a group of one: s f, unchanged

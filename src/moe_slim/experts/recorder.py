@@ -3,7 +3,9 @@
 The truth is what the router handed to the experts: the indices and weights the experts module
 was called with (softmax, sigmoid with correction bias, group-limited top-k, renormalisation and
 scaling factors all differ between families, so nothing is re-derived). The router's logits are
-taken from its own output for the soft gate mass.
+taken from its own output for the soft gate mass (the log of its probabilities where it returns those,
+Gemma-4). A per-expert scale the router applies after normalising (Gemma-4) stays on every weight; a
+skip expert (Zaya: handed over as expert 0 with weight 0) counts for no expert.
 
 Each selected expert's output norm is computed inside the experts' own forward: for fused experts
 the module is called once on the ``tokens x top_k`` rows with unit weights (the same work its
@@ -47,8 +49,10 @@ class Recorder:
         self.layers = layers
         self.n_experts = n_experts
         self.n_layers = max((l.index for l in layers), default=-1) + 1
-        router = layers[0].router_weight if layers else None
-        self.hidden = int(router.shape[-1]) if router is not None else 0  # for the output sums (MoNE)
+        # the token width, for the output sums (MoNE): the input of the router's first matrix (Zaya's router
+        # MLP projects the token down before its last layer scores the experts)
+        first = next((p for p in layers[0].router.parameters() if p.dim() == 2), None) if layers else None
+        self.hidden = int(first.shape[-1]) if first is not None else 0
         self.domains: dict[str, dict[str, torch.Tensor]] = {}
         self.domain: str | None = None
         self.masks: dict[str, torch.Tensor | None] = {"decoder": None, "encoder": None}
@@ -152,8 +156,15 @@ class Recorder:
             dense = torch.zeros(n_tokens, self.n_experts, dtype=torch.float32, device=exp.device)
             dense[tok[sel], exp[sel]] = weight[sel].float()
             res.put("route", slots, dense[rows.to(dense.device)])
-        per_token = torch.zeros(n_tokens, dtype=torch.float64, device=tok.device).index_add_(0, tok, weight.double())
-        rweight = weight.double() / per_token[tok].clamp_min(1e-30)  # REAP: the token's top-k weights sum to 1
+        # REAP: the token's top-k weights renormalised to sum to 1; a per-expert scale the router applies after
+        # its own normalisation (Gemma-4) is the expert's, so it stays on the weight
+        base, scale = weight.double(), layer.expert_scale
+        if scale is not None:
+            scale = scale.detach().double().to(exp.device)[exp.clamp_max(self.n_experts - 1)]
+            base = torch.where(scale != 0, base / scale, 0.0)
+        per_token = torch.zeros(n_tokens, dtype=torch.float64, device=tok.device).index_add_(0, tok, base)
+        rweight = base / per_token[tok].clamp_min(1e-30)
+        rweight = rweight * scale if scale is not None else rweight
         valid = self._valid(layer, n_tokens, tok.device)
         if valid is not None:
             keep = valid[tok]
@@ -200,8 +211,10 @@ def _fused_observing_forward(layer: MoeLayer, recorder: Recorder, inner: Any) ->
         out = out.reshape(n_tokens * top_k, out.shape[-1])  # unweighted
         norms = out.detach().float().norm(dim=-1)
         tok = torch.arange(n_tokens, device=top_k_index.device).repeat_interleave(top_k)
-        recorder.record_pairs(layer, tok, top_k_index.reshape(-1), top_k_weights.detach().reshape(-1).float(),
-                              norms, n_tokens, out.detach())
+        exp, w = top_k_index.reshape(-1), top_k_weights.detach().reshape(-1).float()
+        if layer.family.router_extra_rows:  # Zaya hands a chosen skip expert over as expert 0 with weight 0
+            exp = exp.masked_fill(w == 0, recorder.n_experts)  # the sentinel no statistic counts
+        recorder.record_pairs(layer, tok, exp, w, norms, n_tokens, out.detach())
         combined = (out.view(n_tokens, top_k, -1) * top_k_weights.unsqueeze(-1).to(out.dtype)).sum(1)
         return combined.to(hidden.dtype).reshape(shape)
 
@@ -235,12 +248,10 @@ def observing(model: nn.Module, recorder: Recorder) -> Iterator[Recorder]:
     patched: list[tuple[nn.Module, Any]] = []
     try:
         for layer in recorder.layers:
-            idx = layer.family.logits_output
 
-            def router_hook(module: nn.Module, args: Any, kwargs: Any, output: Any, layer: MoeLayer = layer,
-                            idx: int = idx) -> None:
+            def router_hook(module: nn.Module, args: Any, kwargs: Any, output: Any, layer: MoeLayer = layer) -> None:
                 inputs = args[0] if args else next(iter(kwargs.values()), None)
-                recorder.record_router(layer, output[idx] if isinstance(output, (tuple, list)) else output, inputs)
+                recorder.record_router(layer, layer.router_logits(output), inputs)
                 if layer.family.routing is not None:
                     _record_prescaled(layer, recorder, module, inputs, output)
 

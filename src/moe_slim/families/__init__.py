@@ -12,6 +12,7 @@ from .family import (
     expert_axis,
     get_path,
     group_size_ok,
+    kept_rows,
     set_config_counts,
     set_expert_count,
     take_experts,
@@ -21,6 +22,6 @@ from .table import QUIRKS, REFUSED, SLICEABLE_QUANTIZATION
 
 __all__ = [
     "QUIRKS", "REFUSED", "SLICEABLE_QUANTIZATION", "SWIGLU_NEURONS", "Family", "MoeLayer", "NeuronAxis",
-    "check_uniform", "expert_axis", "family_of", "find_blocks", "get_path", "group_size_ok", "moe_layers",
+    "check_uniform", "expert_axis", "family_of", "find_blocks", "get_path", "group_size_ok", "kept_rows", "moe_layers",
     "set_config_counts", "set_expert_count", "skeleton", "take_experts",
 ]

@@ -67,9 +67,13 @@ def _module_count(module: nn.Module) -> int | None:
     return len(children) if len(children) >= 2 and len({type(c) for c in children}) == 1 else None
 
 
-def _router_weight(module: nn.Module, n: int) -> str | None:
+def _router_weight(module: nn.Module, n: int, known: str | None = None) -> str | None:
     """Path of the ``weight[E, H]`` inside a router: a module whose matrices all have E rows (a shared
-    expert MLP has a down projection with H rows, so it is never taken for one)."""
+    expert MLP has a down projection with H rows, so it is never taken for one). ``known``: the path the
+    family table names for a router whose other matrices have other shapes (Zaya's router MLP)."""
+    if known is not None:
+        w = get_path(module, known)
+        return known if isinstance(w, nn.Parameter) and w.dim() == 2 and w.shape[0] >= n else None
     matrices = [(path, p) for path, p in module.named_parameters() if p.dim() == 2 and tuple(p.shape) != (1, n)]
     if not matrices or any(p.shape[0] != n for _, p in matrices):
         return None
@@ -121,8 +125,10 @@ def _stack_of(model: nn.Module, name: str) -> str | None:
     return None
 
 
-def find_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module, str, str, str]], list[str]]:
-    """``[(name, block, experts_attr, router_attr, router_weight)]`` and why candidate blocks failed."""
+def find_blocks(model: nn.Module, known_router: str | None = None
+                ) -> tuple[list[tuple[str, nn.Module, str, str, str]], list[str]]:
+    """``[(name, block, experts_attr, router_attr, router_weight)]`` and why candidate blocks failed
+    (``known_router``: the router weight's path the family table names, if any)."""
     blocks, problems = [], []
     flat = bool(QUIRKS.get(str(getattr(model.config, "model_type", None)), {}).get("flat_experts"))
     fixed = _fixed_count(model.config)
@@ -135,7 +141,7 @@ def find_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module, str, str, 
             continue
         e_attr, n, _ = experts[0]
         routers = [(cname, w) for cname, child in block.named_children() if cname != e_attr
-                   and (w := _router_weight(child, n + fixed)) is not None]
+                   and (w := _router_weight(child, n + fixed, known_router)) is not None]
         if len(routers) != 1:
             problems.append(f"{name}.{e_attr} holds {n} experts but {'no' if not routers else 'more than one'} "
                             f"sibling module holds a router weight[{n}, H]")
@@ -145,9 +151,11 @@ def find_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module, str, str, 
 
 
 def _fixed_count(config: Any) -> int:
-    """Experts the family routes beside the real ones and never removes (:attr:`Family.fixed_experts`)."""
-    key = QUIRKS.get(str(getattr(config, "model_type", None)), {}).get("fixed_experts")
-    return int(getattr(config, key, 0) or 0) if key else 0
+    """Router classes the family has beside the real experts and never removes (:attr:`Family.fixed_experts`,
+    :attr:`Family.router_extra_rows`)."""
+    quirks = QUIRKS.get(str(getattr(config, "model_type", None)), {})
+    key = quirks.get("fixed_experts")
+    return int(getattr(config, key, 0) or 0) if key else int(quirks.get("router_extra_rows", 0))
 
 
 def _call_problem(experts: nn.Module, layout: str, mt: str) -> str | None:
@@ -166,7 +174,7 @@ def discover(model: nn.Module) -> tuple[Family, list[tuple[str, nn.Module]]]:
     mt = str(getattr(config, "model_type", None))
     if mt in REFUSED:
         raise MoeSlimError(f"model type '{mt}' is not supported: {REFUSED[mt]}")
-    blocks, problems = find_blocks(model)
+    blocks, problems = find_blocks(model, QUIRKS.get(mt, {}).get("router_weight"))
     if not blocks:
         from .catalog import moe_model_types
 

@@ -94,6 +94,15 @@ class Family:
     # token's output is ``sum_k f_k(w_k x)``): the router's (module, output) -> (top_k_index, top_k_weights).
     # moe_slim then records routing at the router and runs the experts' own code on the unscaled token.
     routing: RoutingFn | None = None
+    # The router's output at ``logits_output`` holds softmax probabilities, not logits (Gemma-4): their log is
+    # taken as the logits (softmax gives the probabilities back exactly; each token's row shifts by a constant).
+    router_probabilities: bool = False
+    # Path inside the block of a ``[E]`` tensor that multiplies each expert's combine weight after the router
+    # normalised it (Gemma-4 ``router.per_expert_scale``): part of every gate statistic, sliced with the experts.
+    expert_scale: str | None = None
+    # Router classes after the E experts that no expert holds (Zaya's skip expert: selecting it computes
+    # nothing). Router rows and biases of length E + extra keep those last entries when experts are sliced.
+    router_extra_rows: int = 0
     # Per-expert parameter name -> where its intermediate neurons lie. Parameters not listed have no
     # neuron axis (output-side biases) and are averaged as they are when experts merge.
     expert_neurons: tuple[tuple[str, NeuronAxis], ...] = SWIGLU_NEURONS
@@ -138,7 +147,7 @@ class Family:
         if rows == n:
             return list(keep)
         if fixed and rows == n + fixed:
-            return list(keep) + list(range(n, rows))
+            return kept_rows(keep, rows, n)
         if self.flat_experts and rows > n and rows % n == 0:
             size = rows // n
             return [e * size + j for e in keep for j in range(size)]
@@ -192,8 +201,8 @@ def take_experts(t: torch.Tensor, axis: int, keep: torch.Tensor, n: int, fixed: 
     position each, or (flat experts) ``axis`` length // n consecutive positions each. An axis of ``n + fixed``
     positions (LongCat's zero-computation experts after the real ones) keeps the fixed ones last."""
     if fixed and t.shape[axis] == n + fixed:
-        rows = torch.cat([keep, torch.arange(n, n + fixed, dtype=keep.dtype)])
-        return t.index_select(axis, rows.to(t.device))
+        rows = torch.tensor(kept_rows(keep.tolist(), n + fixed, n), dtype=torch.long, device=t.device)
+        return t.index_select(axis, rows)
     return t.unflatten(axis, (n, -1)).index_select(axis, keep.to(t.device)).flatten(axis, axis + 1)
 
 
@@ -259,21 +268,39 @@ class MoeLayer:
         return get_path(self.block, self.family.token_table) if self.family.token_table else None
 
     @property
+    def expert_scale(self) -> torch.Tensor | None:
+        return get_path(self.block, self.family.expert_scale) if self.family.expert_scale else None
+
+    @property
     def num_fixed(self) -> int:
-        """Experts after the real ones that every plan keeps (LongCat's zero-computation experts)."""
-        return int(getattr(self.experts, self.family.fixed_experts, 0) or 0) if self.family.fixed_experts else 0
+        """Router classes after the real experts that every plan keeps: LongCat's zero-computation experts
+        (their count an attribute of the experts), Zaya's skip expert (:attr:`Family.router_extra_rows`)."""
+        if self.family.fixed_experts:
+            return int(getattr(self.experts, self.family.fixed_experts, 0) or 0)
+        return self.family.router_extra_rows
 
     @property
     def num_experts(self) -> int:
         return int(self.router_weight.shape[0]) - self.num_fixed
 
+    def router_logits(self, output: Any) -> torch.Tensor:
+        """The logits in a router's forward output (log-probabilities where it returns probabilities)."""
+        logits = output[self.family.logits_output] if isinstance(output, (tuple, list)) else output
+        if self.family.router_probabilities:
+            return logits.float().clamp_min(torch.finfo(torch.float32).tiny).log()
+        return logits
+
     def per_expert(self) -> dict[str, int]:
         """Every tensor of the block that runs over the experts: block-relative path -> expert axis.
 
-        Fused expert parameters, router rows and bias, and selection biases wherever they sit; shared
-        experts are not the routed experts, and a modules-layout block's experts are whole modules."""
+        Fused expert parameters, router rows and bias, and selection biases, in the router, the experts
+        or elsewhere on the block; children with parameters of their own (shared experts, and attention
+        where the block is the decoder layer) are not the routed experts, and a modules-layout block's
+        experts are whole modules. Rows of length E + :attr:`num_fixed` count too (see :func:`kept_rows`)."""
         n = self.num_experts
-        skip = tuple(f"{a}." for a in self.family.shared_attrs)
+        skip = tuple(f"{c}." for c, child in self.block.named_children()
+                     if c not in (self.family.router_attr, self.family.experts_attr)
+                     and (c in self.family.shared_attrs or any(True for _ in child.parameters())))
         if self.family.layout == "modules":
             skip += (f"{self.family.experts_attr}.",)
         flat = f"{self.family.experts_attr}." if self.family.flat_experts else None
@@ -337,8 +364,9 @@ class MoeLayer:
     def one_per_row(self, index: torch.Tensor, weights: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """An experts call with one expert per row (``index`` ``[T, 1]`` of ``n`` real experts). LongCat's experts
         cannot take top-1 calls (their forward squeezes the top-k axis away), so with fixed experts each row also
-        names the first of them at weight 0: an identity expert that adds nothing."""
-        if not self.num_fixed:
+        names the first of them at weight 0: an identity expert that adds nothing. (Zaya's skip expert is a
+        router class only: its experts module has no row for it.)"""
+        if not self.family.fixed_experts or not self.num_fixed:
             return index, weights
         return (torch.cat([index, torch.full_like(index, n)], 1), torch.cat([weights, torch.zeros_like(weights)], 1))
 
@@ -347,13 +375,26 @@ class MoeLayer:
         return self.experts[f"expert_{e}"]
 
     def router_scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """The router's normalised score of every expert for every token (rows sum to 1; LongCat's zero-computation
-        experts are the columns after the :attr:`num_experts` real ones)."""
+        """The router's normalised score of every class for every token (rows sum to 1; LongCat's zero-computation
+        experts and Zaya's skip expert are the columns after the :attr:`num_experts` real ones), each real expert's
+        times its scale where the router applies one (Gemma-4's per_expert_scale)."""
         logits = logits.float().reshape(-1, logits.shape[-1])
         if self.family.scoring in POSITIVE_SCORES:
             s = POSITIVE_SCORES[self.family.scoring](logits)
-            return s / s.sum(-1, keepdim=True).clamp_min(1e-20)
-        return logits.softmax(-1)
+            s = s / s.sum(-1, keepdim=True).clamp_min(1e-20)
+        else:
+            s = logits.softmax(-1)
+        scale = self.expert_scale
+        if scale is None:
+            return s
+        n = self.num_experts
+        return torch.cat([s[:, :n] * scale.detach().float().to(s.device), s[:, n:]], 1)
+
+
+def kept_rows(keep: list[int], length: int, n: int) -> list[int]:
+    """Indices that keep experts ``keep`` along an axis of ``length`` entries over ``n`` experts: classes after
+    the experts (LongCat's zero experts, Zaya's skip expert) stay, in their order, after the kept ones."""
+    return list(keep) + list(range(n, length))
 
 
 def check_uniform(layers: list[MoeLayer]) -> int:
@@ -373,6 +414,8 @@ def set_expert_count(layer: MoeLayer, n: int) -> None:
         for attr in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
             if isinstance(getattr(module, attr, None), int):
                 setattr(module, attr, n)
+        if isinstance(getattr(module, "num_router_classes", None), int):  # Zaya: experts + skip expert
+            module.num_router_classes = n + layer.family.router_extra_rows
         for attr in ("top_k", "num_experts_per_tok"):
             if isinstance(getattr(module, attr, None), int) and getattr(module, attr) > n:
                 setattr(module, attr, n)

@@ -94,9 +94,21 @@ QUIRKS: dict[str, dict[str, Any]] = {
         expert_neurons=(("mlp.w1", NeuronAxis(0)), ("mlp.v1", NeuronAxis(0)), ("mlp.w2", NeuronAxis(0))),
         notes="experts stored flat as [E*I, H] matrices (experts.mlp.w1, v1, w2): viewed as [E, I, H], pruned in "
         "blocks of I rows; counts in the nested ffn_config (moe_num_experts, moe_top_k)"),
+    "gemma4_text": dict(
+        scoring="softmax", selection_biases=(), group_min_experts=1, router_probabilities=True,
+        expert_scale="router.per_expert_scale", shared_attrs=("mlp",),
+        notes="the decoder layer is the MoE block (a dense MLP beside the experts; attention differs per layer, "
+        "per_layer_config); the router returns softmax probabilities, renormalises the top-k and scales each "
+        "expert's weight by per_expert_scale, which every gate statistic includes and pruning slices"),
+    "zaya": dict(
+        router_weight="router_mlp.out_proj.weight", router_extra_rows=1, selection_biases=("gate.balancing_biases",),
+        scoring="softmax",
+        notes="the router is an MLP whose last linear scores E experts and a skip expert; balancing biases "
+        "[E + 1] steer selection only; pruning keeps the skip row, and a chosen skip counts for no expert"),
 }
 QUIRKS["nllb_moe"] = QUIRKS["nllb-moe"]
 QUIRKS["llama4"] = QUIRKS["llama4_text"]
+QUIRKS["gemma4"] = QUIRKS["gemma4_text"]
 
 #: model_type -> why moe_slim refuses it (one line, names what is missing).
 _VLM = ("image-text model whose language model has no causal-LM class in transformers (moe_slim loads the "
@@ -107,9 +119,6 @@ REFUSED: dict[str, str] = {
     "jetmoe": "its attention experts (MoA) share the MLP experts' config keys (num_local_experts, "
               "num_experts_per_tok), so pruning MLP experts alone cannot write a config that loads, and moe_slim "
               "neither observes nor prunes attention experts (nor experts split over input_linear/output_linear)",
-    "zaya": "the router is an MLP with balancing biases, not a weight[E, H]",
-    "gemma4": ("the router returns probabilities, not logits, and scales each expert's weight "
-               "(per_expert_scale); moe_slim's gate statistics would be wrong"),
 }
 
 #: model_type -> why no tiny model of it is tested yet (its default config does not shrink to one that

@@ -104,6 +104,13 @@ def _spread_constant_routers(model: PreTrainedModel) -> None:
         if table is not None and table.numel() and bool((table == table.reshape(-1)[0]).all()):
             rows = torch.rand(table.shape[0], layer.num_experts).argsort(-1)[:, : table.shape[1]]
             table.copy_(rows.to(table.dtype))
+        matrices = [p for p in layer.router.parameters() if p.dim() == 2]
+        if len(matrices) > 1:  # a router MLP (Zaya) at init scores every expert alike to 1e-5: make it decisive
+            for p in matrices:
+                p.normal_(0.0, 2.0 * p.shape[1] ** -0.5)
+        s = layer.expert_scale  # Gemma-4's per-expert scale starts at ones: vary it so that tests see it
+        if s is not None and bool((s == s.reshape(-1)[0]).all()):
+            s.uniform_(0.5, 1.5)
 
 
 def tiny_tokenizer() -> Any:
@@ -151,8 +158,12 @@ SHRINK: dict[str, Any] = dict(
 )
 #: Per model type: what the generic shrink cannot guess (layer patterns, switches that turn MoE on).
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {
+    # per-layer config: the full-attention layer (the last of four) has wider heads, one key/value head and
+    # keys that are its values, as Gemma-4's global layers do (the default's overrides name layers 5, 11, ...)
     "gemma4": dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=12,
-                   vocab_size_per_layer_input=128, hidden_size_per_layer_input=16),
+                   vocab_size_per_layer_input=128, hidden_size_per_layer_input=16, attention_k_eq_v=True,
+                   per_layer_config={3: dict(head_dim=16, num_key_value_heads=1)}),
+    "zaya": dict(num_experts_per_tok=1, router_hidden_size=24),  # ZayaConfig validates top-1 on reload
     "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"], num_dense_layers=1),
     "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"] * 2, mamba_n_heads=8, mamba_d_head=8,
                              mamba_d_state=8),

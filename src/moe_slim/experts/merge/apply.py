@@ -29,17 +29,24 @@ def merge_layer(layer: MoeLayer, groups: list[list[int]], weights: list[list[flo
     stored in the parameters' dtype); it takes the router row and bias entries of ``groups[j][0]``.
     ``permutations[e]`` is the neuron order of expert ``e`` (None: no alignment). ``tied``: as the
     HC-SMoE and M-SMoE papers do, every member takes the merged weights and the router is untouched
-    (the expert count does not change; the model does not shrink).
+    (the expert count does not change; the model does not shrink). A per-expert scale on the combine
+    weight (Gemma-4's ``per_expert_scale``) is folded into each member's output side first (``s f(x)``
+    is ``f`` with its down projection times ``s``), so members merge as the layer weighs them; the merged
+    expert's scale is then 1.
     """
     members = [m for g in groups for m in g]
     if len(set(members)) != len(members):
         raise MoeSlimError(f"merge groups of {layer.name} share experts: {groups}")
     axes = layer.family.neuron_axes()
+    scale = layer.expert_scale
+    out_side = {layer.family.expert_down, f"{layer.family.expert_down}_bias"}
     for grp, ws in zip(groups, weights):
         acc: dict[str, torch.Tensor] = {}
         for m, w in zip(grp, ws):
             for name, t in expert_tensors(layer, m).items():
                 t = t.detach().float()
+                if scale is not None and name in out_side:
+                    t = t * float(scale[m])
                 if permutations is not None and name in axes:
                     t = permute_neurons(t, axes[name], permutations[m])
                 acc[name] = acc[name] + w * t if name in acc else w * t
@@ -48,6 +55,8 @@ def merge_layer(layer: MoeLayer, groups: list[list[int]], weights: list[list[flo
         for m in grp if tied else grp[:1]:
             for name, t in expert_tensors(layer, m).items():
                 t.data.copy_(acc[name].to(t.dtype))
+            if scale is not None:
+                scale.data[m] = 1.0
     if not tied:
         slice_layer(layer, [g[0] for g in groups], merge_remap(groups))
 

@@ -232,7 +232,7 @@ def _grouping(opts: MergeOptions, feats: dict[str, torch.Tensor], sample: dict[s
               ) -> Callable[[list[int], int], list[list[int]]]:
     """The method's grouping of a list of expert ids into ``kk`` groups."""
     if opts.grouping == "ream":
-        sim = ream_similarity(feats["gated"], sample["logits"][:, : len(rank)])  # real experts' columns (LongCat)
+        sim = ream_similarity(feats["gated"], sample["logits"][:, : feats["gated"].shape[0]])  # real experts' columns
         return lambda idx, kk: group_ream(rank[idx], sim[idx][:, idx], kk,  # noqa: E731
                                           max(group_size, -(-len(idx) // max(kk, 1))))
     if opts.grouping == "hc":

@@ -33,7 +33,7 @@ def layer_features(layer: MoeLayer, runner: ExpertRunner, sample: dict[str, torc
     REAM's ``saliency.reap(top_k=None)``), and ``p2norm-routed``, its mean over the tokens routed to the expert
     (``top_k`` given: REAM's default; ``ream/saliency.py`` multiplies the gated output ``p·f`` by ``p`` again)."""
     x, logits, route = sample["x"], sample["logits"], sample["route"]
-    n, E = route.shape  # the real experts (LongCat's logits also score its zero-computation experts)
+    n, E = route.shape  # the real experts (the logits may also score LongCat's zero experts, Zaya's skip expert)
     feats: dict[str, torch.Tensor] = {
         "frequency": (route > 0).double().sum(0) / max(n, 1),
     }
