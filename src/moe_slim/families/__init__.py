@@ -14,12 +14,13 @@ from .family import (
     group_size_ok,
     set_config_counts,
     set_expert_count,
+    text_config,
 )
-from .skeleton import skeleton
+from .skeleton import auto_class, non_text_parts, skeleton
 from .table import QUIRKS, REFUSED, SLICEABLE_QUANTIZATION
 
 __all__ = [
     "QUIRKS", "REFUSED", "SLICEABLE_QUANTIZATION", "SWIGLU_NEURONS", "Family", "MoeLayer", "NeuronAxis",
     "check_uniform", "expert_axis", "family_of", "find_blocks", "get_path", "group_size_ok", "moe_layers",
-    "set_config_counts", "set_expert_count", "skeleton",
+    "set_config_counts", "set_expert_count", "skeleton", "auto_class", "non_text_parts", "text_config",
 ]

@@ -105,10 +105,10 @@ class Family:
     def top_k(self, config: Any) -> int:
         if self.fixed_top_k is not None:
             return self.fixed_top_k
-        return int(getattr(config, self.top_k_key))
+        return int(getattr(text_config(config), self.top_k_key))
 
     def num_experts(self, config: Any) -> int:
-        return int(getattr(config, self._count_key()))
+        return int(getattr(text_config(config), self._count_key()))
 
     def _count_key(self) -> str:
         if self.n_experts_key is None:
@@ -118,11 +118,19 @@ class Family:
 
     def groups(self, config: Any) -> tuple[int, int] | None:
         """``(n_group, topk_group)`` when the router limits top-k to groups, else None."""
+        config = text_config(config)
         if self.group_keys is None or (self.group_applies and not self.group_applies(config)):
             return None
         n_group = int(getattr(config, self.group_keys[0], 1) or 1)
         topk_group = int(getattr(config, self.group_keys[1], 1) or 1)
         return (n_group, topk_group) if n_group > 1 else None
+
+
+def text_config(config: Any) -> Any:
+    """The config that holds the language model's keys (expert count, top-k, groups): an image-text model's
+    ``text_config``, which its ``config.json`` nests, else the config itself."""
+    sub = getattr(config, "text_config", None)
+    return config if sub is None else sub
 
 
 def get_path(module: nn.Module, path: str) -> Any:
@@ -262,7 +270,8 @@ def set_expert_count(layer: MoeLayer, n: int) -> None:
 
 
 def set_config_counts(config: Any, family: Family, n: int) -> None:
-    """Write the new expert count (and a top-k that fits) into the config."""
+    """Write the new expert count (and a top-k that fits) into the config (an image-text model's text config)."""
+    config = text_config(config)
     setattr(config, family._count_key(), n)
     if family.top_k_key is not None and int(getattr(config, family.top_k_key)) > n:
         setattr(config, family.top_k_key, n)

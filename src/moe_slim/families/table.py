@@ -76,8 +76,11 @@ QUIRKS["llama4"] = QUIRKS["llama4_text"]
 _VLM = ("image-text model whose language model has no causal-LM class in transformers (moe_slim loads the "
         "language model through AutoModelForCausalLM); slim a text-only export of it")
 REFUSED: dict[str, str] = {
-    **{mt: _VLM for mt in ("deepseek_ocr2", "diffusion_gemma", "ernie4_5_vl_moe", "glm4v_moe", "glm5_next", "hy_v4_vl",
-                           "mistral4", "mistral_large4", "muse_spark", "qwen3_vl_moe", "step3p7", "unlimited_ocr")},
+    **{mt: _VLM for mt in ("deepseek_ocr2", "diffusion_gemma", "glm5_next", "hy_v4_vl",
+                           "mistral4", "mistral_large4", "muse_spark", "step3p7", "unlimited_ocr")},
+    "ernie4_5_vl_moe": "each layer's text experts (mlp.text_moe) and vision experts (mlp.vision_moe) take their count "
+                       "from one config key (moe_num_experts) and are one expert list on disk, so the text experts "
+                       "cannot be pruned with the vision experts kept, and text calibration cannot score vision experts",
     "deepseek_v4": "hash-routed layers (gate.tid2eid: token id -> experts) send tokens to fixed experts, so "
                    "removing one strands its tokens, and keeping those layers whole leaves no single expert count "
                    "for the config",

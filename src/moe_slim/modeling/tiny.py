@@ -9,12 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    PreTrainedModel,
-)
+from transformers import AutoConfig, PreTrainedModel
 
 _DECODER = dict(
     vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -67,10 +62,11 @@ def tiny_config(model_type: str, **overrides: Any) -> Any:
 
 def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> PreTrainedModel:
     """A randomly initialised tiny model of ``model_type`` in eval mode (deterministic per seed)."""
+    from ..families import auto_class
+
     config = tiny_config(model_type, **overrides)
     torch.manual_seed(seed)
-    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    model = auto.from_config(config)
+    model = auto_class(config).from_config(config)
     # Random init leaves routers near-uniform; spread them so that routing is decisive and varied.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -147,6 +143,10 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
                              mamba_d_state=8),
     # moe_layers lists layer indices (not a per-layer pattern): three MoE layers around a dense one
     **dict.fromkeys(("llama4", "llama4_text"), dict(intermediate_size_mlp=48, moe_layers=[0, 2, 3])),
+    # M-RoPE sections the modeling code defaults to (fitted to the tiny heads by shrunk_config)
+    "qwen3_vl_moe": dict(mrope_section=[24, 20, 20]),
+    "glm4v_moe": dict(mrope_section=[8, 12, 12]),
+    "ernie4_5_vl_moe": dict(head_dim=16, mrope_section=[22, 22, 20]),  # height and width sections of one size
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
 }
 
@@ -162,15 +162,20 @@ def _keep_every_kind(pattern: list[Any], n: int) -> list[Any]:
     return head
 
 
-def shrunk_config(model_type: str, layers: int = 4, **overrides: Any) -> Any:
-    """The default config of any transformers ``model_type`` (its language model for image-text
-    models) with every size shrunk, ``layers`` layers, and per-layer lists cut to match."""
-    from ..families.catalog import text_model_type
+#: Sizes that make the other parts of an image-text model tiny (vision tower, projector, audio tower: every
+#: sub-config beside the text config, nested ones too), applied to the keys each has.
+SHRINK_TOWER: dict[str, Any] = dict(
+    depth=1, num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_heads=4, num_attention_heads=4,
+    num_key_value_heads=4, head_dim=8, mlp_dim=64, projection_dim=32, projection_intermediate_size=64, output_channels=32,
+    vocab_size=128,
+)
 
-    text = text_model_type(model_type) or model_type
-    config = AutoConfig.for_model(text)
+
+def _shrink(config: Any, sizes: dict[str, Any], layers: int) -> None:
+    """Shrink ``config`` in place: every size of ``sizes`` it has, ``layers`` layers and per-layer lists cut to match,
+    M-RoPE sections fitted to the new head size."""
     d = config.to_dict()
-    for key, value in SHRINK.items():
+    for key, value in sizes.items():
         current = d.get(key, getattr(config, key, None) if key in getattr(config, "attribute_map", {}) else None)
         if current is not None and not isinstance(current, (dict, list)):
             setattr(config, key, value)
@@ -178,12 +183,61 @@ def shrunk_config(model_type: str, layers: int = 4, **overrides: Any) -> Any:
         config.num_key_value_heads = config.num_attention_heads
     if (d.get("n_group") or 1) > 1:
         config.n_group, config.topk_group = 2, 1
-    old = d.get("num_hidden_layers")
-    if isinstance(old, int):
-        config.num_hidden_layers = min(layers, old)
-        for key, value in d.items():
-            if isinstance(value, list) and len(value) == old and key != "rope_parameters":
-                setattr(config, key, _keep_every_kind(value, config.num_hidden_layers))
-    for key, value in {**TINY_OVERRIDES.get(model_type, {}), **overrides}.items():
-        setattr(config, key, value)
-    return config
+    for key in ("num_hidden_layers", "depth"):
+        old = d.get(key)
+        if isinstance(old, int):
+            setattr(config, key, min(layers, old))
+            for k, value in d.items():
+                if isinstance(value, list) and len(value) == old and k != "rope_parameters":
+                    setattr(config, k, _keep_every_kind(value, min(layers, old)))
+    for key in ("global_attn_indexes", "deepstack_visual_indexes"):  # layer indices of a tower: within its layers
+        if isinstance(d.get(key), list):
+            setattr(config, key, [i for i in d[key] if i < layers][:1])
+    for name in getattr(config, "sub_configs", {}):  # a tower's own parts (SAM encoder beside a CLIP one)
+        if getattr(config, name, None) is not None:
+            _shrink(getattr(config, name), SHRINK_TOWER, 1)
+
+
+def _fit_mrope(config: Any, sections: list[int]) -> None:
+    """M-RoPE sections (time, height, width) summing to half the rotary size of the shrunk heads, in the
+    proportions of the model's own (``sections``: the default its modeling code uses when the config has none)."""
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    half = int(head * (rope.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0)) // 2
+    old = rope.get("mrope_section") or sections
+    new = [v * half // sum(old) for v in old]
+    for i in range(half - sum(new)):
+        new[i % len(new)] += 1
+    rope["mrope_section"] = new
+    config.rope_parameters = rope
+
+
+def shrunk_config(model_type: str, layers: int = 4, **overrides: Any) -> Any:
+    """The default config of any transformers ``model_type`` with every size shrunk, ``layers`` layers, and
+    per-layer lists cut to match. For an image-text model: the whole model's config, its text config shrunk so
+    and every other part (vision tower, projector) to one small layer; ``overrides`` apply to the text config."""
+    from ..families import text_config
+
+    config = AutoConfig.for_model(model_type)
+    text = text_config(config)
+    _shrink(text, SHRINK, layers)
+    if text is not config:
+        for name in getattr(config, "sub_configs", {}):
+            sub = getattr(config, name, None)
+            if sub is not None and sub is not text:
+                _shrink(sub, SHRINK_TOWER, 1)
+                if hasattr(sub, "out_hidden_size"):  # a tower's merger writes the language model's width
+                    sub.out_hidden_size = text.hidden_size
+        config.tie_word_embeddings = text.tie_word_embeddings
+        for key, value in config.to_dict().items():  # the projector's own width sits on the whole model's config
+            if key.startswith(("projector_", "projection_")) and isinstance(value, int) and value > 32:
+                setattr(config, key, 32)
+    extra = {**TINY_OVERRIDES.get(model_type, {}), **overrides}
+    sections = extra.pop("mrope_section", None)
+    for key, value in extra.items():
+        setattr(text, key, value)
+    if sections is not None:
+        _fit_mrope(text, sections)
+    # built again from its dict: what the whole model's config derives from its parts (MiniMax-M3-VL's
+    # merged_hidden_size) is derived from the shrunk parts
+    return config if text is config else type(config).from_dict(config.to_dict())
