@@ -14,14 +14,18 @@ def auto_class(config: Any) -> Any:
     own mappings: encoder-decoders as seq2seq LMs, causal LMs as such, and image-text models (whose
     language model moe_slim slims) through ``AutoModelForImageTextToText``, vision tower included."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSeq2SeqLM
-    from transformers.models.auto import modeling_auto as ma
 
     if getattr(config, "is_encoder_decoder", False):
         return AutoModelForSeq2SeqLM
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type in ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
-        return AutoModelForImageTextToText
-    return AutoModelForCausalLM
+    return AutoModelForImageTextToText if image_text(getattr(config, "model_type", "")) else AutoModelForCausalLM
+
+
+def image_text(model_type: str) -> bool:
+    """Whether transformers loads ``model_type`` as an image-text model only (no causal-LM class of its own)."""
+    from transformers.models.auto import modeling_auto as ma
+
+    return (model_type not in ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            and model_type in ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
 
 def skeleton(config: Any) -> nn.Module:

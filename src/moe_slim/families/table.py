@@ -73,11 +73,9 @@ QUIRKS["nllb_moe"] = QUIRKS["nllb-moe"]
 QUIRKS["llama4"] = QUIRKS["llama4_text"]
 
 #: model_type -> why moe_slim refuses it (one line, names what is missing).
-_VLM = ("image-text model whose language model has no causal-LM class in transformers (moe_slim loads the "
-        "language model through AutoModelForCausalLM); slim a text-only export of it")
 REFUSED: dict[str, str] = {
-    **{mt: _VLM for mt in ("deepseek_ocr2", "diffusion_gemma", "glm5_next", "hy_v4_vl",
-                           "mistral4", "mistral_large4", "muse_spark", "step3p7", "unlimited_ocr")},
+    "diffusion_gemma": "a block-diffusion model (DiffusionGemmaForBlockDiffusion: it denoises blocks of tokens, not "
+                       "next-token prediction), with Gemma-4's router that scales each expert's weight (per_expert_scale)",
     "ernie4_5_vl_moe": "each layer's text experts (mlp.text_moe) and vision experts (mlp.vision_moe) take their count "
                        "from one config key (moe_num_experts) and are one expert list on disk, so the text experts "
                        "cannot be pruned with the vision experts kept, and text calibration cannot score vision experts",

@@ -147,6 +147,15 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "qwen3_vl_moe": dict(mrope_section=[24, 20, 20]),
     "glm4v_moe": dict(mrope_section=[8, 12, 12]),
     "ernie4_5_vl_moe": dict(head_dim=16, mrope_section=[22, 22, 20]),  # height and width sections of one size
+    "hy_v4_vl": dict(mrope_section=[12, 10, 10]),
+    "glm5_next": dict(index_kpool=2, qk_rope_head_dim=0),  # index_topk a multiple of index_kpool; NoPE indexer
+    "mistral4": dict(head_dim=16),  # qk_nope_head_dim + qk_rope_head_dim
+    "step3p7": dict(sliding_window=16),
+    "muse_spark": dict(moe_hidden_size=32),
+    # the default config leaves mlp_layer_types None, which its decoder layers index
+    **dict.fromkeys(("deepseek_ocr2", "unlimited_ocr"), dict(mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+                                                                    num_experts_per_tok=2)),
+    "mistral_large4": dict(kv_source_layers=[0, 1, 2, 3]),  # every tiny layer owns its cache
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
 }
 
@@ -167,7 +176,7 @@ def _keep_every_kind(pattern: list[Any], n: int) -> list[Any]:
 SHRINK_TOWER: dict[str, Any] = dict(
     depth=1, num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_heads=4, num_attention_heads=4,
     num_key_value_heads=4, head_dim=8, mlp_dim=64, projection_dim=32, projection_intermediate_size=64, output_channels=32,
-    vocab_size=128,
+    vocab_size=128, downsample_channels=[32, 32],
 )
 
 
@@ -177,7 +186,7 @@ def _shrink(config: Any, sizes: dict[str, Any], layers: int) -> None:
     d = config.to_dict()
     for key, value in sizes.items():
         current = d.get(key, getattr(config, key, None) if key in getattr(config, "attribute_map", {}) else None)
-        if current is not None and not isinstance(current, (dict, list)):
+        if current is not None and not isinstance(current, dict) and isinstance(current, list) == isinstance(value, list):
             setattr(config, key, value)
     if d.get("kv_lora_rank") and "num_key_value_heads" in d:  # latent attention: every head has its keys
         config.num_key_value_heads = config.num_attention_heads
@@ -202,7 +211,8 @@ def _fit_mrope(config: Any, sections: list[int]) -> None:
     """M-RoPE sections (time, height, width) summing to half the rotary size of the shrunk heads, in the
     proportions of the model's own (``sections``: the default its modeling code uses when the config has none)."""
     rope = dict(getattr(config, "rope_parameters", None) or {})
-    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head = (getattr(config, "qk_rope_head_dim", None) or getattr(config, "head_dim", None)
+            or config.hidden_size // config.num_attention_heads)
     half = int(head * (rope.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0)) // 2
     old = rope.get("mrope_section") or sections
     new = [v * half // sum(old) for v in old]
@@ -213,12 +223,17 @@ def _fit_mrope(config: Any, sections: list[int]) -> None:
 
 
 def shrunk_config(model_type: str, layers: int = 4, **overrides: Any) -> Any:
-    """The default config of any transformers ``model_type`` with every size shrunk, ``layers`` layers, and
-    per-layer lists cut to match. For an image-text model: the whole model's config, its text config shrunk so
-    and every other part (vision tower, projector) to one small layer; ``overrides`` apply to the text config."""
+    """The default config of any transformers ``model_type`` (its language model's when it has a causal-LM
+    class) with every size shrunk, ``layers`` layers, and per-layer lists cut to match. For an image-text
+    model: the whole model's config, its text config shrunk so and every other part (vision tower, projector)
+    to one small layer; ``overrides`` apply to the text config."""
     from ..families import text_config
+    from ..families.catalog import text_model_type
+    from ..families.skeleton import image_text
 
-    config = AutoConfig.for_model(model_type)
+    # a model type with a causal-LM class of its own that nests a text config (Qwen3.5-MoE, Llama-4) is
+    # built as that language model, as transformers loads it; an image-text-only type as the whole model
+    config = AutoConfig.for_model(model_type if image_text(model_type) else text_model_type(model_type) or model_type)
     text = text_config(config)
     _shrink(text, SHRINK, layers)
     if text is not config:
