@@ -181,8 +181,8 @@ SHRINK_TOWER: dict[str, Any] = dict(
 
 
 def _shrink(config: Any, sizes: dict[str, Any], layers: int) -> None:
-    """Shrink ``config`` in place: every size of ``sizes`` it has, ``layers`` layers and per-layer lists cut to match,
-    M-RoPE sections fitted to the new head size."""
+    """Shrink ``config`` in place: every size of ``sizes`` it has, ``layers`` layers (or tower blocks) and per-layer
+    lists cut to match, layer indices kept within them, nested sub-configs shrunk as towers."""
     d = config.to_dict()
     for key, value in sizes.items():
         current = d.get(key, getattr(config, key, None) if key in getattr(config, "attribute_map", {}) else None)
