@@ -29,9 +29,12 @@ from moe_slim.api.plans import plan_for  # noqa: E402
 from moe_slim.errors import MoeSlimError  # noqa: E402
 from moe_slim.experts.observe import observe  # noqa: E402
 from moe_slim.experts.prune import apply_plan  # noqa: E402
-from moe_slim.families import REFUSED, family_of, moe_layers  # noqa: E402
+from moe_slim.families import REFUSED, family_of, moe_layers, non_text_parts  # noqa: E402
 from moe_slim.families.catalog import moe_model_types  # noqa: E402
 from moe_slim.families.table import UNTESTED  # noqa: E402
+from moe_slim.modeling.loading import load_config  # noqa: E402
+from moe_slim.modeling.ondisk import DiskLayout, meta_model  # noqa: E402
+from moe_slim.modeling.shards import ShardedCheckpoint  # noqa: E402
 from moe_slim.modeling.tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -109,10 +112,13 @@ def _end_to_end(model_type: str, tmp_path: Path) -> None:
     plan.save(tmp_path / "plan.json")
     apply_checkpoint(src, tmp_path / "plan.json", tmp_path / "streamed", max_shard_size="30KB", progress=False)
     apply_checkpoint(src, tmp_path / "plan.json", tmp_path / "memory", in_memory=True)
-    a, b = load(tmp_path / "streamed").state_dict(), load(tmp_path / "memory").state_dict()
+    streamed = load(tmp_path / "streamed")
+    a, b = streamed.state_dict(), load(tmp_path / "memory").state_dict()
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    if non_text_parts(ref):  # an image-text model (Mistral-4's image-text class is its causal LM)
+        _whole_model_written_back(ref, streamed, src, [tmp_path / "streamed", tmp_path / "memory"])
     # a merge writes a checkpoint that loads
     mplan = merge_plan_for(ref)
     (tmp_path / "mplan").mkdir()
@@ -121,6 +127,27 @@ def _end_to_end(model_type: str, tmp_path: Path) -> None:
     merged = load(tmp_path / "merged")
     assert all(layer.num_experts == mplan.num_experts // 2 for layer in moe_layers(merged))
     assert torch.isfinite(forward_logits(merged, ids)).all()
+
+
+def _whole_model_written_back(ref: torch.nn.Module, streamed: torch.nn.Module, src: Path, outs: list[Path]) -> None:
+    """An image-text checkpoint is written back whole: loaded as the source's class, the expert count updated in
+    its nested text config; both outputs hold the same on-disk names; every tensor outside the MoE blocks (the
+    vision tower, projector, attention, embeddings) is the source's, byte for byte."""
+    assert type(streamed) is type(ref) and hasattr(streamed.config, "text_config")
+    fam = family_of(streamed)
+    assert fam.num_experts(streamed.config) == fam.num_experts(ref.config) // 2 == moe_layers(streamed)[0].num_experts
+    assert getattr(streamed.config.text_config, fam.n_experts_key) == moe_layers(streamed)[0].num_experts
+    ckpt = ShardedCheckpoint(src)
+    layout = DiskLayout(meta_model(load_config(src)), ckpt.keys)
+    kept = [k for k, d in layout.tensors.items() if d.role == "other"]
+    language = next(name for name, m in ref.named_modules() if m is ref.get_decoder())
+    assert any(not layout.tensors[k].memory_key.startswith(f"{language}.") for k in kept), "no vision tensor on disk"
+    written = [ShardedCheckpoint(o) for o in outs]
+    assert set(written[0].keys) == set(written[1].keys)
+    for out in written:
+        for k in kept:
+            assert out.entry(k).dtype == ckpt.entry(k).dtype and out.entry(k).shape == ckpt.entry(k).shape, k
+            assert b"".join(out.iter_bytes(k)) == b"".join(ckpt.iter_bytes(k)), k
 
 
 def test_readme_table_is_the_catalog() -> None:

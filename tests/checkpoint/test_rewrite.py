@@ -13,13 +13,13 @@ import torch
 from core_helpers import keep_pattern
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from moe_slim.api import apply_checkpoint
 from moe_slim.errors import MoeSlimError
 from moe_slim.experts.plan import ExpertPlan, LayerPlan
 from moe_slim.experts.prune import apply_plan
-from moe_slim.families import family_of, moe_layers
+from moe_slim.families import auto_class, family_of, moe_layers
 from moe_slim.modeling.shards import ShardedCheckpoint
 from moe_slim.modeling.tiny import TINY_FAMILIES, tiny_model, tiny_tokenizer
 
@@ -40,9 +40,8 @@ def plan_for_model(model: torch.nn.Module) -> ExpertPlan:
 
 
 def load(path: Path, **kw) -> torch.nn.Module:
-    cfg = json.loads((path / "config.json").read_text())
-    auto = AutoModelForSeq2SeqLM if cfg.get("is_encoder_decoder") else AutoModelForCausalLM
-    return auto.from_pretrained(str(path), **kw).eval()
+    """A checkpoint loaded through the auto class transformers' mappings give its config."""
+    return auto_class(AutoConfig.from_pretrained(str(path))).from_pretrained(str(path), **kw).eval()
 
 
 def streamed_and_in_memory_agree(src: Path, plan: Path, tmp_path: Path, before: dict[str, str]

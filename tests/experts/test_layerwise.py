@@ -214,3 +214,37 @@ def test_layerwise_equals_whole_model_on_token_routed_and_zero_expert_layers(mod
     path = save_tiny(model_type, tmp_path / model_type)
     model, tok = load_model(path)
     assert_same_stats(observe(model, tok, TEXTS, **SETTINGS), observe_layerwise(path, tok, TEXTS, **SETTINGS))
+
+
+def _image_text_types() -> list[str]:
+    from moe_slim.families.catalog import moe_model_types
+    from moe_slim.families.table import REFUSED, UNTESTED
+
+    from transformers import AutoConfig
+
+    return [mt for mt, kind in moe_model_types().items() if kind == "image-text" and mt not in {**REFUSED, **UNTESTED}
+            and hasattr(AutoConfig.for_model(mt), "text_config")]  # Mistral-4's image-text class is its causal LM
+
+
+@pytest.mark.parametrize("model_type", _image_text_types())
+def test_layerwise_equals_whole_model_on_image_text_models(model_type: str, tmp_path: Path, one_torch_thread,
+                                                          monkeypatch) -> None:
+    """A whole image-text checkpoint (vision tower beside the language model) loads through its own class and
+    observes on text alone, layer by layer as in one forward; the vision tower's weights are never read."""
+    from moe_slim.families import non_text_parts
+    from moe_slim.modeling.ondisk import DiskLayout, meta_model
+    from moe_slim.modeling.shards import ShardedCheckpoint
+
+    path = save_tiny(model_type, tmp_path / model_type)
+    model, tok = load_model(path)
+    towers = non_text_parts(model)
+    assert towers and hasattr(model.config, "text_config")
+    whole = observe(model, tok, TEXTS, **SETTINGS)
+    read: list[str] = []
+    tensor = ShardedCheckpoint.tensor
+    monkeypatch.setattr(ShardedCheckpoint, "tensor", lambda self, key, *a, **k: read.append(key) or tensor(self, key, *a, **k))
+    layerwise = observe_layerwise(path, tok, TEXTS, **SETTINGS)
+    assert_same_stats(whole, layerwise)
+    layout = DiskLayout(meta_model(model.config), ShardedCheckpoint(path).keys)
+    vision = {k for k, d in layout.tensors.items() if d.memory_key.startswith(tuple(f"{t}." for t in towers))}
+    assert vision and read and not vision & set(read), "layer-wise observation read the vision tower"

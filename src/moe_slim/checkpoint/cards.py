@@ -85,11 +85,15 @@ def front_matter(source: str | os.PathLike, tags: list[str], library: str = "tra
     return ["---", data.to_yaml(), "---"]
 
 
-def usage(out_name: str = "OUT", prompt_format: bool = True) -> list[str]:
-    """How to run the checkpoint with plain transformers (the prompt format when the tokenizer has its tags)."""
-    lines = ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+def usage(out_name: str = "OUT", prompt_format: bool = True, model: nn.Module | None = None) -> list[str]:
+    """How to run the checkpoint with plain transformers (the prompt format when the tokenizer has its tags),
+    through the auto class that loads ``model`` (an image-text model's own, vision tower included)."""
+    from ..families import auto_class
+
+    auto = auto_class(model.config).__name__ if model is not None else "AutoModelForCausalLM"
+    lines = ["## Use", "", "```python", f"from transformers import {auto}, AutoTokenizer", "",
              f'tok = AutoTokenizer.from_pretrained("{out_name}")',
-             f'model = AutoModelForCausalLM.from_pretrained("{out_name}")']
+             f'model = {auto}.from_pretrained("{out_name}")']
     if prompt_format:
         lines += ['prompt = "<|en|>Open the file<|de|>"  # translation prompt: <|en|>SOURCE<|de|> (or <|fr|>, <|es|>)',
                   'ids = tok(prompt, return_tensors="pt").input_ids',
@@ -145,7 +149,7 @@ def merge_card(*, source: str, plan: MergePlan, params_before: int, params_after
         "weights, so it applies to the source checkpoint, not to this one).",
         "", f"Fingerprint of this checkpoint: {fingerprint(model)}.", f"Libraries: {versions()}.", "",
     ]
-    return "\n".join(lines + usage(prompt_format=has_prompt_tags(source)))
+    return "\n".join(lines + usage(prompt_format=has_prompt_tags(source), model=model))
 
 
 
@@ -253,7 +257,7 @@ def prune_card(
         f"Libraries: {versions()}.",
         "",
     ]
-    return "\n".join(lines + usage(prompt_format=has_prompt_tags(source)))
+    return "\n".join(lines + usage(prompt_format=has_prompt_tags(source), model=model))
 
 
 def dense_card(*, source: str, provenance: dict[str, Any], model: nn.Module, causal: bool) -> str:

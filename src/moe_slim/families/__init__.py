@@ -16,12 +16,13 @@ from .family import (
     set_config_counts,
     set_expert_count,
     take_experts,
+    text_config,
 )
-from .skeleton import skeleton
+from .skeleton import auto_class, non_text_parts, skeleton
 from .table import QUIRKS, REFUSED, SLICEABLE_QUANTIZATION
 
 __all__ = [
     "QUIRKS", "REFUSED", "SLICEABLE_QUANTIZATION", "SWIGLU_NEURONS", "Family", "MoeLayer", "NeuronAxis",
     "check_uniform", "expert_axis", "family_of", "find_blocks", "get_path", "group_size_ok", "kept_rows", "moe_layers",
-    "set_config_counts", "set_expert_count", "skeleton", "take_experts",
+    "set_config_counts", "set_expert_count", "skeleton", "take_experts", "auto_class", "non_text_parts", "text_config",
 ]

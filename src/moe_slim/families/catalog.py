@@ -62,6 +62,8 @@ def family_rows() -> list[tuple[str, str, str]]:
         else:
             notes = next((QUIRKS[k]["notes"] for k in (model_type, f"{model_type}_text") if "notes" in QUIRKS.get(k, {})),
                          "standard shape: fused experts beside a router weight[E, H]")
+            if kind == "image-text":
+                notes = f"whole image-text checkpoint, vision tower copied as it is; language model: {notes}"
             rows.append((text, "tested end to end", notes))
     return rows
 

@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import MoeSlimError
-from .family import POSITIVE_SCORES, Family, MoeLayer, NeuronAxis, expert_axis, get_path
+from .family import POSITIVE_SCORES, Family, MoeLayer, NeuronAxis, expert_axis, get_path, text_config
 from .table import QUIRKS, REFUSED
 
 #: config attribute names that hold the routed expert count / top-k (aliases across families)
@@ -170,8 +170,8 @@ def _call_problem(experts: nn.Module, layout: str, mt: str) -> str | None:
 
 def discover(model: nn.Module) -> tuple[Family, list[tuple[str, nn.Module]]]:
     """The model's :class:`Family` and its MoE blocks ``[(name, block)]``, or a one-line refusal."""
-    config = model.config
-    mt = str(getattr(config, "model_type", None))
+    mt = str(getattr(model.config, "model_type", None))
+    config = text_config(model.config)  # an image-text model's language model keys sit in its text_config
     if mt in REFUSED:
         raise MoeSlimError(f"model type '{mt}' is not supported: {REFUSED[mt]}")
     blocks, problems = find_blocks(model, QUIRKS.get(mt, {}).get("router_weight"))
@@ -223,7 +223,7 @@ def discover(model: nn.Module) -> tuple[Family, list[tuple[str, nn.Module]]]:
         expert_neurons=_neurons(experts) if layout == "fused" and not flat else (),
         layer_stacks=stacks or ("model.layers",),
     )
-    family = dataclasses.replace(family, **QUIRKS.get(mt, {}))
+    family = dataclasses.replace(family, **QUIRKS.get(mt, QUIRKS.get(str(getattr(config, "model_type", None)), {})))
     return family, [(b[0], b[1]) for b in blocks]
 
 

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import MoeSlimError
+from .config_keys import config_value, set_config_value, text_config
 
 CombineFn = Callable[[nn.Module, tuple, dict], tuple[torch.Tensor, torch.Tensor]]
 RoutingFn = Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]]
@@ -134,10 +135,10 @@ class Family:
     def top_k(self, config: Any) -> int:
         if self.fixed_top_k is not None:
             return self.fixed_top_k
-        return int(config_value(config, self.top_k_key))
+        return int(config_value(text_config(config), self.top_k_key))
 
     def num_experts(self, config: Any) -> int:
-        return int(config_value(config, self._count_key()))
+        return int(config_value(text_config(config), self._count_key()))
 
     def expert_rows(self, rows: int, n: int, keep: list[int], fixed: int = 0) -> list[int] | None:
         """The first-dimension rows of a tensor with ``rows`` rows that hold experts ``keep`` of ``n``: ``keep``
@@ -161,6 +162,7 @@ class Family:
 
     def groups(self, config: Any) -> tuple[int, int] | None:
         """``(n_group, topk_group)`` when the router limits top-k to groups, else None."""
+        config = text_config(config)
         if self.group_keys is None or (self.group_applies and not self.group_applies(config)):
             return None
         n_group = int(getattr(config, self.group_keys[0], 1) or 1)
@@ -176,24 +178,6 @@ def get_path(module: nn.Module, path: str) -> Any:
         if obj is None:
             return None
     return obj
-
-
-def config_value(config: Any, key: str | None) -> Any:
-    """``config.a.b`` for a dotted key ``a.b`` (a count in a sub-config: DBRX ``ffn_config.moe_num_experts``)."""
-    obj: Any = config
-    for part in str(key).split("."):
-        obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part)
-    return obj
-
-
-def set_config_value(config: Any, key: str, value: Any) -> None:
-    """Set ``config.a.b`` for a dotted key ``a.b`` (the sub-config object itself, so it is saved with it)."""
-    owner_key, _, leaf = key.rpartition(".")
-    owner = config_value(config, owner_key) if owner_key else config
-    if isinstance(owner, dict):
-        owner[leaf] = value
-    else:
-        setattr(owner, leaf, value)
 
 
 def take_experts(t: torch.Tensor, axis: int, keep: torch.Tensor, n: int, fixed: int = 0) -> torch.Tensor:
@@ -422,7 +406,9 @@ def set_expert_count(layer: MoeLayer, n: int) -> None:
 
 
 def set_config_counts(config: Any, family: Family, n: int) -> None:
-    """Write the new expert count (and a top-k that fits) into the config (dotted keys: into a sub-config)."""
+    """Write the new expert count (and a top-k that fits) into the config (an image-text model's text config;
+    dotted keys: into a sub-config)."""
+    config = text_config(config)
     set_config_value(config, family._count_key(), n)
     if family.top_k_key is not None and int(config_value(config, family.top_k_key)) > n:
         set_config_value(config, family.top_k_key, n)

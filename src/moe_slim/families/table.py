@@ -111,11 +111,12 @@ QUIRKS["llama4"] = QUIRKS["llama4_text"]
 QUIRKS["gemma4"] = QUIRKS["gemma4_text"]
 
 #: model_type -> why moe_slim refuses it (one line, names what is missing).
-_VLM = ("image-text model whose language model has no causal-LM class in transformers (moe_slim loads the "
-        "language model through AutoModelForCausalLM); slim a text-only export of it")
 REFUSED: dict[str, str] = {
-    **{mt: _VLM for mt in ("deepseek_ocr2", "diffusion_gemma", "ernie4_5_vl_moe", "glm4v_moe", "glm5_next", "hy_v4_vl",
-                           "mistral4", "mistral_large4", "muse_spark", "qwen3_vl_moe", "step3p7", "unlimited_ocr")},
+    "diffusion_gemma": "a block-diffusion model (DiffusionGemmaForBlockDiffusion: it denoises blocks of tokens, not "
+                       "next-token prediction), which calibration and every quality measure of moe_slim assume",
+    "ernie4_5_vl_moe": "each layer's text experts (mlp.text_moe) and vision experts (mlp.vision_moe) take their count "
+                       "from one config key (moe_num_experts) and are one expert list on disk, so the text experts "
+                       "cannot be pruned with the vision experts kept, and text calibration cannot score vision experts",
     "jetmoe": "its attention experts (MoA) share the MLP experts' config keys (num_local_experts, "
               "num_experts_per_tok), so pruning MLP experts alone cannot write a config that loads, and moe_slim "
               "neither observes nor prunes attention experts (nor experts split over input_linear/output_linear)",

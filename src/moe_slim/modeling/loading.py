@@ -15,8 +15,6 @@ from typing import Any
 import torch
 from transformers import (
     AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
     AutoTokenizer,
     PreTrainedModel,
 )
@@ -118,7 +116,8 @@ def load_model(
 ) -> tuple[PreTrainedModel, Any]:
     """Load a checkpoint and its tokenizer (if any), in eval mode.
 
-    Encoder-decoder checkpoints load as seq2seq models, everything else as causal LMs.
+    Encoder-decoder checkpoints load as seq2seq models, image-text models through their own class (vision
+    tower included: commands calibrate their language model on text), everything else as causal LMs.
     ``device_map`` is passed to accelerate (e.g. ``"auto"`` with CPU/disk offload); ``device`` puts
     the whole model on one device. ``dtype``: ``auto``/None is float32 on CPU-only machines (bf16/fp16
     run slowly and less exactly there) and the checkpoint's own dtype otherwise.
@@ -128,7 +127,9 @@ def load_model(
     path = resolve_model(path)
     config = load_config(path)
     require_safetensors(path)
-    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    from ..families import auto_class
+
+    auto = auto_class(config)
     dtype = parse_dtype(dtype)
     if dtype is None and not torch.cuda.is_available():
         dtype = torch.float32

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import MoeSlimError
+from ..families import non_text_parts
 from .ondisk import DiskLayout
 from .shards import ShardedCheckpoint
 
@@ -45,10 +46,11 @@ class WeightSource:
 
     def load_all_but(self, stacks: tuple[str, ...], device: torch.device | str, dtype: torch.dtype | None) -> int:
         """Everything outside the layer ``stacks`` except the output head (embeddings, norms, rotary):
-        what a forward needs before, between and after the layers; tied weights are tied again."""
+        what a forward needs before, between and after the layers; tied weights are tied again. An
+        image-text model's vision tower and projector stay unread: calibration is text."""
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         head_name = next((n for n, m in self.model.named_modules() if head is not None and m is head), None)
-        exclude = tuple(stacks) + ((head_name,) if head_name else ())
+        exclude = tuple(stacks) + ((head_name,) if head_name else ()) + non_text_parts(self.model)
         placed = self._place("", exclude, device, dtype)
         if hasattr(self.model, "tie_weights"):
             self.model.tie_weights()

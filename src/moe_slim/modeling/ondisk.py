@@ -107,10 +107,13 @@ class DiskLayout:
             layer, role, expert, span = None, "other", None, None
             for prefix, li in experts_at.items():
                 if mkey.startswith(prefix):
-                    layer, role = li, "expert"
                     m = list(index_re.finditer(key))
                     if m:
                         expert, span = int(m[-1].group(1)), m[-1].span(1)
+                    elif "." in mkey[len(prefix):] and not self.family.flat_experts:  # a module inside the experts
+                        # that is no expert (Muse Spark's norm); flat experts (DBRX) sit in a sub-module
+                        break
+                    layer, role = li, "expert"
                     break
             else:
                 if mkey in sliced:

@@ -6,15 +6,11 @@ benchmarks and the fallback demo build them offline in milliseconds.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    PreTrainedModel,
-)
+from transformers import AutoConfig, PreTrainedModel
 
 _DECODER = dict(
     vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -72,10 +68,11 @@ def tiny_config(model_type: str, **overrides: Any) -> Any:
 
 def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> PreTrainedModel:
     """A randomly initialised tiny model of ``model_type`` in eval mode (deterministic per seed)."""
+    from ..families import auto_class
+
     config = tiny_config(model_type, **overrides)
     torch.manual_seed(seed)
-    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    model = auto.from_config(config)
+    model = auto_class(config).from_config(config)
     # Random init leaves routers near-uniform; spread them so that routing is decisive and varied.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -171,8 +168,20 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     **dict.fromkeys(("llama4", "llama4_text"), dict(intermediate_size_mlp=48, moe_layers=[0, 2, 3])),
     "deepseek_v4": dict(o_lora_rank=8),  # its grouped output projection is o_groups x o_lora_rank wide (8 x 1024)
     "longcat_flash": dict(num_layers=2, zero_expert_num=3, qk_head_dim=16),  # derived keys: set, not shrunk
+    # M-RoPE sections the modeling code defaults to (fitted to the tiny heads by shrunk_config)
+    "qwen3_vl_moe": dict(mrope_section=[24, 20, 20]),
+    "glm4v_moe": dict(mrope_section=[8, 12, 12]),
+    "ernie4_5_vl_moe": dict(head_dim=16, mrope_section=[22, 22, 20]),  # height and width sections of one size
+    "hy_v4_vl": dict(mrope_section=[12, 10, 10]),
+    "glm5_next": dict(index_kpool=2, qk_rope_head_dim=0),  # index_topk a multiple of index_kpool; NoPE indexer
+    "mistral4": dict(head_dim=16),  # qk_nope_head_dim + qk_rope_head_dim
+    "step3p7": dict(sliding_window=16),
+    "muse_spark": dict(moe_hidden_size=32),
+    # the default config leaves mlp_layer_types None, which its decoder layers index
+    **dict.fromkeys(("deepseek_ocr2", "unlimited_ocr"), dict(mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+                                                                    num_experts_per_tok=2)),
+    "mistral_large4": dict(kv_source_layers=[0, 1, 2, 3]),  # every tiny layer owns its cache
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
-    "zaya": dict(num_experts_per_tok=1),  # its config accepts top-1 only
     # per-layer overrides, keyed by layer type: dots3 requires its sliding layers' head_dim to be
     # qk_nope + qk_rope, and their shrunk qk_nope (16) stays wider than the global one, as released
     "dots3_note": dict(per_layer_config={"sliding_attention": dict(head_dim=24)}),
@@ -209,35 +218,136 @@ def _shrunk(config: Any, values: dict[str, Any], reference: dict[str, Any] | Non
     return out
 
 
-def shrunk_config(model_type: str, layers: int = 4, **overrides: Any) -> Any:
-    """The default config of any transformers ``model_type`` (its language model for image-text
-    models) with every size shrunk and ``layers`` layers of every kind it has (:mod:`.per_layer`).
+def _keep_every_kind(pattern: list[Any], n: int) -> list[Any]:
+    """The first ``n`` entries of a tower's per-layer pattern, with its last entries replaced by kinds that
+    would otherwise be lost."""
+    head = list(pattern[:n])
+    missing = [k for k in dict.fromkeys(map(str, pattern)) if k not in map(str, head)]
+    kinds = {str(k): k for k in pattern}
+    for i, k in enumerate(missing[: n - 1]):
+        head[n - 1 - i] = kinds[k]
+    return head
+
+
+#: Sizes that make the other parts of an image-text model tiny (vision tower, projector, audio tower: every
+#: sub-config beside the text config, nested ones too), applied to the keys each has.
+SHRINK_TOWER: dict[str, Any] = dict(
+    depth=1, num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_heads=4, num_attention_heads=4,
+    num_key_value_heads=4, head_dim=8, mlp_dim=64, projection_dim=32, projection_intermediate_size=64, output_channels=32,
+    vocab_size=128, downsample_channels=[32, 32],
+)
+
+
+def _shrink(config: Any, sizes: dict[str, Any], layers: int) -> None:
+    """Shrink ``config`` in place: every size of ``sizes`` it has, ``layers`` layers (or tower blocks) and per-layer
+    lists cut to match, layer indices kept within them, nested sub-configs shrunk as towers."""
+    d = config.to_dict()
+    for key, value in sizes.items():
+        current = d.get(key, getattr(config, key, None) if key in getattr(config, "attribute_map", {}) else None)
+        if current is not None and not isinstance(current, dict) and isinstance(current, list) == isinstance(value, list):
+            setattr(config, key, value)
+    if d.get("kv_lora_rank") and "num_key_value_heads" in d:  # latent attention: every head has its keys
+        config.num_key_value_heads = config.num_attention_heads
+    if (d.get("n_group") or 1) > 1:
+        config.n_group, config.topk_group = 2, 1
+    for key in ("num_hidden_layers", "depth"):
+        old = d.get(key)
+        if isinstance(old, int):
+            setattr(config, key, min(layers, old))
+            for k, value in d.items():
+                if isinstance(value, list) and len(value) == old and k != "rope_parameters":
+                    setattr(config, k, _keep_every_kind(value, min(layers, old)))
+    for key in ("global_attn_indexes", "deepstack_visual_indexes"):  # layer indices of a tower: within its layers
+        if isinstance(d.get(key), list):
+            setattr(config, key, [i for i in d[key] if i < layers][:1])
+    for name in getattr(config, "sub_configs", {}):  # a tower's own parts (SAM encoder beside a CLIP one)
+        if getattr(config, name, None) is not None:
+            _shrink(getattr(config, name), SHRINK_TOWER, 1)
+
+
+def _fit_mrope(config: Any, sections: list[int]) -> None:
+    """M-RoPE sections (time, height, width) summing to half the rotary size of the shrunk heads, in the
+    proportions of the model's own (``sections``: the default its modeling code uses when the config has none)."""
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    head = (getattr(config, "qk_rope_head_dim", None) or getattr(config, "head_dim", None)
+            or config.hidden_size // config.num_attention_heads)
+    half = int(head * (rope.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0)) // 2
+    old = rope.get("mrope_section") or sections
+    new = [v * half // sum(old) for v in old]
+    for i in range(half - sum(new)):
+        new[i % len(new)] += 1
+    rope["mrope_section"] = new
+    config.rope_parameters = rope
+
+
+def _tiny_text(config: Any, model_type: str, layers: int, asked: int | None, changes: dict[str, Any]) -> Any:
+    """A language model's ``config`` with every size shrunk and ``layers`` layers of every kind it has
+    (:mod:`.per_layer`; ``model_type`` names the class that can build it at other depths), ``changes`` over it.
 
     The result is rebuilt from its dict, as a saved checkpoint's config is on loading, so that what
     the class derives from the sizes (rotary fractions, head widths) is derived from the tiny ones."""
-    from ..families.catalog import text_model_type
     from .per_layer import config_dict, cut_layers, per_layer_lists
 
-    asked = overrides.pop("num_hidden_layers", None)  # a depth asked for cuts the per-layer fields to it
-    text = text_model_type(model_type) or model_type
-    config = AutoConfig.for_model(text)
     default = config_dict(config)
     d = {**default, **_shrunk(config, default)}
     group = config.attribute_map.get("n_group", "n_group")
     if (d.get(group) or 1) > 1:
         d[group], d["topk_group"] = 2, 1
     depth = d.get("num_hidden_layers")
+    changes = dict(changes)
     if isinstance(depth, int):
         d["num_hidden_layers"] = n = min(asked or layers, depth)
-        cut, per_layer = cut_layers(default, per_layer_lists(text, default, depth), depth, n)
+        cut, per_layer = cut_layers(default, per_layer_lists(model_type, default, depth), depth, n)
         d.update(cut)
         if "per_layer_config" in d:
             d["per_layer_config"] = {i: {**o, **_shrunk(config, o, default)} for i, o in per_layer.items()}
     elif asked is not None:
-        overrides["num_hidden_layers"] = asked
-    changes = {**TINY_OVERRIDES.get(model_type, {}), **overrides}
+        changes["num_hidden_layers"] = asked
     for key, value in changes.pop("per_layer_config", {}).items():  # keyed by layer index or by layer type
         for i, kind in enumerate(d.get("layer_types") or [None] * d["num_hidden_layers"]):
             if key in (i, kind):
                 d.setdefault("per_layer_config", {}).setdefault(i, {}).update(value)
-    return type(config).from_dict({**d, **changes})
+    sections = changes.pop("mrope_section", None)
+    d.update(changes)
+    if sections is not None:  # fitted before the class validates the sections against the tiny heads
+        fitted = SimpleNamespace(**d)
+        _fit_mrope(fitted, sections)
+        d["rope_parameters"] = fitted.rope_parameters
+    return type(config).from_dict(d)
+
+
+def shrunk_config(model_type: str, layers: int = 4, **overrides: Any) -> Any:
+    """The default config of any transformers ``model_type`` (its language model's when it has a causal-LM
+    class) with every size shrunk and ``layers`` layers of every kind it has. For an image-text-only model:
+    the whole model's config, its text config shrunk so and every other part (vision tower, projector) to
+    one small layer; ``overrides`` apply to the text config."""
+    from ..families import text_config
+    from ..families.catalog import text_model_type
+    from ..families.skeleton import image_text
+
+    asked = overrides.pop("num_hidden_layers", None)  # a depth asked for cuts the per-layer fields to it
+    changes = {**TINY_OVERRIDES.get(model_type, {}), **overrides}
+    if not image_text(model_type) or text_config(whole := AutoConfig.for_model(model_type)) is whole:
+        text = text_model_type(model_type) or model_type
+        return _tiny_text(AutoConfig.for_model(text), text, layers, asked, changes)
+    # a model type with a causal-LM class of its own that nests a text config (Qwen3.5-MoE, Llama-4) is
+    # built as that language model, as transformers loads it; an image-text-only type as the whole model
+    text = text_config(whole)
+    tiny = _tiny_text(text, str(getattr(text, "model_type", model_type)), layers, asked, changes)
+    name = next(k for k in getattr(whole, "sub_configs", {}) if getattr(whole, k, None) is text)
+    setattr(whole, name, tiny)
+    for sub_name in getattr(whole, "sub_configs", {}):
+        sub = getattr(whole, sub_name, None)
+        if sub is not None and sub is not tiny:
+            _shrink(sub, SHRINK_TOWER, 1)
+            for width in ("out_hidden_size", "text_hidden_size"):  # a tower's merger writes the language model's width
+                if hasattr(sub, width):
+                    setattr(sub, width, tiny.hidden_size)
+    if hasattr(tiny, "tie_word_embeddings"):
+        whole.tie_word_embeddings = tiny.tie_word_embeddings
+    for key, value in whole.to_dict().items():  # the projector's own width sits on the whole model's config
+        if key.startswith(("projector_", "projection_")) and isinstance(value, int) and value > 32:
+            setattr(whole, key, 32)
+    # built again from its dict: what the whole model's config derives from its parts (MiniMax-M3-VL's
+    # merged_hidden_size) is derived from the shrunk parts
+    return type(whole).from_dict(whole.to_dict())
