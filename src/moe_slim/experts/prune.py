@@ -47,12 +47,12 @@ def slice_layer(layer: MoeLayer, keep: list[int]) -> None:
     fam = layer.family
     idx = torch.tensor(keep, dtype=torch.long)
     if fam.layout == "modules":
-        experts = layer.experts
-        old = {k: experts[k] for k in list(experts.keys())}
-        for k in list(experts.keys()):
-            del experts[k]
+        experts = layer.experts  # a ModuleDict that may hold more than experts (NLLB-MoE's token dropout)
+        old = {e: layer.expert_module(e) for e in range(layer.num_experts)}
+        for e in old:
+            del experts[f"expert_{e}"]
         for j, e in enumerate(keep):
-            experts[f"expert_{j}"] = old[f"expert_{e}"]
+            experts[f"expert_{j}"] = old[e]
     for path, axis in layer.per_expert().items():
         t = get_path(layer.block, path)
         _set_path(layer.block, path, t.data.index_select(axis, idx.to(t.device)))
