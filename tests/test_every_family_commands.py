@@ -218,7 +218,7 @@ def test_a_sweep_point_runs(family: dict, tmp_path: Path) -> None:
     spec = parse_spec({
         "name": "t", "model": str(family["src"]), "data_dir": str(family["data"]), "device": "cpu",
         "calibration": {"domains": ["general", "code"], "split": "calibration", "texts_per_domain": 2, "seq_len": 16,
-                        "batch_size": 2},
+                        "batch_size": 2, "max_tokens": 64},
         "mixes": [{"general": 1}], "methods": [method], "ratios": [0.5], "budgets": ["uniform"],
         "eval": {"tasks": [task], "limit": 1},
     })
@@ -244,3 +244,21 @@ def test_data_parallel_observation_sums_to_one_process(model_type: str, data_par
         observe_layerwise(d / "src", tok, TEXTS, **SETTINGS).save(d / "layerwise", overwrite=True)
     for one, two in (("whole", "dp_whole"), ("layerwise", "dp_layerwise")):
         _same_sums(RouterStats.load(d / one), RouterStats.load(d / two))
+
+
+def test_pruning_keeps_what_else_an_experts_module_dict_holds() -> None:
+    """NLLB-MoE's experts are a ModuleDict that also holds its token dropout: pruning and MoNE's substitution
+    writer remove experts by name (MoNE once read every key as ``expert_<i>`` and crashed on it)."""
+    from moe_slim.experts.plan import ExpertPlan, LayerPlan
+    from moe_slim.experts.prune import apply_plan
+
+    model = tiny_model("nllb-moe")
+    layers = moe_layers(model)
+    fam = family_of(model)
+    plan = ExpertPlan(fam.name, 8, fam.top_k(model.config), [LayerPlan(l.name, [1, 3, 4, 6]) for l in layers])
+    experts = {l.name: [l.expert_module(e) for e in (1, 3, 4, 6)] for l in layers}
+    apply_plan(model, plan)
+    for layer in moe_layers(model):
+        assert isinstance(layer.experts.token_dropout, torch.nn.Dropout)
+        assert [layer.expert_module(j) for j in range(4)] == experts[layer.name]
+        assert sorted(layer.experts.keys()) == sorted(["token_dropout", *(f"expert_{j}" for j in range(4))])
