@@ -103,8 +103,8 @@ def _drop_novice_weights(layer: Any, keep: list[int]) -> None:
     if layer.family.layout == "fused":
         slice_layer(layer, keep, experts_only=True)
     else:
-        for k in [k for k in layer.experts.keys() if int(k.rsplit("_", 1)[1]) not in keep]:
-            del layer.experts[k]
+        for e in set(range(layer.num_experts)) - set(keep):  # by name: the ModuleDict may hold other modules
+            del layer.experts[f"expert_{e}"]
 
 
 def _logical_ids(directory: Path, renames: dict[str, list[int]]) -> None:

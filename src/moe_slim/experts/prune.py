@@ -63,12 +63,12 @@ def slice_layer(layer: MoeLayer, keep: list[int], remap: dict[int, int] | None =
     if table is not None:
         _set_path(layer.block, fam.token_table, remapped_table(table, keep, remap or {}))
     if fam.layout == "modules":
-        experts = layer.experts
-        old = {k: experts[k] for k in list(experts.keys())}
-        for k in list(experts.keys()):
-            del experts[k]
+        experts = layer.experts  # a ModuleDict that may hold more than experts (NLLB-MoE's token dropout)
+        old = {e: layer.expert_module(e) for e in range(layer.num_experts)}
+        for e in old:
+            del experts[f"expert_{e}"]
         for j, e in enumerate(keep):
-            experts[f"expert_{j}"] = old[f"expert_{e}"]
+            experts[f"expert_{j}"] = old[e]
     for path, axis in layer.per_expert().items():
         t = get_path(layer.block, path)
         _set_path(layer.block, path, take_experts(t.data, axis, idx, n, fixed))

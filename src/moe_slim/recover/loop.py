@@ -344,7 +344,8 @@ def sft(
         for p in model.parameters():
             p.requires_grad_(True)
     optimizer.zero_grad(set_to_none=True)
-    accelerator.free_memory()
+    if device.type != "cpu":  # drops the GPU cache; on CPUs it is only a full gc.collect (0.4 s, 90% of a short run)
+        accelerator.free_memory()
 
     merged = False
     if mode == "lora" and merge_lora:
