@@ -15,9 +15,9 @@ tensor + 1 GB of interpreter and libraries, far below the in-memory peak.
 ``--profile``: time per MoE layer of REAM against HC-SMoE, both ``merge --plan-only`` at size from the same
 statistics (equal samples: ``--tokens`` per layer), read from the per-layer lines ``merge`` prints. On a
 shared machine the load changes by the minute, so the methods run alternately, ``--reps`` rounds in
-alternating order (ABBA...), each the real command in a subprocess (peak RSS, wall and CPU time); printed:
-the median per-layer time of each, the ratio of the medians, the per-layer ratios of the same layer in the
-same round (median and range) and the load average after each run.
+alternating order (ABBA...), each the real command in a subprocess (peak RSS, wall and CPU time); printed,
+for wall and for CPU seconds per layer (``merge`` prints both): the median per-layer time of each, the
+ratio of the medians, the per-layer ratios of the same layer in the same round (median and range) and the load average after each run.
 Goal (issue #30 item 12): REAM <= 2x HC-SMoE per layer.
 
     python bench/bench_merge_memory.py [--work /tmp/moe_slim_bench_merge] [--tokens 2k] [--keep]
@@ -114,7 +114,7 @@ def main() -> int:
     return 0
 
 
-LAYER_LINE = re.compile(r"^(\S+): (\d+) -> (\d+) experts \((\d+) sample tokens, ([\d.]+)s\)$", re.M)
+LAYER_LINE = re.compile(r"^(\S+): (\d+) -> (\d+) experts \((\d+) sample tokens, ([\d.]+)s, ([\d.]+)s CPU\)$", re.M)
 
 
 def profile(moe: list[str], src: Path, stats: Path, args: argparse.Namespace, common: list[str]) -> int:
@@ -124,8 +124,8 @@ def profile(moe: list[str], src: Path, stats: Path, args: argparse.Namespace, co
     quiet = [c for c in common if c != "--quiet"]
     methods = args.methods.split(",")
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
-    times: dict[str, list[list[float]]] = {m: [] for m in methods}
-    cpu: dict[str, list[float]] = {m: [] for m in methods}
+    wall: dict[str, list[list[float]]] = {m: [] for m in methods}  # [round][layer]
+    cpu: dict[str, list[list[float]]] = {m: [] for m in methods}
     loads = [os.getloadavg()[0]]
     print(f"{os.cpu_count()} cores; torch threads: {args.threads or 'default'}; {args.reps} rounds, order alternating")
     for r in range(args.reps):
@@ -136,25 +136,25 @@ def profile(moe: list[str], src: Path, stats: Path, args: argparse.Namespace, co
                                  "--max-tokens", args.tokens, "--plan-only", "--out", str(out), *quiet], env)
             loads.append(os.getloadavg()[0])
             rows = LAYER_LINE.findall(m.stdout)
-            times[method].append([float(row[4]) for row in rows])
-            cpu[method].append(m.cpu)
+            wall[method].append([float(row[4]) for row in rows])
+            cpu[method].append([float(row[5]) for row in rows])
             print(f"round {r + 1} {method:10s} {len(rows)} layers, {rows[0][3] if rows else '?'} sample tokens each: "
-                  f"per layer {' '.join(f'{t:.1f}' for t in times[method][-1])} s; whole command {m.wall:.0f}s wall, "
+                  f"per layer {' '.join(f'{t:.1f}' for t in wall[method][-1])} s wall, "
+                  f"{' '.join(f'{t:.1f}' for t in cpu[method][-1])} s CPU; whole command {m.wall:.0f}s wall, "
                   f"{m.cpu:.0f}s CPU, peak {m.rss:.0f} MB; load {loads[-1]:.1f}", flush=True)
     print(f"load average (1 min) at the start and after each run: {' '.join(f'{x:.1f}' for x in loads)}")
-    flat = {m: [t for rep in times[m] for t in rep] for m in methods}
-    for m in methods:
-        print(f"{m:10s} per layer: median {statistics.median(flat[m]):.1f} s, range {min(flat[m]):.1f}-"
-              f"{max(flat[m]):.1f} s (n = {len(flat[m])}: {args.reps} runs x {len(times[m][0])} layers)")
-    a = methods[0]
-    for b in methods[1:]:
-        ratio = statistics.median(flat[b]) / statistics.median(flat[a])
-        paired = sorted(tb / ta for ra, rb in zip(times[a], times[b]) for ta, tb in zip(ra, rb))
-        cpu_ratio = sorted(cb / ca for ca, cb in zip(cpu[a], cpu[b]))
-        print(f"{b} / {a} per layer: ratio of medians {ratio:.2f}; same layer, same round: median "
-              f"{statistics.median(paired):.2f}, range {paired[0]:.2f}-{paired[-1]:.2f} (n = {len(paired)}); "
-              f"whole-command CPU time: median {statistics.median(cpu_ratio):.2f}, range {cpu_ratio[0]:.2f}-"
-              f"{cpu_ratio[-1]:.2f}; goal <= 2: {'met' if ratio <= 2 else 'NOT met'}")
+    for what, times in (("wall", wall), ("CPU", cpu)):
+        flat = {m: [t for rep in times[m] for t in rep] for m in methods}
+        for m in methods:
+            print(f"{m:10s} per layer, {what}: median {statistics.median(flat[m]):.1f} s, range {min(flat[m]):.1f}-"
+                  f"{max(flat[m]):.1f} s (n = {len(flat[m])}: {args.reps} runs x {len(times[m][0])} layers)")
+        a = methods[0]
+        for b in methods[1:]:
+            ratio = statistics.median(flat[b]) / statistics.median(flat[a])
+            paired = sorted(tb / ta for ra, rb in zip(times[a], times[b]) for ta, tb in zip(ra, rb))
+            print(f"{b} / {a} per layer, {what}: ratio of medians {ratio:.2f}; same layer, same round: median "
+                  f"{statistics.median(paired):.2f}, range {paired[0]:.2f}-{paired[-1]:.2f} (n = {len(paired)}); "
+                  f"goal <= 2: {'met' if ratio <= 2 else 'NOT met'}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0

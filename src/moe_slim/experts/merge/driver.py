@@ -124,7 +124,7 @@ def merge_model(
     permutations: dict[int, torch.Tensor] = {}
     sample_tokens: list[int] = []
     for li, layer in enumerate(layers):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         layer = access.open(li, layer)
         if opts.sequential:
             sample = access.gather(model, layer, batches, cap).take(li, mix, opts.max_tokens, opts.seed)
@@ -161,7 +161,7 @@ def merge_model(
             [list(g) for g in groups], weights, _sha(perms) if perms is not None else ""))
         access.close(li, layer)
         say(f"{layer.name}: {E} -> {len(groups)} experts ({sample_tokens[-1]} sample tokens, "
-            f"{time.perf_counter() - t0:.1f}s)")
+            f"{time.perf_counter() - t0:.1f}s, {time.process_time() - c0:.1f}s CPU)")
 
     if opts.tied:
         model.config.moe_slim = {"plan": "merge", "method": opts.method, "tied": True}
