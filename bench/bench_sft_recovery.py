@@ -179,14 +179,21 @@ def unpruned_scores(teacher, tok, args):
 
 
 def merged(paths: list[str]) -> dict:
-    """The runs of ``paths`` as one (rows in ratio order); they must share the unpruned model's figures."""
+    """The runs of ``paths`` as one (rows in ratio order); they must share the unpruned model's figures. A ratio
+    run again in a later file replaces every row of that ratio from the earlier ones (one pruned model per ratio)."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     for p, r in zip(paths[1:], runs[1:]):
         if r["unpruned"] != runs[0]["unpruned"]:
             raise SystemExit(f"bench_sft_recovery: {p} scored another unpruned model than {paths[0]}")
     out = dict(runs[0])
     order = {0.75: 0, 0.5: 1, 0.875: 2}
-    out["rows"] = sorted((row for r in runs for row in r["rows"]), key=lambda row: order.get(row["ratio"], 9))
+    by_ratio: dict[float, list[dict]] = {}
+    for r in runs:
+        fresh: dict[float, list[dict]] = {}
+        for row in r["rows"]:
+            fresh.setdefault(row["ratio"], []).append(row)
+        by_ratio.update(fresh)
+    out["rows"] = [row for ratio in sorted(by_ratio, key=lambda x: order.get(x, 9)) for row in by_ratio[ratio]]
     return out
 
 

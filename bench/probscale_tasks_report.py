@@ -37,16 +37,24 @@ def _row(entry: dict, method: str, budget: str, full: np.ndarray) -> str:
             f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | {run['seconds']:.0f} |")
 
 
-def model_section(res: dict) -> tuple[list[str], list[dict]]:
+SETTINGS = ("finetune", "train_per_class", "test_per_class")
+
+
+def recipe_text(res: dict) -> str:
+    """The fine-tuning recipe and data sizes of a run, in words."""
     ft = res["finetune"]
     trained = "all kept layers" if ft["train_layers"] is None else f"the top {ft['train_layers']} kept layer(s)"
+    return (f"transformers' sequence classifier, {ft['steps']} AdamW steps, batch {ft['batch_size']}, {ft['max_length']} "
+            f"tokens (truncated on the {ft['truncation']}), lr {ft['lr']} (head {ft['head_lr']}), seed {ft['seed']}; "
+            f"trained: {trained}, the final norm/pooler and the head; embeddings frozen. Train: {res['train_per_class']} "
+            f"texts per label (train split); test: {res['test_per_class']} per label (test split)")
+
+
+def model_section(res: dict) -> tuple[list[str], list[dict]]:
     lines = [f"## {res['model']}", "",
-             f"Fine-tuning, the same for the full model and every plan: transformers' sequence classifier, "
-             f"{ft['steps']} AdamW steps, batch {ft['batch_size']}, {ft['max_length']} tokens (truncated on the "
-             f"{ft['truncation']}), lr {ft['lr']} (head {ft['head_lr']}), seed {ft['seed']}; trained: {trained}, the "
-             f"final norm/pooler and the head; embeddings frozen. Probes: 5-fold cross-validated logistic regression "
-             f"on the training texts. Train: {res['train_per_class']} texts per label (train split); test: "
-             f"{res['test_per_class']} per label (test split). Budgets count transformer-layer parameters "
+             f"Fine-tuning, the same for the full model and every plan of a task: {recipe_text(res)} (a task with "
+             "its own recipe says so under its name). Probes: 5-fold cross-validated logistic regression "
+             f"on the training texts. Budgets count transformer-layer parameters "
              f"(embeddings out; all layers are the same size, so x5 keeps a fifth of the layers); the "
              f"{res['embedding_params']:,} embedding parameters are kept by every plan, see the last column of the "
              "plan tables for the ratio with them in. 1 thread, beside other jobs on 2 shared cores.", ""]
@@ -59,8 +67,11 @@ def model_section(res: dict) -> tuple[list[str], list[dict]]:
         full = np.asarray(full_run["hits"], float)
         pr = entry["probe"]
         n = len(full)
-        lines += [f"### {tname}", "",
-                  f"Full model fine-tuned: accuracy {full.mean():.3f} (n = {n}; {full_run['seconds']:.0f} s). "
+        lines += [f"### {tname}", ""]
+        if "recipe" in entry:
+            lines += [f"Recipe of this task, the same for the full model and every plan: {recipe_text(entry['recipe'])}.",
+                      ""]
+        lines += [f"Full model fine-tuned: accuracy {full.mean():.3f} (n = {n}; {full_run['seconds']:.0f} s). "
                   f"Probe accuracy per layer (row 0 = embeddings, n = {sum(entry['train'].values())}): "
                   f"{pr['accuracy']}; probe gains beyond 1.96 standard errors on {pr['significant_gains']} layers.", ""]
         points = []
@@ -104,7 +115,8 @@ def model_section(res: dict) -> tuple[list[str], list[dict]]:
 
 
 def merge_results(files: list[Path]) -> list[dict]:
-    """One result per model: the tasks of several runs (one process per task) joined; their settings must agree."""
+    """One result per model: the tasks of several runs (one process per task) joined; a run whose recipe differs
+    from the first run of its model has it recorded on each of its tasks (``entry["recipe"]``)."""
     merged: dict[str, dict] = {}
     for f in files:
         if not f.exists():
@@ -114,9 +126,9 @@ def merge_results(files: list[Path]) -> list[dict]:
         if have is None:
             merged[res["model"]] = res
             continue
-        same = ("finetune", "train_per_class", "test_per_class")
-        if any(have[k] != res[k] for k in same):
-            raise SystemExit(f"{f}: settings differ from the other {res['model']} runs")
+        if any(have[k] != res[k] for k in SETTINGS):  # a task with its own recipe keeps it, and the report says so
+            for entry in res["tasks"].values():
+                entry["recipe"] = {k: res[k] for k in SETTINGS}
         have["tasks"].update(res["tasks"])
     return list(merged.values())
 
