@@ -158,8 +158,8 @@ def write_mone_checkpoint(model: nn.Module, tokenizer: Any, out: str | os.PathLi
     for li, layer in enumerate(layers):
         keep = sorted(nplan.plan.layers[li].keep)
         _drop_novice_weights(layer, keep)
-        if layer.family.layout == "fused":
-            renames[paths[li]] = keep
+        if layer.family.layout == "fused":  # fixed experts' rows (LongCat's zero experts) follow, as in the source
+            renames[paths[li]] = keep + list(range(layer.num_experts, layer.num_experts + layer.num_fixed))
     model.config.compression_config = {"transform_config": {"expert_substitution": block}}
     values = {value_name(p, e): nplan.values[li][e].to(vdtype[li]).contiguous()
               for li, p in enumerate(paths) for e in nplan.novices(li)}

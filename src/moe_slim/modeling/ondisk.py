@@ -157,7 +157,15 @@ class DiskLayout:
         """In-memory tensors -> their on-disk names and layout (what ``save_pretrained`` writes)."""
         from transformers.core_model_loading import revert_weight_conversion
 
-        return revert_weight_conversion(self.model, dict(tensors))
+        # A Transpose(check_dims=True) compares a tensor with the model's parameter of that name, which has
+        # the source's expert count: a merged layer's fewer experts would read as "transposed". Compared
+        # with itself instead, it is written as save_pretrained writes the merged model in memory.
+        model, own = self.model, self.model.get_parameter
+        model.get_parameter = lambda name: tensors[name] if name in tensors else own(name)  # type: ignore[method-assign]
+        try:
+            return revert_weight_conversion(model, dict(tensors))
+        finally:
+            del model.get_parameter
 
 
 def source_dtypes(model: nn.Module, path: Any, floating: bool = True) -> dict[str, torch.dtype]:
