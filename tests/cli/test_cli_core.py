@@ -206,7 +206,8 @@ def test_json_output_and_version(workdir: Path, tmp_path: Path, capsys) -> None:
     assert main(["families", "--json"]) == 0
     rows = {f["model_type"]: f for f in _json.loads(capsys.readouterr().out)["families"]}
     assert rows["qwen3_moe"]["status"] == rows["nllb-moe"]["status"] == "tested end to end"
-    assert rows["deepseek_v4"]["status"] == "refused" and "hash" in rows["deepseek_v4"]["differs"]
+    assert rows["deepseek_v4"]["status"] == "tested end to end" and "hash" in rows["deepseek_v4"]["differs"]
+    assert rows["jetmoe"]["status"] == "refused" and "num_local_experts" in rows["jetmoe"]["differs"]
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("moe-slim ")
 
