@@ -64,7 +64,10 @@ def main() -> int:
     largest = max(e.nbytes for e in ck.entries.values())
     print(f"source: {ck.total_bytes / 1e9:.2f} GB bf16; one layer's experts {experts0 / 1e6:.0f} MB bf16 "
           f"({experts0 * 2 / 1e6:.0f} MB float32); largest tensor {largest / 1e6:.0f} MB")
-    calib = write_calib(work / "calib.jsonl", 400)
+    from moe_slim.data.mixspec import parse_tokens
+
+    # 60-word texts, ~60 tokens each: enough of them for --tokens (400 covers 8k; 32k needs more)
+    calib = write_calib(work / "calib.jsonl", max(400, parse_tokens(args.tokens) // 40))
     moe = [sys.executable, "-m", "moe_slim"]
     common = ["--seq-len", "256", "--batch-size", "4", "--device", "cpu", "--quiet"]
     stats = work / "stats"
