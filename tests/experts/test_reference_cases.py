@@ -37,7 +37,7 @@ def _recorded(n_experts: int, batches: list[tuple[list[list[int]], list[list[flo
     """Statistics from (top-k indices, top-k weights, the routed experts' output norms) per batch, through
     the recorder's own path for routed selections."""
     router = torch.nn.Linear(4, n_experts, bias=False)  # the recorder reads the token width from it
-    layer = SimpleNamespace(index=0, stack="decoder", router=router, router_weight=router.weight)
+    layer = SimpleNamespace(index=0, stack="decoder", router=router, router_weight=router.weight, expert_scale=None)
     rec = Recorder([layer], n_experts)  # type: ignore[list-item]
     rec.begin("calibration")
     for idx, w, norms in batches:
