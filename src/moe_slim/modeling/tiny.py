@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PreTrainedModel
 
+from .per_layer import kept_layers
+
 _DECODER = dict(
     vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
@@ -218,17 +220,6 @@ def _shrunk(config: Any, values: dict[str, Any], reference: dict[str, Any] | Non
     return out
 
 
-def _keep_every_kind(pattern: list[Any], n: int) -> list[Any]:
-    """The first ``n`` entries of a tower's per-layer pattern, with its last entries replaced by kinds that
-    would otherwise be lost."""
-    head = list(pattern[:n])
-    missing = [k for k in dict.fromkeys(map(str, pattern)) if k not in map(str, head)]
-    kinds = {str(k): k for k in pattern}
-    for i, k in enumerate(missing[: n - 1]):
-        head[n - 1 - i] = kinds[k]
-    return head
-
-
 #: Sizes that make the other parts of an image-text model tiny (vision tower, projector, audio tower: every
 #: sub-config beside the text config, nested ones too), applied to the keys each has.
 SHRINK_TOWER: dict[str, Any] = dict(
@@ -256,7 +247,8 @@ def _shrink(config: Any, sizes: dict[str, Any], layers: int) -> None:
             setattr(config, key, min(layers, old))
             for k, value in d.items():
                 if isinstance(value, list) and len(value) == old and k != "rope_parameters":
-                    setattr(config, k, _keep_every_kind(value, min(layers, old)))
+                    kept = kept_layers([str(v) for v in value], min(layers, old))  # every kind it has
+                    setattr(config, k, [value[i] for i in kept])
     for key in ("global_attn_indexes", "deepstack_visual_indexes"):  # layer indices of a tower: within its layers
         if isinstance(d.get(key), list):
             setattr(config, key, [i for i in d[key] if i < layers][:1])
