@@ -72,6 +72,8 @@ def _model_and_out(args: argparse.Namespace) -> tuple[str, str, Path] | None:
 
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
+    if "mean" not in args.probe_pooling.split(","):
+        raise SystemExit("--probe-pooling must include mean (ProbScale's own plan)")
     found = _model_and_out(args)
     if found is None:
         return
@@ -91,19 +93,29 @@ def run(args: argparse.Namespace) -> None:
         overlap = len(set(train.texts) & set(test.texts))
         entry = res["tasks"].setdefault(tname, {"runs": {}, "budgets": {}})
         entry.update({"train": train.counts(), "test": test.counts(), "train_test_overlap": overlap})
-        if "probe" not in entry:
-            t0 = time.time()
-            pm = probe_task(model, tok, train, max_length=args.max_length, seed=args.seed, truncation=cfg.truncation)
-            entry["probe"] = {**probe_summary(pm), "seconds": round(time.time() - t0, 1)}
-            entry["_pm"] = pm.to_json()
-            log(f"{tname}: probe accuracy per layer {entry['probe']['accuracy']} ({entry['probe']['seconds']}s); "
-                f"significant gains on {entry['probe']['significant_gains']} layers")
         from moe_slim.dense.probes import ProbeMatrix
 
-        pm = ProbeMatrix.from_json(entry["_pm"])
+        pms: dict[str, ProbeMatrix] = {}
+        for pooling in args.probe_pooling.split(","):
+            suffix = "" if pooling == "mean" else f"_{pooling}"
+            if f"probe{suffix}" not in entry:
+                t0 = time.time()
+                pm = probe_task(model, tok, train, max_length=args.max_length, seed=args.seed, truncation=cfg.truncation,
+                                pooling=pooling)
+                entry[f"probe{suffix}"] = {**probe_summary(pm), "pooling": pooling, "seconds": round(time.time() - t0, 1)}
+                entry[f"_pm{suffix}"] = pm.to_json()
+                p = entry[f"probe{suffix}"]
+                log(f"{tname}: {pooling} probe accuracy per layer {p['accuracy']} ({p['seconds']}s); "
+                    f"significant gains on {p['significant_gains']} layers")
+            pms[pooling] = ProbeMatrix.from_json(entry[f"_pm{suffix}"])
         todo: list[tuple[str, dict | None]] = [("full", None)]
         for b in args.budgets.split(","):
-            sels = plans_for_task(model, pm, b)
+            sels = plans_for_task(model, pms["mean"], b)
+            for pooling, pm in pms.items():  # ProbScale on other probe poolings, as extra methods
+                if pooling != "mean":
+                    other = plans_for_task(model, pm, b)
+                    sels[f"probscale-{pooling}"] = other["probscale-contiguous"]
+                    sels[f"probscale-{pooling}-free"] = other["probscale-free"]
             entry["budgets"][b] = {m: {**s.to_json(), "key": _key(s.keep)} for m, s in sels.items()}
             log(f"{tname} {b}: " + "; ".join(f"{m} {s.keep}" for m, s in sels.items()))
             todo += [(m, s.keep) for m, s in sels.items()]
@@ -112,6 +124,7 @@ def run(args: argparse.Namespace) -> None:
             if k in entry["runs"]:
                 continue
             r = finetune_and_score(model, tok, keep, train, test, cfg)
+            r["load_avg"] = round(os.getloadavg()[0], 2)  # the machine's load while it ran (1-minute average)
             entry["runs"][k] = r
             log(f"{tname}: {label} keep {keep} -> accuracy {r['accuracy']:.3f} (n={r['n']}, {r['seconds']}s)")
             rfile.write_text(json.dumps(res, default=str))
@@ -163,6 +176,9 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=32)
     ap.add_argument("--train-layers", type=int, default=None, help="top kept layers that train (default: all)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--probe-pooling", default="mean,readout",
+                    help="probe poolings, comma list: mean (ProbScale's plan) and readout (the classifier's token; "
+                         "its plans are reported as extra methods)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--user-path", action="store_true",
                     help="time the user command on the first task and budget instead (subprocess, peak RSS)")

@@ -38,6 +38,32 @@ def _row(entry: dict, method: str, budget: str, full: np.ndarray) -> str:
 
 
 SETTINGS = ("finetune", "train_per_class", "test_per_class")
+VARIANTS = (("probscale-readout", "probe_readout"),)  # ProbScale on another probe pooling, and its probe summary
+
+
+def _load_text(res: dict) -> str:
+    """The machine's load while the fine-tunes ran (recorded per run; older runs did not record it)."""
+    loads = [r["load_avg"] for e in res["tasks"].values() for r in e["runs"].values() if "load_avg" in r]
+    if not loads:
+        return ", beside other jobs"
+    return f"; 1-minute load average while they ran {min(loads):.1f}-{max(loads):.1f} ({len(loads)} runs)"
+
+
+def _variant_lines(entry: dict, tname: str, budget: str, full: np.ndarray) -> list[str]:
+    """ProbScale on the classifier's readout token, minus mean-probe ProbScale and minus Block Influence."""
+    out = []
+    for method, _ in VARIANTS:
+        a = _hits(entry, method, budget)
+        if a is None:
+            continue
+        diffs = []
+        for b in ("probscale-contiguous", "block-influence"):
+            h = _hits(entry, b, budget)
+            d = paired_difference({tname: a}, {tname: h}, scale=float(full.mean()))
+            diffs.append(f"{b} {difference_text(d['delta'], d['ci95'], 3)}")
+        out.append(f"{method} (plan {list(entry['budgets'][budget][method]['keep'].values())[0]}) minus: "
+                   + "; ".join(diffs) + ".")
+    return out
 
 
 def recipe_text(res: dict) -> str:
@@ -57,7 +83,8 @@ def model_section(res: dict) -> tuple[list[str], list[dict]]:
              f"on the training texts. Budgets count transformer-layer parameters "
              f"(embeddings out; all layers are the same size, so x5 keeps a fifth of the layers); the "
              f"{res['embedding_params']:,} embedding parameters are kept by every plan, see the last column of the "
-             "plan tables for the ratio with them in. 1 thread, beside other jobs on 2 shared cores.", ""]
+             f"plan tables for the ratio with them in. {res.get('threads', 1)} thread(s) per process, on 2 CPU cores"
+             f"{_load_text(res)}.", ""]
     summary = []
     for tname, entry in res["tasks"].items():
         full_run = entry["runs"].get("full")
@@ -73,7 +100,10 @@ def model_section(res: dict) -> tuple[list[str], list[dict]]:
                       ""]
         lines += [f"Full model fine-tuned: accuracy {full.mean():.3f} (n = {n}; {full_run['seconds']:.0f} s). "
                   f"Probe accuracy per layer (row 0 = embeddings, n = {sum(entry['train'].values())}): "
-                  f"{pr['accuracy']}; probe gains beyond 1.96 standard errors on {pr['significant_gains']} layers.", ""]
+                  f"{pr['accuracy']}; probe gains beyond 1.96 standard errors on {pr['significant_gains']} layers.",
+                  *[f"{m} probes ({entry[key].get('pooling', '')}: the token the classifier reads): accuracy per layer "
+                    f"{entry[key]['accuracy']}; gains beyond noise on {entry[key]['significant_gains']} layers."
+                    for m, key in VARIANTS if key in entry], ""]
         points = []
         for budget, plans in entry["budgets"].items():
             ps = plans["probscale-contiguous"]
@@ -103,7 +133,8 @@ def model_section(res: dict) -> tuple[list[str], list[dict]]:
                                 "at_chance": float(full.mean()) - chance < 0.05})
                 lines += ["ProbScale minus baseline, retention (95% paired bootstrap, n = "
                           f"{n}; random = mean of 3 seeds per item): " + "; ".join(diffs) + ".",
-                          "Plan " + ("equals" if same_bi else "differs from") + " Block Influence's.", ""]
+                          "Plan " + ("equals" if same_bi else "differs from") + " Block Influence's.",
+                          *_variant_lines(entry, tname, budget, full), ""]
         fit = fit_scaling(points + [(1.0, 1.0)]) if len(points) >= 2 else None
         if fit is not None:
             x = fit.budget_for(TARGET)

@@ -176,3 +176,70 @@ def test_explicit_budget_skips_the_scaling_sweep(setup, tmp_path, capsys):
     assert main(["probe", str(root / "llama"), "--tasks", str(tasks["topic"]), "--budget", "x2", "--folds", "3",
                  "--no-compare", "--scaling", "0.3,0.6", "--out", str(out2)]) == 0
     assert (out2 / "scaling.json").exists()
+
+
+def test_first_pooling_reads_the_first_real_token_on_either_padding_side():
+    from moe_slim.dense.features import _pool
+
+    h = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    left = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]])
+    assert torch.equal(_pool(h, right, "first"), h[[0, 1], [0, 0]])
+    assert torch.equal(_pool(h, left, "first"), h[[0, 1], [1, 2]])
+    assert torch.equal(_pool(h, right, "last"), h[[0, 1], [2, 1]])
+
+
+@pytest.mark.parametrize("model_type,want", [("bert", "first"), ("llama", "last"), ("t5", "last")])
+def test_readout_pooling_is_the_token_the_family_classifier_reads(model_type, want):
+    from moe_slim.dense.classify import readout_pooling
+
+    assert readout_pooling(tiny_model(model_type)) == want
+
+
+def test_readout_probe_on_an_encoder_reads_cls(setup):
+    """The readout probe's last row is a probe on exactly the [CLS] state the BERT classifier's pooler reads."""
+    from moe_slim.dense.features import extract_features
+    from moe_slim.errors import MoeSlimError
+
+    _, tasks = setup
+    model, tok = tiny_model("bert", seed=2), toy_tokenizer()
+    train, _ = split_task(read_task_file(tasks["topic"]), 0.2, 0)
+    feats = extract_features(model, tok, train.texts[:4], pooling="first", max_length=32)
+    ids = tok(train.texts[:4], truncation=True, max_length=32, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        cls = model.base_model(**ids).last_hidden_state[:, 0]
+    assert torch.allclose(torch.from_numpy(feats.final()).float(), cls, atol=1e-5)
+    pm = probe_task(model, tok, train, max_length=32, n_folds=3, pooling="readout")
+    assert pm.meta["pooling"] == "first"
+    with pytest.raises(MoeSlimError, match="probe pooling"):
+        probe_task(model, tok, train, max_length=32, n_folds=3, pooling="cls")
+
+
+def test_genre_and_catalogid_take_their_labels_from_the_origin(tmp_path):
+    from moe_slim.dense.tasks import builtin_task, catalog_classes
+
+    gen = tmp_path / "general"
+    gen.mkdir()
+    rows = [{"text": f"{src} text {i}", "origin": f"{src}:part{i % 2}"} for src in ("fortunes", "plays") for i in range(5)]
+    (gen / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    genre = builtin_task("genre", tmp_path, split="train", per_class=4)
+    assert genre.counts() == {"fortunes": 4, "plays": 4}
+    assert all(t.startswith(lab) for t, lab in zip(genre.texts, genre.labels))
+    tr = tmp_path / "translation"
+    tr.mkdir()
+    # split sizes differ: 'big' leads train but is absent from test; 'gcc' and 'git' are in both
+    counts = {"train": {"big": 9, "gcc": 6, "git": 5}, "test": {"gcc": 3, "git": 4, "hg": 1}}
+    for split, cats in counts.items():
+        recs = [{"src": f"{cat} message {i}", "ref": f"ref {i}", "tgt_lang": lang,
+                 "origin": f"gettext:/usr/share/locale/{lang}/LC_MESSAGES/{cat}.mo"}
+                for cat, n in cats.items() for i in range(n) for lang in ("de", "fr")]  # each message in 2 languages
+        (tr / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (tr / "catalog_test.jsonl").write_text(json.dumps({"src": "x", "ref": "y", "tgt_lang": "de",
+                                                       "origin": "gettext:/l/de/LC_MESSAGES/held.mo"}) + "\n")
+    assert catalog_classes(tmp_path, n=2) == ["gcc", "git"]
+    assert catalog_classes(tmp_path, n=3) == ["gcc", "git"]  # only these two are in every split
+    for split, per in (("train", 5), ("test", 3)):
+        t = builtin_task("catalogid", tmp_path, split=split, per_class=per)
+        assert set(t.labels) == {"gcc", "git"} and len(set(t.texts)) == len(t.texts)  # one text per message
+        assert all(t.startswith(lab + " ") for t, lab in zip(t.texts, t.labels))
+    assert builtin_task("catalogid", tmp_path, split="test", per_class=3).counts() == {"gcc": 3, "git": 3}

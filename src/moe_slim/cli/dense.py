@@ -100,7 +100,8 @@ def _slim_for_task(args: argparse.Namespace) -> int:
                          max_length=args.max_length,
                          train_layers=args.train_layers, seed=args.seed)
     info = slim_for_task(args.model, args.task, args.out, budget=args.budget or "x5", test_path=args.test,
-                         method=args.method, finetune=cfg, dtype=args.dtype, overwrite=args.overwrite, log=_log)
+                         method=args.method, finetune=cfg, dtype=args.dtype, overwrite=args.overwrite, log=_log,
+                         probe_pooling=args.probe_pooling)
     r = info["retention"]
     note = f"; {info['dequantized']}" if info.get("dequantized") else ""
     print(f"wrote {args.out} (text-classification checkpoint with README.md card): kept layers {info['keep']}, "
@@ -114,8 +115,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=PROBE_MEASURED)
     p.add_argument("model", help="checkpoint directory or .gguf file")
     p.add_argument("--tasks", required=True,
-                   help="comma list of built-ins (easy: langid, domainid, pairmatch; hard: pairmatch-hard, codeline, "
-                        "mathanswer, cloze) and/or JSONL files with text+label")
+                   help="comma list of built-ins (easy: langid, domainid, codeprose, genre, catalogid, pairmatch; hard: "
+                        "pairmatch-hard, codeline, mathanswer, cloze) and/or JSONL files with text+label")
     p.add_argument("--weights", help="task weights, e.g. langid=2,pairmatch=1 (default: 1 each)")
     p.add_argument("--budget", help="layer-parameter budget: 0.33 | 33%% | x3 | 10L | 12M | retain:0.95 "
                                     "(default retain:0.95: the budget the scaling fit predicts)")
@@ -130,7 +131,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-tasks", help="measure retention on these tasks (same names as --tasks), held out")
     p.add_argument("--per-class", type=positive_int, default=100, help="examples per label (default 100)")
     p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--pooling", choices=("mean", "last"), default="mean")
+    p.add_argument("--pooling", choices=("mean", "last", "first"), default="mean",
+                   help="what a probe reads of each layer: the mean over tokens (default), the last token, or the "
+                        "first ([CLS])")
     p.add_argument("--max-length", type=seq_len, default=128, help="tokens per text (default 128)")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--folds", type=positive_int, default=5, help="cross-validation folds (default 5)")
@@ -163,6 +166,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--method", default="probscale-contiguous",
                    help="whose plan to keep: probscale-contiguous (default), probscale-free, block-influence, "
                         "angular, first-n, last-n, evenly-spaced")
+    t.add_argument("--probe-pooling", choices=("mean", "readout"), default="mean",
+                   help="probes read the mean over tokens (default, ProbScale's), or the token the classifier reads "
+                        "(readout: [CLS] for encoders, the last token for decoders)")
     t.add_argument("--steps", type=positive_int, default=150, help="fine-tuning steps, same for both models (default 150)")
     t.add_argument("--batch-size", type=positive_int, default=16)
     t.add_argument("--lr", type=positive_float, default=1e-4, help="learning rate of the layers (the head: 10x)")

@@ -47,6 +47,16 @@ class FinetuneConfig:
         return asdict(self)
 
 
+def readout_pooling(model: torch.nn.Module) -> str:
+    """The token transformers' sequence classifier of this family reads, as a feature pooling.
+
+    Encoder-only models (BERT, RoBERTa) classify from the first token ([CLS], through the pooler);
+    decoders and encoder-decoders (Llama's ``score``, T5's eos state) from the last non-pad token.
+    Probing that token asks what the fine-tuned classifier will read, not what a mean over tokens holds.
+    """
+    return "first" if [s.name for s in present_stacks(model)] == ["encoder"] else "last"
+
+
 def to_classifier(model: torch.nn.Module, tokenizer: Any, labels: list[str], seed: int = 0) -> torch.nn.Module:
     """The family's ``*ForSequenceClassification`` around this model's (slimmed) base weights.
 

@@ -4,7 +4,8 @@ For each stack, ``h_0`` is the embedding output (the input of the first layer) a
 output of layer ``l`` (1-based: row ``l`` of the feature array is the output of layer index
 ``l - 1``). Before pooling, every ``h_l`` goes through the stack's final norm (the family table
 names it), so row ``l`` is exactly what a model truncated after layer ``l`` would hand to its head;
-pooling is the mean over non-pad tokens, or the last non-pad token.
+pooling is the mean over non-pad tokens, the last non-pad token (what a decoder's sequence
+classifier reads), or the first non-pad token (an encoder's [CLS], what BERT's classifier reads).
 
 Block Influence (Men et al., 2024, "ShortGPT") of layer ``l`` is ``1 - cos(h_{l-1}, h_l)``
 averaged over all non-pad tokens, on the raw (un-normed) residual stream. The angular distance of
@@ -23,7 +24,7 @@ import torch
 from ..errors import MoeSlimError
 from .family import Stack, family_for, final_norm, layer_list, present_stacks
 
-POOLINGS = ("mean", "last")
+POOLINGS = ("mean", "last", "first")
 SMALL_HIDDEN = 128
 
 
@@ -56,8 +57,12 @@ def _pool(h: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
     m = mask.to(h.dtype).unsqueeze(-1)
     if pooling == "mean":
         return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
-    last = (mask.long() * torch.arange(mask.shape[1], device=mask.device)).argmax(1)
-    return h[torch.arange(h.shape[0], device=h.device), last]
+    pos = torch.arange(mask.shape[1], device=mask.device)
+    if pooling == "first":  # the first non-pad position, whichever side the padding is on
+        at = torch.where(mask.bool(), pos, mask.shape[1]).argmin(1)
+    else:
+        at = (mask.long() * pos).argmax(1)
+    return h[torch.arange(h.shape[0], device=h.device), at]
 
 
 def _decoder_inputs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

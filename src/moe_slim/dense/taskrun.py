@@ -32,7 +32,8 @@ def slim_for_task(model_path: str | os.PathLike, task_path: str | os.PathLike, o
                   budget: str = "x5", test_path: str | os.PathLike | None = None, test_fraction: float = 0.2,
                   method: str = "probscale-contiguous", finetune: FinetuneConfig | None = None,
                   per_class: int | None = None, n_folds: int = 5, compare_full: bool = True, dtype: str = "auto",
-                  overwrite: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  overwrite: bool = False, log: Callable[[str], None] | None = None, probe_pooling: str = "mean"
+                  ) -> dict[str, Any]:
     """Probe, select, fine-tune and write; returns what the card reports (``retention`` with ``n``)."""
     say = log or (lambda m: None)
     t_start = time.time()
@@ -56,7 +57,7 @@ def slim_for_task(model_path: str | os.PathLike, task_path: str | os.PathLike, o
     write_dtype = output_dtype(dtype, model, gguf)
     t0 = time.time()
     pm = probe_task(model, tok, train, max_length=cfg.max_length, n_folds=n_folds, seed=cfg.seed,
-                    truncation=cfg.truncation)
+                    truncation=cfg.truncation, pooling=probe_pooling)
     plans = plans_for_task(model, pm, budget)
     sel = plans[method]
     probes = probe_summary(pm)
@@ -78,7 +79,7 @@ def slim_for_task(model_path: str | os.PathLike, task_path: str | os.PathLike, o
         "params_before": sum(p.numel() for p in model.base_model.parameters()),
         "params_after": slim["params"], "embedding_params": sum(p.numel() for p in model.get_input_embeddings().parameters()),
         "train": train.counts(), "test": test.counts(), "test_source": "file" if test_path else f"{test_fraction:.0%} held out",
-        "train_test_overlap": overlap, "finetune": slim["finetune"], "accuracy": slim["accuracy"], "n": slim["n"],
+        "train_test_overlap": overlap, "probe_pooling": probe_pooling, "finetune": slim["finetune"], "accuracy": slim["accuracy"], "n": slim["n"],
         "full_accuracy": full["accuracy"] if full else None, "retention": ret, "probes": probes,
         "plans": {m: s.keep for m, s in plans.items()}, "dtype": str(write_dtype).removeprefix("torch."),
         "dequantized": dequantized_note(gguf, write_dtype) if gguf else None, "libraries": library_versions(),

@@ -9,6 +9,11 @@ Built-in tasks, built offline from ``data/<domain>/<split>.jsonl`` with a seed:
   ``src`` is labelled ``en``, the ``ref`` is labelled with its ``tgt_lang``;
 * ``domainid``: domain identification (general/math/code) from the ``text`` of those domains;
 * ``codeprose``: code (the ``code`` domain's ``text``) versus prose (the ``general`` domain's);
+* ``genre``: which source a ``general`` text comes from (its ``origin`` before the colon: fortunes,
+  the Python documentation, plays);
+* ``catalogid``: which program's message catalog an English message comes from (the ``.mo`` file
+  named in the translation pair's ``origin``; the four catalogs with the most distinct messages in
+  every split, so the classes are the same for train and test);
 * ``pairmatch``: does a translation pair match? ``src`` and ``ref`` formatted with the shared
   translation prompt (:func:`moe_slim.prompts.translation_text`), either the true pair or the
   ``ref`` of another pair *of the same target language* (so the language gives nothing away).
@@ -42,7 +47,7 @@ from ..data.jsonl import read_jsonl
 from ..errors import MoeSlimError
 from ..prompts import translation_text
 
-EASY_TASKS: tuple[str, ...] = ("langid", "domainid", "codeprose", "pairmatch")
+EASY_TASKS: tuple[str, ...] = ("langid", "domainid", "codeprose", "genre", "catalogid", "pairmatch")
 HARD_TASKS: tuple[str, ...] = ("pairmatch-hard", "codeline", "mathanswer", "cloze")
 BUILTIN_TASKS: tuple[str, ...] = EASY_TASKS + HARD_TASKS
 SPLIT_PREFERENCE: tuple[str, ...] = ("train", "calibration", "calib", "dev", "validation", "valid", "test")
@@ -222,6 +227,70 @@ def build_codeprose(data_dir: Path, split: str | None, per_class: int, seed: int
     return balance(Task("codeprose", texts, labels, source=",".join(sources)), per_class, seed)
 
 
+def build_genre(data_dir: Path, split: str | None, per_class: int, seed: int) -> Task:
+    """The ``general`` domain's texts labelled by their source (``origin`` up to the first colon)."""
+    f = _domain_file(data_dir, "general", split)
+    texts, labels = [], []
+    for r in _records(f):
+        if isinstance(r.get("text"), str) and r["text"].strip() and isinstance(r.get("origin"), str):
+            texts.append(r["text"])
+            labels.append(r["origin"].split(":", 1)[0])
+    if not texts:
+        raise MoeSlimError(f"{f} has no texts with an 'origin' to label their source by")
+    return balance(Task("genre", texts, labels, source=str(f)), per_class, seed)
+
+
+def _catalog(record: dict[str, Any]) -> str | None:
+    """The message catalog a translation pair came from: the ``.mo`` file's name in its origin."""
+    origin = record.get("origin")
+    if not isinstance(origin, str) or not origin.endswith(".mo"):
+        return None
+    return origin.rsplit("/", 1)[-1][: -len(".mo")]
+
+
+def _unique_sources(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One pair per English message (the same message appears once per target language)."""
+    seen: set[str] = set()
+    out = []
+    for r in pairs:
+        if r["src"] not in seen:
+            seen.add(r["src"])
+            out.append(r)
+    return out
+
+
+def catalog_classes(data_dir: Path, n: int = 4) -> list[str]:
+    """The ``n`` catalogs with the most distinct English messages in *every* translation split.
+
+    Ranking by the smallest count over the splits makes the classes the same whichever split a task
+    is built from (whole catalogs held out as ``catalog_*`` splits are not counted).
+    """
+    folder = data_dir / "translation"
+    splits = [p for p in sorted(folder.glob("*.jsonl")) if not p.stem.startswith("catalog_")]
+    least: Counter[str] | None = None
+    for p in splits:
+        pairs = [r for r in _records(p) if isinstance(r.get("src"), str) and r["src"].strip()]
+        c = Counter(cat for cat in map(_catalog, _unique_sources(pairs)) if cat)
+        least = c if least is None else Counter({k: min(v, c.get(k, 0)) for k, v in least.items() if c.get(k)})
+    ranked = sorted((least or {}).items(), key=lambda kv: (-kv[1], kv[0]))
+    if len(ranked) < 2:
+        raise MoeSlimError(f"{folder}: fewer than two message catalogs appear in every split; catalogid needs two")
+    return sorted(k for k, _ in ranked[:n])
+
+
+def build_catalogid(data_dir: Path, split: str | None, per_class: int, seed: int) -> Task:
+    """English messages labelled by the program whose catalog they come from (e.g. gcc versus git)."""
+    classes = set(catalog_classes(data_dir))
+    pairs, f = _pairs(data_dir, split)
+    texts, labels = [], []
+    for r in _unique_sources(pairs):
+        cat = _catalog(r)
+        if cat in classes:
+            texts.append(r["src"])
+            labels.append(cat)
+    return balance(Task("catalogid", texts, labels, source=str(f)), per_class, seed)
+
+
 def build_pairmatch(data_dir: Path, split: str | None, per_class: int, seed: int) -> Task:
     pairs, f = _pairs(data_dir, split)
     rng = random.Random(seed)
@@ -300,7 +369,8 @@ def _build_from_mc(name: str) -> Any:
     return build
 
 
-_BUILDERS = {"langid": build_langid, "domainid": build_domainid, "codeprose": build_codeprose, "pairmatch": build_pairmatch,
+_BUILDERS = {"langid": build_langid, "domainid": build_domainid, "codeprose": build_codeprose, "genre": build_genre,
+             "catalogid": build_catalogid, "pairmatch": build_pairmatch,
              "pairmatch-hard": build_pairmatch_hard, **{n: _build_from_mc(n) for n in _MC_FOR}}
 
 

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import MoeSlimError
 from .baselines import task_selections
-from .classify import FinetuneConfig, correct, finetune, to_classifier
+from .classify import FinetuneConfig, correct, finetune, readout_pooling, to_classifier
 from .family import layer_param_counts
 from .features import extract_features
 from .probes import ProbeMatrix, probe_matrix
@@ -54,15 +54,25 @@ def split_task(task: Task, test_fraction: float = 0.2, seed: int = 0) -> tuple[T
             pick(sorted(held), f"test {test_fraction:.0%}"))
 
 
+PROBE_POOLINGS = ("mean", "readout")
+
+
 def probe_task(model: torch.nn.Module, tokenizer: Any, train: Task, *, max_length: int = 64, batch_size: int = 16,
-               n_folds: int = 5, seed: int = 0, truncation: str = "left") -> ProbeMatrix:
+               n_folds: int = 5, seed: int = 0, truncation: str = "left", pooling: str = "mean") -> ProbeMatrix:
     """P[layer] for one task: cross-validated probe accuracy of every layer on the training texts (truncated
-    on the same side as the fine-tuning, so probes and classifiers read the same tokens)."""
+    on the same side as the fine-tuning, so probes and classifiers read the same tokens).
+
+    ``pooling``: ``mean`` over the tokens (what a frozen layer exposes), or ``readout``, the token the
+    family's sequence classifier reads (:func:`.classify.readout_pooling`: [CLS] for encoders, the last
+    token for decoders)."""
+    if pooling not in PROBE_POOLINGS:
+        raise MoeSlimError(f"unknown probe pooling {pooling!r}; choose one of {', '.join(PROBE_POOLINGS)}")
     train.validate(min_per_class=n_folds)
     old = tokenizer.truncation_side
     tokenizer.truncation_side = truncation
     try:
-        feats = extract_features(model, tokenizer, train.texts, max_length=max_length, batch_size=batch_size)
+        feats = extract_features(model, tokenizer, train.texts, max_length=max_length, batch_size=batch_size,
+                                 pooling=readout_pooling(model) if pooling == "readout" else "mean")
     finally:
         tokenizer.truncation_side = old
     return probe_matrix([feats], [train], {train.name: 1.0}, n_folds=n_folds, seed=seed)
