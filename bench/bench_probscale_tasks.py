@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> None:
 
 def user_path(args: argparse.Namespace) -> None:
     """Time the user command, ``moe-slim slim-dense MODEL --task FILE --budget B``, in a subprocess (peak RSS)."""
-    from memory_common import run as timed
+    from memory_common import run_with_output
 
     found = _model_and_out(args)
     if found is None:
@@ -150,14 +150,17 @@ def user_path(args: argparse.Namespace) -> None:
     if args.train_layers is not None:
         cmd += ["--train-layers", str(args.train_layers)]
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
-    rss, wall = timed(cmd)
+    load = os.getloadavg()[0]
+    m = run_with_output(cmd)
+    (out / "user_path.log").write_text(m.stdout)
     info = json.loads((out / "clf" / "slim.json").read_text())
     r = info["retention"]
     log(f"user path on {name}, task {task.name} ({len(task.texts)} texts, 20% held out), {' '.join(cmd[3:])}: "
-        f"{wall:.0f} s wall, peak RSS {rss:.0f} MB; retention {r['retention']:.3f} [{r['ci95'][0]:.3f}, "
-        f"{r['ci95'][1]:.3f}] (n={r['n']})")
-    (out / "user_path.json").write_text(json.dumps({"model": name, "cmd": cmd[3:], "wall_s": wall, "peak_rss_mb": rss,
-                                                    "retention": r, "keep": info["keep"]}, indent=1))
+        f"{m.wall:.0f} s wall, {m.cpu:.0f} s CPU, peak RSS {m.rss:.0f} MB (load average before it: {load:.1f}); "
+        f"retention {r['retention']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] (n={r['n']})")
+    (out / "user_path.json").write_text(json.dumps({"model": name, "cmd": cmd[3:], "wall_s": m.wall, "cpu_s": m.cpu,
+                                                    "peak_rss_mb": m.rss, "load_before": load, "retention": r,
+                                                    "keep": info["keep"]}, indent=1))
 
 
 def main() -> None:

@@ -128,9 +128,11 @@ def model_section(res: dict) -> tuple[list[str], list[dict]]:
                                     "verdict": d["verdict"], "delta": d["delta"]})
                 same_bi = ps["key"] == plans["block-influence"]["key"]
                 chance = float(pr["chance"].get(tname, 0.0))
+                ro = _hits(entry, "probscale-readout", budget)
                 summary.append({"model": res["model"], "task": tname, "budget": budget, "retention": r["retention"],
                                 "ci95": r["ci95"], "n": r["n"], "same_as_bi": same_bi, "full": float(full.mean()),
-                                "at_chance": float(full.mean()) - chance < 0.05})
+                                "at_chance": float(full.mean()) - chance < 0.05,
+                                "readout": None if ro is None else retention_interval(ro, full)["retention"]})
                 lines += ["ProbScale minus baseline, retention (95% paired bootstrap, n = "
                           f"{n}; random = mean of 3 seeds per item): " + "; ".join(diffs) + ".",
                           "Plan " + ("equals" if same_bi else "differs from") + " Block Influence's.",
@@ -176,11 +178,12 @@ def write_report(files: list[Path]) -> str:
         lines += sec
         summary += summ
     lines += ["## Summary", "", "| model | task | budget | full acc | ProbScale retention [95% CI] | >= 0.95 | "
-              "plan = BI | wins | ties | losses |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "plan = BI | wins | ties | losses | readout-probe ProbScale retention |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in [x for x in summary if "retention" in x]:
         vs = [x for x in summary if "verdict" in x and (x["model"], x["task"], x["budget"]) == (s["model"], s["task"], s["budget"])]
         count = {v: sum(x["verdict"] == v for x in vs) for v in ("better", "tie", "worse")}
         lines.append(f"| {s['model']} | {s['task']} | {s['budget']} | {s['full']:.3f} | {s['retention']:.3f} "
                      f"[{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] (n={s['n']}) | {'n/a: full model at chance' if s['at_chance'] else 'met' if s['retention'] >= TARGET else 'missed'} | "
-                     f"{'yes' if s['same_as_bi'] else 'no'} | {count['better']} | {count['tie']} | {count['worse']} |")
+                     f"{'yes' if s['same_as_bi'] else 'no'} | {count['better']} | {count['tie']} | {count['worse']} | "
+                     f"{'-' if s.get('readout') is None else format(s['readout'], '.3f')} |")
     return "\n".join(lines) + "\n"
