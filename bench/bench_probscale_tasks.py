@@ -11,14 +11,21 @@ batches, seed, learning rates and trainable parts for every plan), and report ac
 Plans that keep the same layers are fine-tuned once. Results are appended to ``OUT/results.json`` as
 they come (a rerun resumes); ``--report`` writes the markdown report from one or more results files.
 
-The defaults are the settings of the 2026-12-06 report (what 2 shared cores allowed); one process per
-task is how it ran:
+The defaults are the settings of the report's default recipe; catalogid and pairmatch-hard have longer
+recipes (chosen on the validation split, full model only). The runs of docs/bench_probscale/tasks.md:
 
-    python bench/bench_probscale_tasks.py --model minilm --tasks langid --out runs/pst/minilm_langid
-    python bench/bench_probscale_tasks.py --model smollm2 --tasks langid,domainid --budgets x10,x5 \
-        --train-layers 1 --train-per-class 100 --test-per-class 50 --out runs/pst/smollm2
-    python bench/bench_probscale_tasks.py --user-path --model minilm --tasks langid --budgets x3 --out runs/pst/user
-    python bench/bench_probscale_tasks.py --report runs/pst/minilm_* runs/pst/smollm2 --write report.md
+    python bench/bench_probscale_tasks.py --model minilm --tasks domainid,langid,codeprose,genre --out R/minilm_a40
+    python bench/bench_probscale_tasks.py --model minilm --tasks catalogid --steps 200 --batch-size 16 --lr 1e-4 \
+        --head-lr 1e-3 --train-per-class 400 --out R/minilm_catalogid
+    python bench/bench_probscale_tasks.py --model minilm --tasks pairmatch-hard --steps 300 --batch-size 16 --lr 1e-4 \
+        --head-lr 1e-3 --max-length 96 --train-per-class 400 --out R/minilm_pairmatch-hard
+    python bench/bench_probscale_tasks.py --model smollm2 --tasks langid,domainid,genre,catalogid --budgets x10,x5 \
+        --train-layers 1 --train-per-class 100 --test-per-class 50 --lr 1e-4 --head-lr 1e-3 --out R/smollm2
+    python bench/bench_probscale_tasks.py --user-path --model minilm --tasks genre --budgets x5 --out R/user_minilm
+    python bench/bench_probscale_tasks.py --report R/minilm_a40 R/minilm_catalogid R/minilm_pairmatch-hard R/smollm2
+
+Every run also probes the token the classifier reads (``--probe-pooling mean,readout``); its plans are the
+extra methods ``probscale-readout`` and ``probscale-readout-free``.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ from moe_slim.dense.taskslim import finetune_and_score, plans_for_task, probe_su
 from moe_slim.dense.tasks import builtin_task  # noqa: E402
 
 MODELS = {"minilm": "all-MiniLM-L6-v2", "smollm2": "SmolLM2-135M-Instruct"}
-TASKS = ("domainid", "langid", "codeprose", "pairmatch-hard", "mathanswer")
+TASKS = ("domainid", "langid", "codeprose", "genre", "catalogid", "pairmatch-hard", "mathanswer")
 
 
 def log(msg: str) -> None:
@@ -152,7 +159,7 @@ def user_path(args: argparse.Namespace) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
     load = os.getloadavg()[0]
     m = run_with_output(cmd)
-    (out / "user_path.log").write_text(m.stdout)
+    (out / "user_path.log").write_text(m.stderr + "\n" + m.stdout)
     info = json.loads((out / "clf" / "slim.json").read_text())
     r = info["retention"]
     log(f"user path on {name}, task {task.name} ({len(task.texts)} texts, 20% held out), {' '.join(cmd[3:])}: "

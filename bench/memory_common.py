@@ -39,6 +39,7 @@ class Measured(NamedTuple):
     wall: float  # seconds
     cpu: float  # user + system CPU seconds
     stdout: str
+    stderr: str = ""  # without the /usr/bin/time line
 
 
 def run(cmd: list[str]) -> tuple[float, float]:
@@ -56,7 +57,8 @@ def run_with_output(cmd: list[str], env: dict[str, str] | None = None) -> Measur
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
     rss, user, system = proc.stderr.strip().splitlines()[-1].split()
-    return Measured(int(rss) / 1024, wall, float(user) + float(system), proc.stdout)
+    return Measured(int(rss) / 1024, wall, float(user) + float(system), proc.stdout,
+                    "\n".join(proc.stderr.strip().splitlines()[:-1]))
 
 
 def source_model(work: Path, layers: int = 8, family: str = "qwen3_moe") -> Path:

@@ -46,7 +46,10 @@ def _load_text(res: dict) -> str:
     loads = [r["load_avg"] for e in res["tasks"].values() for r in e["runs"].values() if "load_avg" in r]
     if not loads:
         return ", beside other jobs"
-    return f"; 1-minute load average while they ran {min(loads):.1f}-{max(loads):.1f} ({len(loads)} runs)"
+    total = sum(len(e["runs"]) for e in res["tasks"].values())
+    return (f"; 1-minute load average while they ran {min(loads):.1f}-{max(loads):.1f} ({len(loads)} of {total} runs; "
+            "older runs did not record it)" if len(loads) < total else
+            f"; 1-minute load average while they ran {min(loads):.1f}-{max(loads):.1f} ({len(loads)} runs)")
 
 
 def _variant_lines(entry: dict, tname: str, budget: str, full: np.ndarray) -> list[str]:
@@ -82,8 +85,8 @@ def model_section(res: dict) -> tuple[list[str], list[dict]]:
              "its own recipe says so under its name). Probes: 5-fold cross-validated logistic regression "
              f"on the training texts. Budgets count transformer-layer parameters "
              f"(embeddings out; all layers are the same size, so x5 keeps a fifth of the layers); the "
-             f"{res['embedding_params']:,} embedding parameters are kept by every plan, see the last column of the "
-             f"plan tables for the ratio with them in. {res.get('threads', 1)} thread(s) per process, on 2 CPU cores"
+             f"{res['embedding_params']:,} embedding parameters are kept by every plan; each budget's heading gives "
+             f"the ratio with them in. {res.get('threads', 1)} thread(s) per process, on 2 CPU cores"
              f"{_load_text(res)}.", ""]
     summary = []
     for tname, entry in res["tasks"].items():
