@@ -21,8 +21,11 @@ recipes (chosen on the validation split, full model only). The runs of docs/benc
         --head-lr 1e-3 --max-length 96 --train-per-class 400 --out R/minilm_pairmatch-hard
     python bench/bench_probscale_tasks.py --model smollm2 --tasks langid,domainid,genre,catalogid --budgets x10,x5 \
         --train-layers 1 --train-per-class 100 --test-per-class 50 --lr 1e-4 --head-lr 1e-3 --out R/smollm2
+    python bench/bench_probscale_tasks.py --model smollm2 --tasks catalogid --budgets x10,x5 --train-layers 1 \
+        --train-per-class 400 --test-per-class 100 --steps 200 --batch-size 16 --lr 3e-4 --head-lr 3e-3 --out R/smollm2_catalogid
     python bench/bench_probscale_tasks.py --user-path --model minilm --tasks genre --budgets x5 --out R/user_minilm
-    python bench/bench_probscale_tasks.py --report R/minilm_a40 R/minilm_catalogid R/minilm_pairmatch-hard R/smollm2
+    python bench/bench_probscale_tasks.py --report R/minilm_a40 R/minilm_catalogid R/minilm_pairmatch-hard R/smollm2 \
+        R/smollm2_catalogid
 
 Every run also probes the token the classifier reads (``--probe-pooling mean,readout``); its plans are the
 extra methods ``probscale-readout`` and ``probscale-readout-free``.
