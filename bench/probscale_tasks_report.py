@@ -47,9 +47,8 @@ def _load_text(res: dict) -> str:
     if not loads:
         return ", beside other jobs"
     total = sum(len(e["runs"]) for e in res["tasks"].values())
-    return (f"; 1-minute load average while they ran {min(loads):.1f}-{max(loads):.1f} ({len(loads)} of {total} runs; "
-            "older runs did not record it)" if len(loads) < total else
-            f"; 1-minute load average while they ran {min(loads):.1f}-{max(loads):.1f} ({len(loads)} runs)")
+    runs = f"{len(loads)} runs" if len(loads) == total else f"{len(loads)} of {total} runs; older runs did not record it"
+    return f"; 1-minute load average while they ran {min(loads):.1f}-{max(loads):.1f} ({runs})"
 
 
 def _variant_lines(entry: dict, tname: str, budget: str, full: np.ndarray) -> list[str]:
